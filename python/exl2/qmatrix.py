@@ -1,0 +1,259 @@
+"""The Python face of ``exl2::QMatrix``: a quantized weight that owns its memory."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ._convert import DeviceLike, as_optional_tensor, as_tensor, native_view, parse_device, stream_handle
+from ._loader import load_extension
+
+_ext = load_extension()
+
+__all__ = ["QMatrix"]
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device) -> Iterator[None]:
+    """Make ``device`` current for the duration (a no-op for the CPU)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
+
+def _infer_device(device: DeviceLike, first: torch.Tensor) -> torch.device:
+    dev = parse_device(first.device if device is None else device)
+    if dev.type == "cuda":
+        # Before torch touches the device: a clear "built without CUDA" / "no CUDA device".
+        _ext.check_cuda_device(dev.index)
+    return dev
+
+
+def _place(t: Optional[torch.Tensor], device: torch.device) -> Any:
+    """Tensors for construction may live on the CPU or on the target device; CUDA
+    tensors on another device are copied to the target (never modified)."""
+    if t is None:
+        return None
+    if t.device.type == "cuda" and t.device != device:
+        t = t.to(device)
+    return native_view(t)
+
+
+class QMatrix:
+    """A quantized linear weight ``W`` of shape ``[in_features, out_features]``.
+
+    Build one with :meth:`from_exl2` or :meth:`from_gptq`; the tensors given are
+    validated, copied and repacked into memory the QMatrix owns, so they may be
+    modified or freed right afterwards. ``matmul`` computes ``x @ W (+ bias)`` in
+    float16 with float32 accumulation; ``dequantize`` returns ``W``.
+
+    Use ``close()`` (or a ``with`` block) to free the memory before the object is
+    garbage collected.
+    """
+
+    __slots__ = ("_native", "_device")
+
+    def __init__(self, native: Any, device: torch.device) -> None:
+        # Internal: use from_exl2 / from_gptq.
+        self._native = native
+        self._device = device
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_exl2(
+        cls,
+        q_weight: Any,
+        q_invperm: Any,
+        q_scale: Any,
+        q_scale_max: Any,
+        q_groups: Any,
+        *,
+        q_perm: Any = None,
+        bias: Any = None,
+        device: DeviceLike = None,
+        scale_max_prescaled: bool = False,
+    ) -> "QMatrix":
+        """Build from EXL2 checkpoint tensors.
+
+        Args:
+            q_weight: int32 ``[Q, N]`` packed codes.
+            q_invperm: int32 ``[K]`` inverse row permutation.
+            q_scale: int32 ``[G, N/8]`` 4-bit scale codes.
+            q_scale_max: float16 ``[G]`` per-group maximum scale as stored in checkpoints.
+            q_groups: int16 ``[2G]`` (bits, first q_weight row) pairs.
+            q_perm: optional int32 ``[K]``; must equal ``argsort(q_invperm)``.
+            bias: optional float16 ``[N]``.
+            device: target device; ``None`` means the device of ``q_weight``.
+            scale_max_prescaled: ``q_scale_max`` was already divided by 256 (the
+                reference bindings' convention).
+        """
+        names = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
+        tensors = [as_tensor(v, n) for v, n in zip((q_weight, q_invperm, q_scale, q_scale_max, q_groups), names)]
+        opt = [as_optional_tensor(q_perm, "q_perm"), as_optional_tensor(bias, "bias")]
+        dev = _infer_device(device, tensors[0])
+        with _on_device(dev):
+            native = _ext.QMatrix.from_exl2(
+                *[_place(t, dev) for t in tensors],
+                _place(opt[0], dev),
+                _place(opt[1], dev),
+                bool(scale_max_prescaled),
+                dev.type,
+                dev.index or 0,
+                stream_handle(dev),
+            )
+        return cls(native, dev)
+
+    @classmethod
+    def from_gptq(
+        cls,
+        qweight: Any,
+        qzeros: Any,
+        scales: Any,
+        *,
+        g_idx: Any = None,
+        bias: Any = None,
+        zero_format: str = "v1",
+        device: DeviceLike = None,
+    ) -> "QMatrix":
+        """Build from GPTQ 4-bit checkpoint tensors (AutoGPTQ packing).
+
+        Args:
+            qweight: int32 ``[K/8, N]``, 8 codes per word along K.
+            qzeros: int32 ``[G, N/8]``, 8 zeros per word along N.
+            scales: float16 ``[G, N]``.
+            g_idx: optional int32 ``[K]`` group of each row (act-order checkpoints).
+            bias: optional float16 ``[N]``.
+            zero_format: ``"v1"`` (AutoGPTQ: stored zero + 1) or ``"v2"`` (zero as stored).
+            device: target device; ``None`` means the device of ``qweight``.
+        """
+        if zero_format not in ("v1", "v2"):
+            raise ValueError(f"zero_format: expected 'v1' or 'v2', got {zero_format!r}")
+        names = ("qweight", "qzeros", "scales")
+        tensors = [as_tensor(v, n) for v, n in zip((qweight, qzeros, scales), names)]
+        opt = [as_optional_tensor(g_idx, "g_idx"), as_optional_tensor(bias, "bias")]
+        dev = _infer_device(device, tensors[0])
+        with _on_device(dev):
+            native = _ext.QMatrix.from_gptq(
+                *[_place(t, dev) for t in tensors],
+                _place(opt[0], dev),
+                _place(opt[1], dev),
+                zero_format == "v2",
+                dev.type,
+                dev.index or 0,
+                stream_handle(dev),
+            )
+        return cls(native, dev)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def in_features(self) -> int:
+        """K: the length of an input row."""
+        return int(self._native.in_features)
+
+    @property
+    def out_features(self) -> int:
+        """N: the length of an output row."""
+        return int(self._native.out_features)
+
+    @property
+    def format(self) -> str:
+        """``"exl2"`` or ``"gptq"``."""
+        return str(self._native.format)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight: codes plus scales (and zeros), as checkpoints count them."""
+        return float(self._native.bits_per_weight)
+
+    @property
+    def device(self) -> torch.device:
+        """The device holding the weights; inputs and results live there."""
+        return self._device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes owned on ``device``."""
+        return int(self._native.nbytes)
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self._native.has_bias)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._native.closed)
+
+    # ------------------------------------------------------------------- compute
+    def _check_input(self, x: Any) -> torch.Tensor:
+        x = as_tensor(x, "x")
+        if x.dtype != torch.float16:
+            raise TypeError(f"x: expected dtype torch.float16, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x: expected shape [..., {self.in_features}] (in_features), got {list(x.shape)}"
+            )
+        if x.device != self._device and not (x.device.type == "cpu" and self._device.type == "cpu"):
+            raise ValueError(f"x: expected a tensor on {self._device} (the QMatrix's device), got one on {x.device}")
+        return x
+
+    def matmul(self, x: Any, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Return ``x @ W (+ bias)`` as float16, accumulated in float32.
+
+        Args:
+            x: float16 ``[..., in_features]`` on :attr:`device` (any leading batch dims).
+            out: optional preallocated contiguous float16 ``[..., out_features]`` on
+                :attr:`device`; it is fully overwritten and returned.
+        """
+        x = self._check_input(x)
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        shape = lead + (self.out_features,)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float16, device=self._device)
+        else:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+            if out.dtype != torch.float16:
+                raise TypeError(f"out: expected dtype torch.float16, got {out.dtype}")
+            if tuple(out.shape) != shape:
+                raise ValueError(f"out: expected shape {list(shape)}, got {list(out.shape)}")
+            if out.device != x.device:
+                raise ValueError(f"out: expected a tensor on {self._device}, got one on {out.device}")
+            if not out.is_contiguous():
+                raise ValueError("out: expected a contiguous tensor")
+        out2 = out.view(-1, self.out_features)
+        with _on_device(self._device):
+            self._native.gemm(native_view(x2), native_view(out2.detach()), stream_handle(self._device))
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        """Return the dense weight ``W`` as float16 ``[in_features, out_features]``."""
+        out = torch.empty((self.in_features, self.out_features), dtype=torch.float16, device=self._device)
+        with _on_device(self._device):
+            self._native.dequantize(native_view(out), stream_handle(self._device))
+        return out
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Free the owned memory now. Later calls raise ValueError."""
+        self._native.close()
+
+    def __enter__(self) -> "QMatrix":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "QMatrix(closed)"
+        return (
+            f"QMatrix(format={self.format!r}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits_per_weight={self.bits_per_weight:.3f}, device={str(self._device)!r})"
+        )

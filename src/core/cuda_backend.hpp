@@ -1,0 +1,60 @@
+// Internal: the CUDA backend's entry points, as seen from the C++ core.
+//
+// This header includes no CUDA headers so that the core compiles without a CUDA
+// toolkit. In a build without CUDA (EXL2_CUDA=OFF or no compiler found) these are
+// implemented by src/cuda/cuda_disabled.cpp and throw Unsupported("... built without
+// CUDA support ..."). All functions switch to the given device for their duration
+// and restore the caller's current device afterwards.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "core/layer.hpp"
+#include "exl2/qmatrix.hpp"
+#include "exl2/tensor.hpp"
+
+namespace exl2::detail::cuda {
+
+bool compiled() noexcept;
+const char* architectures() noexcept;
+/// 0 when there is no driver or no device (never throws).
+int device_count() noexcept;
+/// Throws Unsupported when not compiled with CUDA, when `device` does not exist
+/// ("no CUDA device ...") or has compute capability below 7.5.
+void check_device(int device);
+/// The device a pointer lives on (-1 for host memory). Throws CudaError on failure.
+int pointer_device(const void* p);
+
+/// Copy `bytes` from `src` (host or device memory) to host memory `dst`, ordered on
+/// `stream` and synchronised before returning.
+void copy_to_host(void* dst, const void* src, std::size_t bytes, int device, cudaStream_t stream);
+
+/// Device-resident canonical layer (see layer.hpp). Opaque outside src/cuda.
+struct DeviceLayer;
+struct DeviceLayerDeleter {
+  void operator()(DeviceLayer* p) const noexcept;
+};
+using DeviceLayerPtr = std::unique_ptr<DeviceLayer, DeviceLayerDeleter>;
+
+/// Build the canonical device arrays. `meta` is already validated; for GPTQ,
+/// meta.perm gives the row order (permuted row r is checkpoint row perm[r]).
+DeviceLayerPtr build_exl2(const LayerMeta& meta, const Exl2Raw& raw, int device, cudaStream_t stream);
+DeviceLayerPtr build_gptq(const LayerMeta& meta, const GptqRaw& raw, int device, cudaStream_t stream);
+
+/// Bytes owned by the layer on the device.
+std::size_t nbytes(const DeviceLayer& layer) noexcept;
+
+/// True if all `count` fp16 values at `p` (device memory of `device`) are finite.
+bool all_finite_f16(const void* p, std::size_t count, int device, cudaStream_t stream);
+
+/// out[K, N] fp16 (device memory) = W, un-permuted.
+void dequantize(const DeviceLayer& layer, const LayerMeta& meta, void* out, cudaStream_t stream);
+
+/// out[m, N] fp16 = x[m, K] fp16 @ W (+ bias); fp32 accumulation, deterministic,
+/// out fully written, no allocation or host synchronisation (graph-capture safe).
+void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out,
+          cudaStream_t stream);
+
+}  // namespace exl2::detail::cuda

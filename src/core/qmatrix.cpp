@@ -1,0 +1,158 @@
+// QMatrix: validation, ownership and backend dispatch.
+#include "exl2/qmatrix.hpp"
+
+#include <utility>
+
+#include "core/check.hpp"
+#include "core/cuda_backend.hpp"
+#include "core/layer.hpp"
+#include "core/validate.hpp"
+#include "cpu/cpu_backend.hpp"
+
+namespace exl2 {
+
+using detail::fail_type;
+using detail::fail_value;
+
+struct QMatrix::Impl {
+  detail::LayerMeta meta;
+  Device device;
+  detail::HostArrays host;             // CPU backend storage
+  detail::cuda::DeviceLayerPtr cuda;   // CUDA backend storage
+};
+
+namespace {
+
+void check_target(Device device) {
+  if (device.is_cuda()) detail::cuda::check_device(device.index);
+}
+
+}  // namespace
+
+QMatrix::QMatrix(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+QMatrix::QMatrix(QMatrix&&) noexcept = default;
+QMatrix& QMatrix::operator=(QMatrix&&) noexcept = default;
+QMatrix::~QMatrix() = default;
+
+QMatrix QMatrix::from_exl2(const Exl2Weights& w, Device device, cudaStream_t stream) {
+  check_target(device);
+  auto v = detail::validate_exl2(w, device, stream);
+  auto impl = std::make_unique<Impl>();
+  impl->device = device;
+  if (device.is_cpu()) {
+    impl->host = detail::cpu::build_exl2(v);
+  } else {
+    const detail::Exl2Raw raw{v.q_weight, v.q_scale, v.qsm_div256.data()};
+    impl->cuda = detail::cuda::build_exl2(v.meta, raw, device.index, stream);
+  }
+  impl->meta = std::move(v.meta);
+  return QMatrix(std::move(impl));
+}
+
+QMatrix QMatrix::from_gptq(const GptqWeights& w, Device device, cudaStream_t stream) {
+  check_target(device);
+  auto v = detail::validate_gptq(w, device, stream);
+  auto impl = std::make_unique<Impl>();
+  impl->device = device;
+  if (device.is_cpu()) {
+    impl->host = detail::cpu::build_gptq(v);
+  } else {
+    const detail::GptqRaw raw{v.qweight, v.qzeros, v.scales, v.zero_offset};
+    impl->cuda = detail::cuda::build_gptq(v.meta, raw, device.index, stream);
+  }
+  impl->meta = std::move(v.meta);
+  return QMatrix(std::move(impl));
+}
+
+const QMatrix::Impl& QMatrix::impl(const char* what) const {
+  if (!impl_) fail_value("QMatrix.", what, ": the QMatrix is closed (its memory was released)");
+  return *impl_;
+}
+
+std::int64_t QMatrix::in_features() const { return impl("in_features").meta.K; }
+std::int64_t QMatrix::out_features() const { return impl("out_features").meta.N; }
+Format QMatrix::format() const { return impl("format").meta.format; }
+Device QMatrix::device() const { return impl("device").device; }
+bool QMatrix::has_bias() const { return !impl("has_bias").meta.bias.empty(); }
+
+double QMatrix::bits_per_weight() const {
+  const auto& m = impl("bits_per_weight").meta;
+  const double weights = static_cast<double>(m.K) * static_cast<double>(m.N);
+  double bits = 32.0 * static_cast<double>(m.Q) * static_cast<double>(m.N);  // codes
+  if (m.format == Format::EXL2) {
+    bits += 4.0 * static_cast<double>(m.G) * static_cast<double>(m.N) + 16.0 * static_cast<double>(m.G);  // scale codes + max
+  } else {
+    bits += (16.0 + 4.0) * static_cast<double>(m.G) * static_cast<double>(m.N);  // fp16 scales + 4-bit zeros
+  }
+  return bits / weights;
+}
+
+std::size_t QMatrix::nbytes() const {
+  const auto& im = impl("nbytes");
+  if (im.cuda) return detail::cuda::nbytes(*im.cuda);
+  const auto& m = im.meta;
+  return im.host.qweight.size() * 4 + im.host.scales.size() * 2 + im.host.zeros.size() + m.perm.size() * 4 +
+         m.bias.size() * 2 + (m.bits.size() + m.row_start.size() + m.word_start.size()) * 4;
+}
+
+namespace {
+
+void check_output(const MutableTensorView& out, const char* name, const std::vector<std::int64_t>& shape,
+                  const char* symbolic, Device device) {
+  if (out.dtype != DType::Float16) fail_type(name, ": expected dtype float16, got ", dtype_name(out.dtype));
+  if (out.shape != shape) {
+    TensorView e;
+    e.shape = shape;
+    fail_value(name, ": expected shape ", symbolic, " = ", e.shape_str(), ", got ", out.shape_str());
+  }
+  if (!out.is_contiguous()) fail_value(name, ": expected a contiguous (row-major) tensor");
+  if (out.device != device) {
+    fail_value(name, ": expected a tensor on ", device.str(), " (the QMatrix's device), got one on ", out.device.str());
+  }
+  if (out.data == nullptr && out.numel() > 0) fail_value(name, ": data pointer is null");
+}
+
+}  // namespace
+
+void QMatrix::dequantize(const MutableTensorView& out, cudaStream_t stream) const {
+  const auto& im = impl("dequantize");
+  check_output(out, "out", {im.meta.K, im.meta.N}, "[K, N]", im.device);
+  if (im.cuda) {
+    detail::cuda::dequantize(*im.cuda, im.meta, out.mutable_data(), stream);
+  } else {
+    detail::cpu::dequantize(im.meta, im.host, static_cast<std::uint16_t*>(out.mutable_data()));
+  }
+}
+
+void QMatrix::gemm(const TensorView& x, const MutableTensorView& out, cudaStream_t stream) const {
+  const auto& im = impl("gemm");
+  const auto& m = im.meta;
+  if (x.dtype != DType::Float16) fail_type("x: expected dtype float16, got ", dtype_name(x.dtype));
+  if (x.ndim() != 2 || x.shape[1] != m.K) {
+    fail_value("x: expected shape [M, K] with K = ", m.K, " (in_features), got ", x.shape_str());
+  }
+  if (!x.is_contiguous()) fail_value("x: expected a contiguous (row-major) tensor");
+  if (x.device != im.device) {
+    fail_value("x: expected a tensor on ", im.device.str(), " (the QMatrix's device), got one on ", x.device.str());
+  }
+  const std::int64_t rows = x.shape[0];
+  if (x.data == nullptr && rows > 0) fail_value("x: data pointer is null");
+  check_output(out, "out", {rows, m.N}, "[M, N]", im.device);
+  if (rows == 0) return;
+  // out must not overlap x: the kernels read x while writing out.
+  const auto* xb = static_cast<const char*>(x.data);
+  const auto* ob = static_cast<const char*>(out.data);
+  const std::size_t xbytes = static_cast<std::size_t>(rows * m.K) * 2, obytes = static_cast<std::size_t>(rows * m.N) * 2;
+  if (xb < ob + obytes && ob < xb + xbytes) fail_value("out: must not overlap x");
+  if (im.cuda) {
+    detail::cuda::gemm(*im.cuda, m, x.data, rows, out.mutable_data(), stream);
+  } else {
+    detail::cpu::gemm(m, im.host, static_cast<const std::uint16_t*>(x.data), rows,
+                      static_cast<std::uint16_t*>(out.mutable_data()));
+  }
+}
+
+void QMatrix::close() noexcept { impl_.reset(); }
+bool QMatrix::closed() const noexcept { return !impl_; }
+
+}  // namespace exl2

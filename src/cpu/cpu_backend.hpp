@@ -1,0 +1,26 @@
+// Internal: the portable CPU backend (the reference implementation in C++).
+//
+// It computes directly on the canonical HostArrays (layer.hpp): codes are decoded
+// tile by tile (a few dozen rows x a chunk of columns) into fp32 values that equal
+// the fp16-rounded weights, so no call materialises the whole dense weight. Work is
+// split by column chunks across threads; every output column is summed over K in
+// the same fixed order regardless of the thread count, so results are deterministic.
+#pragma once
+
+#include <cstdint>
+
+#include "core/layer.hpp"
+#include "core/validate.hpp"
+
+namespace exl2::detail::cpu {
+
+HostArrays build_exl2(const ValidatedExl2& v);
+HostArrays build_gptq(const ValidatedGptq& v);
+
+/// out[K, N] fp16 bits = W (un-permuted).
+void dequantize(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out);
+
+/// out[m, N] fp16 bits = x[m, K] @ W (+ bias), fp32 accumulation.
+void gemm(const LayerMeta& meta, const HostArrays& a, const std::uint16_t* x, std::int64_t m, std::uint16_t* out);
+
+}  // namespace exl2::detail::cpu

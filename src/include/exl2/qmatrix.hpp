@@ -1,0 +1,82 @@
+// exl2::QMatrix: a quantized weight matrix that owns its memory.
+//
+// A QMatrix is built from views of a checkpoint's tensors (host or device memory),
+// validates them completely, and copies/repacks them into memory it owns on its
+// target device. It never keeps a pointer to caller memory and never writes to it,
+// so the caller may free its tensors right after construction. Move-only; the
+// destructor (or close()) frees everything.
+//
+// All work is issued on the stream the caller passes (CUDA); CPU work runs on the
+// calling thread (plus worker threads it joins before returning).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "exl2/error.hpp"
+#include "exl2/format.hpp"
+#include "exl2/tensor.hpp"
+
+// The CUDA runtime declares cudaStream_t exactly like this; repeating the typedef
+// keeps this header free of CUDA includes while staying compatible with them.
+typedef struct CUstream_st* cudaStream_t;
+
+namespace exl2 {
+
+/// Build information and device discovery.
+bool built_with_cuda() noexcept;
+/// The CUDA architectures the kernels were compiled for, e.g. "75-real;90-real" ("" without CUDA).
+const char* cuda_architectures() noexcept;
+/// Number of usable CUDA devices (0 when built without CUDA or when no driver/device).
+int cuda_device_count() noexcept;
+/// Throws Unsupported unless CUDA device `index` can run exl2's kernels: built with CUDA,
+/// a driver and the device present, compute capability 7.5 or newer.
+void check_cuda_device(int index);
+/// Library version string, e.g. "0.1.0".
+const char* version() noexcept;
+
+class QMatrix {
+ public:
+  /// Build from EXL2 tensors onto `device`. `stream` orders the uploads for CUDA
+  /// targets (and device-resident inputs); construction returns once its copies are done.
+  static QMatrix from_exl2(const Exl2Weights& w, Device device, cudaStream_t stream = nullptr);
+  /// Build from GPTQ 4-bit tensors onto `device`.
+  static QMatrix from_gptq(const GptqWeights& w, Device device, cudaStream_t stream = nullptr);
+
+  QMatrix(QMatrix&&) noexcept;
+  QMatrix& operator=(QMatrix&&) noexcept;
+  QMatrix(const QMatrix&) = delete;
+  QMatrix& operator=(const QMatrix&) = delete;
+  ~QMatrix();
+
+  std::int64_t in_features() const;   // K
+  std::int64_t out_features() const;  // N
+  Format format() const;
+  Device device() const;
+  bool has_bias() const;
+  /// Average stored bits per weight (codes + scales + zeros), as in checkpoints.
+  double bits_per_weight() const;
+  /// Bytes this QMatrix owns on its device.
+  std::size_t nbytes() const;
+
+  /// out[K, N] (float16, contiguous, on device()) = the dequantized weight W.
+  void dequantize(const MutableTensorView& out, cudaStream_t stream = nullptr) const;
+
+  /// out[M, N] = x[M, K] @ W (+ bias); float16 in and out, float32 accumulation.
+  /// x and out are contiguous float16 on device(); out is fully written.
+  void gemm(const TensorView& x, const MutableTensorView& out, cudaStream_t stream = nullptr) const;
+
+  /// Free the owned memory now. Any later call except closed() throws InvalidArgument.
+  void close() noexcept;
+  bool closed() const noexcept;
+
+  struct Impl;  // defined in src/core
+
+ private:
+  explicit QMatrix(std::unique_ptr<Impl> impl) noexcept;
+  const Impl& impl(const char* what) const;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace exl2
