@@ -1,4 +1,4 @@
-"""Command line: ``python -m exl2 {info,demo}``."""
+"""Command line: ``python -m exl2 {info,demo,bench}``."""
 
 from __future__ import annotations
 
@@ -16,9 +16,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo = sub.add_parser("demo", help="run an embedded demo layer and check it against exl2.reference")
     demo.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     demo.add_argument("--rows", type=int, default=8, help="rows m of the activation (default 8)")
+    bench = sub.add_parser("bench", help="time matmul vs dense fp16 and the bandwidth floor (CUDA graphs)")
+    bench.add_argument("--json", default=None, help="write the results to this JSON file")
+    bench.add_argument("--m", type=int, nargs="*", default=None, help="row counts (default 1 8 16 32 64 512 2048)")
+    bench.add_argument("--quick", action="store_true", help="only the 4096x4096 layers")
     args = parser.parse_args(argv)
     if args.command == "info":
         return cli.info()
+    if args.command == "bench":
+        from . import bench as bench_mod
+
+        bench_mod.run(args.m, args.json, args.quick)
+        return 0
     return cli.demo(device=args.device, rows=args.rows)
 
 
