@@ -4,8 +4,8 @@
 #pragma once
 
 #include <cstdint>
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "exl2/error.hpp"
@@ -14,18 +14,32 @@
 
 namespace exl2::detail {
 
+// Messages are built with std::string and std::to_string, not iostreams: the library
+// is linked into processes (e.g. Python with torch) whose loaded libstdc++ may differ
+// from the one it was compiled against, and iostream/locale internals are where such
+// mismatches crash (seen on the GPU machine: a segfault formatting an integer).
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, const char* v) { s += v; }
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+inline void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+
+template <typename... Parts>
+std::string concat(const Parts&... parts) {
+  std::string s;
+  (append(s, parts), ...);
+  return s;
+}
+
 template <typename... Parts>
 [[noreturn]] void fail_value(const Parts&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  throw InvalidArgument(os.str());
+  throw InvalidArgument(concat(parts...));
 }
 
 template <typename... Parts>
 [[noreturn]] void fail_type(const Parts&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  throw TypeMismatch(os.str());
+  throw TypeMismatch(concat(parts...));
 }
 
 inline bool present(const TensorView& t) noexcept { return t.data != nullptr || !t.shape.empty(); }

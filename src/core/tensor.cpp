@@ -1,5 +1,3 @@
-#include <sstream>
-
 #include "exl2/format.hpp"
 #include "exl2/tensor.hpp"
 
@@ -55,11 +53,9 @@ bool TensorView::is_contiguous() const noexcept {
 }
 
 std::string TensorView::shape_str() const {
-  std::ostringstream os;
-  os << '[';
-  for (std::size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << ']';
-  return os.str();
+  std::string s = "[";  // no iostreams in the library (see core/check.hpp)
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
 }
 
 }  // namespace exl2

@@ -1,0 +1,353 @@
+// CUDA backend: out[m, N] = x[m, K] @ W (+ bias), fp16 in/out, fp32 accumulation.
+//
+// Two kernels, chosen by m inside gemm():
+//   m <= kGemvMaxM : gemv_kernel<M>   (CUDA cores; threads own columns, warps split K)
+//   m >  kGemvMaxM : mma_kernel<...>  (fused dequantize + tensor-core tiles, wmma)
+// Both walk K in chunks (<= 32 permuted rows of one group, see device_layer.cuh), gather
+// the activation columns by perm themselves, reduce entirely inside one block in a fixed
+// order (deterministic, no atomics, no workspace) and write every output element once.
+// No allocation, no host synchronisation: safe under CUDA graph capture.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "core/cuda_backend.hpp"
+#include "cuda/cuda_check.cuh"
+#include "cuda/device_layer.cuh"
+
+namespace exl2::detail::cuda {
+
+namespace {
+
+// =================================================================================
+// Small m: GEMV-style kernel.
+//   block = 8 warps, 32 consecutive output columns (lane = column);
+//   warp w processes chunks w, w + 8, w + 16, ... (fixed assignment);
+//   per chunk the warp stages the gathered activations x[0..M, perm[row0 + i]] in
+//   shared memory (as fp32) and each lane decodes its column's 32 codes (b words,
+//   coalesced across the warp) and accumulates M fp32 sums;
+//   the 8 warps' partial sums are reduced through shared memory in warp order.
+// =================================================================================
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kGemvMaxM = 8;
+
+template <int M, int B>
+__device__ __forceinline__ void gemv_chunk(const std::uint32_t* __restrict__ qw_col, std::int64_t N,
+                                           const ChunkInfo& ci, int z, float s, const float (*xs)[32],
+                                           float (&acc)[M]) {
+  decode_rows<B, 0, kChunkRows>(qw_col, N, ci.nwords, [&](int i, std::uint32_t q) {
+    float w = __half2float(dq_value(q, z, s));
+    w = (i < ci.rows) ? w : 0.0f;  // rows past the chunk's end (their x is 0 too)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = fmaf(w, xs[m][i], acc[m]);
+  });
+}
+
+template <int M>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_kernel(const __half* __restrict__ x, std::int64_t K, const std::uint32_t* __restrict__ qw,
+                const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
+                const int* __restrict__ perm, const int4* __restrict__ chunks, int num_chunks,
+                const __half* __restrict__ bias, __half* __restrict__ out, std::int64_t N) {
+  __shared__ float xs[kGemvWarps][M][32];
+  __shared__ float red[kGemvWarps][M][32];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const std::int64_t n = static_cast<std::int64_t>(blockIdx.x) * 32 + lane;
+  const std::int64_t nc = n < N ? n : N - 1;  // clamped: out-of-range lanes compute and discard
+
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+
+  for (int c = warp; c < num_chunks; c += kGemvWarps) {
+    const ChunkInfo ci = load_chunk(chunks, c);
+    __syncwarp();  // the previous chunk's reads of xs[warp] are done
+    if (lane < ci.rows) {
+      const int r = ci.row0 + lane;
+      const std::int64_t p = perm ? __ldg(perm + r) : r;
+#pragma unroll
+      for (int m = 0; m < M; ++m) xs[warp][m][lane] = __half2float(x[m * K + p]);
+    } else {
+#pragma unroll
+      for (int m = 0; m < M; ++m) xs[warp][m][lane] = 0.0f;
+    }
+    __syncwarp();
+
+    const std::int64_t gi = static_cast<std::int64_t>(ci.group) * N + nc;
+    const float s = __half2float(scales[gi]);
+    const int z = zeros[gi];
+    const std::uint32_t* qw_col = qw + static_cast<std::int64_t>(ci.word0) * N + nc;
+    switch (ci.bits) {
+      case 2: gemv_chunk<M, 2>(qw_col, N, ci, z, s, xs[warp], acc); break;
+      case 3: gemv_chunk<M, 3>(qw_col, N, ci, z, s, xs[warp], acc); break;
+      case 4: gemv_chunk<M, 4>(qw_col, N, ci, z, s, xs[warp], acc); break;
+      case 5: gemv_chunk<M, 5>(qw_col, N, ci, z, s, xs[warp], acc); break;
+      case 6: gemv_chunk<M, 6>(qw_col, N, ci, z, s, xs[warp], acc); break;
+      case 8: gemv_chunk<M, 8>(qw_col, N, ci, z, s, xs[warp], acc); break;
+      default: break;  // rejected at construction
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < M; ++m) red[warp][m][lane] = acc[m];
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < M * 32; i += kGemvThreads) {
+    const int m = i >> 5;
+    const int l = i & 31;
+    const std::int64_t col = static_cast<std::int64_t>(blockIdx.x) * 32 + l;
+    if (col >= N) continue;
+    float sum = red[0][m][l];
+#pragma unroll
+    for (int w = 1; w < kGemvWarps; ++w) sum += red[w][m][l];
+    if (bias) sum += __half2float(bias[col]);
+    out[m * N + col] = __float2half_rn(sum);
+  }
+}
+
+// =================================================================================
+// Larger m: fused dequantize + tensor-core GEMM (nvcuda::wmma m16n16k16, fp32 accum).
+//   block tile BM x BN, 2*BN threads; warps tile it as (BM/WM) x (BN/WN), each warp
+//   holding (WM/16) x (WN/16) accumulator fragments;
+//   the K loop walks the chunk table: per chunk (one k-tile of <= 32 rows)
+//     - X tile  [BM x 32]: x[m0 + i, perm[row0 + k]] gathered into shared memory
+//       (0 for rows past m or past the chunk's end);
+//     - W tile  [32 x BN]: thread (column, half) decodes 16 rows of its column,
+//       bit-exact f16((q - z) * s) (0 for rows past the chunk's end);
+//     - two k16 steps of wmma;
+//   epilogue: per warp, fragments -> shared fp32 -> + bias (fp32) -> one rounding -> out.
+// =================================================================================
+constexpr int kBK = kChunkRows;  // 32
+
+template <int B, int R0, int LDW>
+__device__ __forceinline__ void mma_decode(const std::uint32_t* __restrict__ qw_col, std::int64_t N,
+                                           const ChunkInfo& ci, int z, float s, __half* __restrict__ ws_col) {
+  decode_rows<B, R0, 16>(qw_col, N, ci.nwords, [&](int i, std::uint32_t q) {
+    const __half h = dq_value(q, z, s);
+    ws_col[i * LDW] = (i < ci.rows) ? h : __float2half_rn(0.0f);
+  });
+}
+
+template <int H, int LDW>
+__device__ __forceinline__ void mma_decode_dispatch(const std::uint32_t* __restrict__ qw_col, std::int64_t N,
+                                                    const ChunkInfo& ci, int z, float s,
+                                                    __half* __restrict__ ws_col) {
+  switch (ci.bits) {
+    case 2: mma_decode<2, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
+    case 3: mma_decode<3, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
+    case 4: mma_decode<4, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
+    case 5: mma_decode<5, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
+    case 6: mma_decode<6, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
+    case 8: mma_decode<8, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
+    default: break;  // rejected at construction
+  }
+}
+
+template <int BM, int BN, int WM, int WN>
+struct MmaConfig {
+  static constexpr int kThreads = 2 * BN;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kLDX = kBK + 8;  // halves; rows stay 32-byte aligned for wmma
+  static constexpr int kLDW = BN + 8;
+  static constexpr int kLDE = 16 + 4;  // floats
+  static constexpr int kFM = WM / 16;
+  static constexpr int kFN = WN / 16;
+  static constexpr int kWarpsN = BN / WN;
+  // Occupancy target for __launch_bounds__ (512 threads per SM): gives ptxas room for the
+  // accumulators (without it sm_80 spilled the 64x64 kernel).
+  static constexpr int kMinBlocks = 512 / kThreads;
+  static_assert((BM / WM) * (BN / WN) == kWarps, "warp tiling must cover the block tile");
+  static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0, "bad tile shape");
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "bad thread count");
+};
+
+template <int BM, int BN, int WM, int WN>
+__global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig<BM, BN, WM, WN>::kMinBlocks)
+    mma_kernel(const __half* __restrict__ x, std::int64_t M, std::int64_t K, const std::uint32_t* __restrict__ qw,
+               const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
+               const int* __restrict__ perm, const int4* __restrict__ chunks, int num_chunks,
+               const __half* __restrict__ bias, __half* __restrict__ out, std::int64_t N, int out_aligned16) {
+  using namespace nvcuda;
+  using Cfg = MmaConfig<BM, BN, WM, WN>;
+  constexpr int T = Cfg::kThreads;
+  constexpr int LDX = Cfg::kLDX;
+  constexpr int LDW = Cfg::kLDW;
+  constexpr int LDE = Cfg::kLDE;
+  constexpr int FM = Cfg::kFM;
+  constexpr int FN = Cfg::kFN;
+
+  __shared__ __align__(128) __half Xs[BM * LDX];
+  __shared__ __align__(128) __half Ws[kBK * LDW];
+  __shared__ __align__(128) float Es[Cfg::kWarps][16 * LDE];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp / Cfg::kWarpsN;
+  const int wn = warp % Cfg::kWarpsN;
+  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * BM;
+
+  const int dq_col = tid % BN;   // W tile: column of this thread
+  const int dq_half = tid / BN;  // W tile: rows 0-15 or 16-31 (warp-uniform)
+  const int xk = tid % 32;       // X tile: k of this thread
+  const int xr = tid / 32;       // X tile: first row of this thread
+
+  const std::int64_t n_tiles = (N + BN - 1) / BN;
+  for (std::int64_t nt = blockIdx.y; nt < n_tiles; nt += gridDim.y) {
+    const std::int64_t n0 = nt * BN;
+    const std::int64_t n = n0 + dq_col;
+    const std::int64_t nc = n < N ? n : N - 1;  // clamped: columns past N are computed and discarded
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    for (int c = 0; c < num_chunks; ++c) {
+      const ChunkInfo ci = load_chunk(chunks, c);
+      __syncthreads();  // previous tiles fully consumed
+
+      // X tile, gathered by perm.
+      {
+        std::int64_t p = -1;
+        if (xk < ci.rows) {
+          const int r = ci.row0 + xk;
+          p = perm ? __ldg(perm + r) : r;
+        }
+#pragma unroll 4
+        for (int i = xr; i < BM; i += T / 32) {
+          const std::int64_t gm = m0 + i;
+          __half v = __float2half_rn(0.0f);
+          if (p >= 0 && gm < M) v = x[gm * K + p];
+          Xs[i * LDX + xk] = v;
+        }
+      }
+      // W tile, dequantized bit-exactly.
+      {
+        const std::int64_t gi = static_cast<std::int64_t>(ci.group) * N + nc;
+        const float s = __half2float(scales[gi]);
+        const int z = zeros[gi];
+        const std::uint32_t* qw_col = qw + static_cast<std::int64_t>(ci.word0) * N + nc;
+        if (dq_half == 0)
+          mma_decode_dispatch<0, LDW>(qw_col, N, ci, z, s, Ws + dq_col);
+        else
+          mma_decode_dispatch<1, LDW>(qw_col, N, ci, z, s, Ws + dq_col);
+      }
+      __syncthreads();
+
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[FM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b[FN];
+#pragma unroll
+        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], Xs + (wm * WM + i * 16) * LDX + kk, LDX);
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], Ws + kk * LDW + wn * WN + j * 16, LDW);
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+          for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      }
+    }
+
+    // Epilogue: per warp, one 16x16 fragment at a time through shared memory.
+    float* es = Es[warp];
+    const int er = lane >> 1;       // row within the fragment
+    const int ec = (lane & 1) * 8;  // first of 8 columns
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        wmma::store_matrix_sync(es, acc[i][j], LDE, wmma::mem_row_major);
+        __syncwarp();
+        const std::int64_t gm = m0 + wm * WM + i * 16 + er;
+        const std::int64_t gn = n0 + wn * WN + j * 16 + ec;
+        if (gm < M && gn < N) {
+          float v[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            v[e] = es[er * LDE + ec + e];
+            if (bias && gn + e < N) v[e] += __half2float(bias[gn + e]);
+          }
+          __half* dst = out + gm * N + gn;
+          if (out_aligned16 && gn + 8 <= N) {
+            union {
+              uint4 u;
+              __half2 h[4];
+            } pack;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pack.h[e] = __floats2half2_rn(v[2 * e], v[2 * e + 1]);
+            *reinterpret_cast<uint4*>(dst) = pack.u;
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+              if (gn + e < N) dst[e] = __float2half_rn(v[e]);
+          }
+        }
+        __syncwarp();  // es is rewritten by the next fragment
+      }
+    }
+  }
+}
+
+template <int M>
+void launch_gemv(const DeviceLayer& L, const __half* x, __half* out, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((L.N + 31) / 32);
+  gemv_kernel<M><<<blocks, kGemvThreads, 0, stream>>>(x, L.K, L.qweight.get(), L.scales.get(), L.zeros.get(),
+                                                       L.kernel_perm(), L.chunks.get(), L.num_chunks, L.bias.get(),
+                                                       out, L.N);
+  EXL2_CUDA_CHECK_LAUNCH("gemv_kernel");
+}
+
+template <int BM, int BN, int WM, int WN>
+void launch_mma(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
+  using Cfg = MmaConfig<BM, BN, WM, WN>;
+  const std::int64_t m_tiles = (m + BM - 1) / BM;
+  const std::int64_t n_tiles = (L.N + BN - 1) / BN;
+  if (m_tiles > 0x7fffffffLL) throw Unsupported("gemm: m = " + std::to_string(m) + " is too large");
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles < 65535 ? n_tiles : 65535));
+  const int aligned16 = (reinterpret_cast<std::uintptr_t>(out) % 16) == 0 ? 1 : 0;
+  mma_kernel<BM, BN, WM, WN><<<grid, Cfg::kThreads, 0, stream>>>(
+      x, m, L.K, L.qweight.get(), L.scales.get(), L.zeros.get(), L.kernel_perm(), L.chunks.get(), L.num_chunks,
+      L.bias.get(), out, L.N, aligned16);
+  EXL2_CUDA_CHECK_LAUNCH("mma_kernel");
+}
+
+}  // namespace
+
+void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out,
+          cudaStream_t stream) {
+  check_layer_meta(layer, meta, "gemm");
+  if (m <= 0 || layer.N == 0) return;
+  DeviceGuard guard(layer.device);
+  const __half* xh = static_cast<const __half*>(x);
+  __half* oh = static_cast<__half*>(out);
+
+  if (m <= kGemvMaxM) {
+    switch (m) {
+      case 1: launch_gemv<1>(layer, xh, oh, stream); break;
+      case 2: launch_gemv<2>(layer, xh, oh, stream); break;
+      case 3: launch_gemv<3>(layer, xh, oh, stream); break;
+      case 4: launch_gemv<4>(layer, xh, oh, stream); break;
+      case 5: launch_gemv<5>(layer, xh, oh, stream); break;
+      case 6: launch_gemv<6>(layer, xh, oh, stream); break;
+      case 7: launch_gemv<7>(layer, xh, oh, stream); break;
+      default: launch_gemv<8>(layer, xh, oh, stream); break;
+    }
+    return;
+  }
+  // Large tiles only when they still give enough blocks to fill a large GPU.
+  const std::int64_t big_blocks = ((m + 127) / 128) * ((layer.N + 127) / 128);
+  if (m >= 256 && big_blocks >= 256)
+    launch_mma<128, 128, 64, 32>(layer, xh, m, oh, stream);
+  else
+    launch_mma<64, 64, 32, 32>(layer, xh, m, oh, stream);
+}
+
+}  // namespace exl2::detail::cuda
