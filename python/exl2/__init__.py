@@ -9,6 +9,9 @@ from __future__ import annotations
 from ._loader import load_extension
 from .qmatrix import QMatrix
 from . import reference
+from . import compat, loaders, nn, ops, parallel
+from .loaders import load_exl2, load_gptq
+from .nn import QuantLinear
 
 _ext = load_extension()
 
@@ -35,6 +38,14 @@ def cuda_device_count() -> int:
 __all__ = [
     "QMatrix",
     "reference",
+    "compat",
+    "loaders",
+    "nn",
+    "ops",
+    "parallel",
+    "load_exl2",
+    "load_gptq",
+    "QuantLinear",
     "CudaError",
     "UnsupportedError",
     "built_with_cuda",
