@@ -174,3 +174,21 @@ def test_freeing_memory_returns_to_baseline() -> None:
         q.close()
     torch.cuda.synchronize()
     assert abs(torch.cuda.mem_get_info()[0] - base) < 4 * 2**20
+
+
+@pytest.mark.parametrize("m", [17, 64, 256, 300, 1000])
+def test_native_kernel_large_m(layers, m: int) -> None:
+    """The library's own fused kernel (what C++ users get) at sizes where the Python API
+    takes the dense path."""
+    from exl2._convert import native_view, stream_handle
+
+    layer = layers["exl2"]
+    x = random_x(np.random.default_rng(9), (m, 1024))
+    with build(layer, "cuda") as q:
+        xt = torch.from_numpy(x).cuda()
+        out = torch.empty((m, 256), dtype=torch.float16, device="cuda")
+        q._native.gemm(native_view(xt), native_view(out), stream_handle(xt.device))
+        assert rel_err(out, expected(layer, x)) < TOL
+        again = torch.empty_like(out)
+        q._native.gemm(native_view(xt), native_view(again), stream_handle(xt.device))
+        assert torch.equal(out, again)

@@ -14,6 +14,12 @@ _ext = load_extension()
 
 __all__ = ["QMatrix"]
 
+# From this many rows on (above the GEMV kernel's range), matmul on CUDA dequantizes into a scratch tensor and runs a
+# dense fp16 GEMM (cuBLAS through torch, fp32 accumulation): at prefill sizes the GEMM
+# is compute-bound and the library's own fused tensor-core kernel is slower than
+# cuBLAS. The C++ library keeps its own kernel for every m (no cuBLAS dependency).
+_DENSE_MIN_ROWS = 9
+
 
 @contextlib.contextmanager
 def _on_device(device: torch.device) -> Iterator[None]:
@@ -43,6 +49,13 @@ def _place(t: Optional[torch.Tensor], device: torch.device) -> Any:
     return native_view(t)
 
 
+def _own_bias(bias: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """A private copy of the bias on `device` (CUDA only: the dense large-m path)."""
+    if bias is None or device.type != "cuda":
+        return None
+    return bias.to(device=device, dtype=torch.float16, copy=True).contiguous()
+
+
 class QMatrix:
     """A quantized linear weight ``W`` of shape ``[in_features, out_features]``.
 
@@ -55,12 +68,14 @@ class QMatrix:
     garbage collected.
     """
 
-    __slots__ = ("_native", "_device")
+    __slots__ = ("_native", "_device", "_bias")
 
-    def __init__(self, native: Any, device: torch.device) -> None:
-        # Internal: use from_exl2 / from_gptq.
+    def __init__(self, native: Any, device: torch.device, bias: Optional[torch.Tensor] = None) -> None:
+        # Internal: use from_exl2 / from_gptq. `bias` is our own copy on `device`, used
+        # only by the large-m dense path (the native layer holds its own copy too).
         self._native = native
         self._device = device
+        self._bias = bias
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -105,7 +120,7 @@ class QMatrix:
                 dev.index or 0,
                 stream_handle(dev),
             )
-        return cls(native, dev)
+        return cls(native, dev, _own_bias(opt[1], dev))
 
     @classmethod
     def from_gptq(
@@ -146,7 +161,7 @@ class QMatrix:
                 dev.index or 0,
                 stream_handle(dev),
             )
-        return cls(native, dev)
+        return cls(native, dev, _own_bias(opt[1], dev))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -229,8 +244,22 @@ class QMatrix:
                 raise ValueError("out: expected a contiguous tensor")
         out2 = out.view(-1, self.out_features)
         with _on_device(self._device):
-            self._native.gemm(native_view(x2), native_view(out2.detach()), stream_handle(self._device))
+            if self._device.type == "cuda" and x2.shape[0] >= _DENSE_MIN_ROWS:
+                self._dense_matmul(x2, out2)
+            else:
+                self._native.gemm(native_view(x2), native_view(out2.detach()), stream_handle(self._device))
         return out
+
+    def _dense_matmul(self, x2: torch.Tensor, out2: torch.Tensor) -> None:
+        """Large m on CUDA: W into a stream-ordered scratch (torch's allocator, so CUDA
+        graph capture works), then one dense GEMM with the bias in its epilogue."""
+        if x2.data_ptr() < out2.data_ptr() + out2.numel() * 2 and out2.data_ptr() < x2.data_ptr() + x2.numel() * 2:
+            raise ValueError("out: must not overlap x")
+        w = self.dequantize()
+        if self._bias is None:
+            torch.mm(x2, w, out=out2)
+        else:
+            torch.addmm(self._bias, x2, w, out=out2)
 
     def dequantize(self) -> torch.Tensor:
         """Return the dense weight ``W`` as float16 ``[in_features, out_features]``."""
@@ -243,6 +272,7 @@ class QMatrix:
     def close(self) -> None:
         """Free the owned memory now. Later calls raise ValueError."""
         self._native.close()
+        self._bias = None
 
     def __enter__(self) -> "QMatrix":
         return self

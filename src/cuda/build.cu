@@ -14,6 +14,7 @@
 #include "core/cuda_backend.hpp"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
+#include "cuda/gemv.cuh"
 
 namespace exl2::detail::cuda {
 
@@ -116,6 +117,10 @@ void fill_common(DeviceLayer& L, const LayerMeta& meta, int device, cudaStream_t
   L.identity_perm = meta.identity_perm;
   L.has_bias = !meta.bias.empty();
   L.num_chunks = static_cast<int>(chunks_host.size());
+  EXL2_CUDA_CHECK(cudaDeviceGetAttribute(&L.sm_count, cudaDevAttrMultiProcessorCount, device));
+  EXL2_CUDA_CHECK(cudaDeviceGetAttribute(&L.cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  query_gemv_occupancy(L);
+  query_mma_occupancy(L);
 
   if (meta.perm.empty()) {
     perm_host.resize(static_cast<std::size_t>(meta.K));

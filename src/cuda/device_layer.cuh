@@ -158,6 +158,12 @@ struct DeviceLayer {
   bool identity_perm = true;
   bool has_bias = false;
   int num_chunks = 0;
+  int sm_count = 1;   // multiprocessors of `device` (work partitioning)
+  int cc_major = 0;   // compute capability major of `device` (9+: thread-block clusters)
+  // Resident blocks per multiprocessor of each kernel instantiation, queried once at
+  // construction (work partitioning without a host query per call).
+  int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)
+  int mma_blocks_per_sm[2] = {};    // small tile, large tile
 
   DeviceBuffer<std::uint32_t> qweight;  // [Q, N]
   DeviceBuffer<__half> scales;          // [G, N]

@@ -1,14 +1,16 @@
 // CUDA backend: out[m, N] = x[m, K] @ W (+ bias), fp16 in/out, fp32 accumulation.
 //
 // Two kernels, chosen by m inside gemm():
-//   m <= kGemvMaxM : gemv_kernel<M>   (CUDA cores; threads own columns, warps split K)
-//   m >  kGemvMaxM : mma_kernel<...>  (fused dequantize + tensor-core tiles, wmma)
+//   m <= kGemvMaxRows : gemv_kernel<M> (gemv.cu; CUDA cores, weight streaming)
+//   m >  kGemvMaxRows : mma_kernel<...> (fused dequantize + tensor-core tiles, wmma)
 // Both walk K in chunks (<= 32 permuted rows of one group, see device_layer.cuh), gather
-// the activation columns by perm themselves, reduce entirely inside one block in a fixed
-// order (deterministic, no atomics, no workspace) and write every output element once.
-// No allocation, no host synchronisation: safe under CUDA graph capture.
+// the activation columns by perm themselves, reduce in a fixed order (inside a block, or
+// across the blocks of one thread-block cluster through distributed shared memory on
+// compute capability 9.0+) and write every output element once: deterministic, no
+// atomics, no workspace, no allocation, no host synchronisation (graph-capture safe).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cooperative_groups.h>
 #include <mma.h>
 
 #include <cstdint>
@@ -16,99 +18,13 @@
 #include "core/cuda_backend.hpp"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
+#include "cuda/gemv.cuh"
+
+namespace cg = cooperative_groups;
 
 namespace exl2::detail::cuda {
 
 namespace {
-
-// =================================================================================
-// Small m: GEMV-style kernel.
-//   block = 8 warps, 32 consecutive output columns (lane = column);
-//   warp w processes chunks w, w + 8, w + 16, ... (fixed assignment);
-//   per chunk the warp stages the gathered activations x[0..M, perm[row0 + i]] in
-//   shared memory (as fp32) and each lane decodes its column's 32 codes (b words,
-//   coalesced across the warp) and accumulates M fp32 sums;
-//   the 8 warps' partial sums are reduced through shared memory in warp order.
-// =================================================================================
-constexpr int kGemvWarps = 8;
-constexpr int kGemvThreads = kGemvWarps * 32;
-constexpr int kGemvMaxM = 8;
-
-template <int M, int B>
-__device__ __forceinline__ void gemv_chunk(const std::uint32_t* __restrict__ qw_col, std::int64_t N,
-                                           const ChunkInfo& ci, int z, float s, const float (*xs)[32],
-                                           float (&acc)[M]) {
-  decode_rows<B, 0, kChunkRows>(qw_col, N, ci.nwords, [&](int i, std::uint32_t q) {
-    float w = __half2float(dq_value(q, z, s));
-    w = (i < ci.rows) ? w : 0.0f;  // rows past the chunk's end (their x is 0 too)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = fmaf(w, xs[m][i], acc[m]);
-  });
-}
-
-template <int M>
-__global__ void __launch_bounds__(kGemvThreads)
-    gemv_kernel(const __half* __restrict__ x, std::int64_t K, const std::uint32_t* __restrict__ qw,
-                const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
-                const int* __restrict__ perm, const int4* __restrict__ chunks, int num_chunks,
-                const __half* __restrict__ bias, __half* __restrict__ out, std::int64_t N) {
-  __shared__ float xs[kGemvWarps][M][32];
-  __shared__ float red[kGemvWarps][M][32];
-
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const std::int64_t n = static_cast<std::int64_t>(blockIdx.x) * 32 + lane;
-  const std::int64_t nc = n < N ? n : N - 1;  // clamped: out-of-range lanes compute and discard
-
-  float acc[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-
-  for (int c = warp; c < num_chunks; c += kGemvWarps) {
-    const ChunkInfo ci = load_chunk(chunks, c);
-    __syncwarp();  // the previous chunk's reads of xs[warp] are done
-    if (lane < ci.rows) {
-      const int r = ci.row0 + lane;
-      const std::int64_t p = perm ? __ldg(perm + r) : r;
-#pragma unroll
-      for (int m = 0; m < M; ++m) xs[warp][m][lane] = __half2float(x[m * K + p]);
-    } else {
-#pragma unroll
-      for (int m = 0; m < M; ++m) xs[warp][m][lane] = 0.0f;
-    }
-    __syncwarp();
-
-    const std::int64_t gi = static_cast<std::int64_t>(ci.group) * N + nc;
-    const float s = __half2float(scales[gi]);
-    const int z = zeros[gi];
-    const std::uint32_t* qw_col = qw + static_cast<std::int64_t>(ci.word0) * N + nc;
-    switch (ci.bits) {
-      case 2: gemv_chunk<M, 2>(qw_col, N, ci, z, s, xs[warp], acc); break;
-      case 3: gemv_chunk<M, 3>(qw_col, N, ci, z, s, xs[warp], acc); break;
-      case 4: gemv_chunk<M, 4>(qw_col, N, ci, z, s, xs[warp], acc); break;
-      case 5: gemv_chunk<M, 5>(qw_col, N, ci, z, s, xs[warp], acc); break;
-      case 6: gemv_chunk<M, 6>(qw_col, N, ci, z, s, xs[warp], acc); break;
-      case 8: gemv_chunk<M, 8>(qw_col, N, ci, z, s, xs[warp], acc); break;
-      default: break;  // rejected at construction
-    }
-  }
-
-#pragma unroll
-  for (int m = 0; m < M; ++m) red[warp][m][lane] = acc[m];
-  __syncthreads();
-
-  for (int i = threadIdx.x; i < M * 32; i += kGemvThreads) {
-    const int m = i >> 5;
-    const int l = i & 31;
-    const std::int64_t col = static_cast<std::int64_t>(blockIdx.x) * 32 + l;
-    if (col >= N) continue;
-    float sum = red[0][m][l];
-#pragma unroll
-    for (int w = 1; w < kGemvWarps; ++w) sum += red[w][m][l];
-    if (bias) sum += __half2float(bias[col]);
-    out[m * N + col] = __float2half_rn(sum);
-  }
-}
 
 // =================================================================================
 // Larger m: fused dequantize + tensor-core GEMM (nvcuda::wmma m16n16k16, fp32 accum).
@@ -161,6 +77,8 @@ struct MmaConfig {
   // Occupancy target for __launch_bounds__ (512 threads per SM): gives ptxas room for the
   // accumulators (without it sm_80 spilled the 64x64 kernel).
   static constexpr int kMinBlocks = 512 / kThreads;
+  // Split-K through clusters only for the small tile (its partial tile fits shared memory).
+  static constexpr bool kSplitK = BM * BN <= 64 * 64;
   static_assert((BM / WM) * (BN / WN) == kWarps, "warp tiling must cover the block tile");
   static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0, "bad tile shape");
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "bad thread count");
@@ -171,7 +89,8 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
     mma_kernel(const __half* __restrict__ x, std::int64_t M, std::int64_t K, const std::uint32_t* __restrict__ qw,
                const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
                const int* __restrict__ perm, const int4* __restrict__ chunks, int num_chunks,
-               const __half* __restrict__ bias, __half* __restrict__ out, std::int64_t N, int out_aligned16) {
+               const __half* __restrict__ bias, __half* __restrict__ out, std::int64_t N, int out_aligned16,
+               int split) {
   using namespace nvcuda;
   using Cfg = MmaConfig<BM, BN, WM, WN>;
   constexpr int T = Cfg::kThreads;
@@ -184,6 +103,13 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
   __shared__ __align__(128) __half Xs[BM * LDX];
   __shared__ __align__(128) __half Ws[kBK * LDW];
   __shared__ __align__(128) float Es[Cfg::kWarps][16 * LDE];
+  // Split-K (clusters): the block's fp32 partial tile, read by the other ranks.
+  constexpr int LDC = BN + 4;
+  __shared__ __align__(128) float Cs[Cfg::kSplitK ? BM * LDC : 1];
+  (void)Cs;  // used by the split-K epilogue (compute capability 9.0+ only)
+  const int rank = static_cast<int>(blockIdx.z);
+  const int c_begin = static_cast<int>(static_cast<std::int64_t>(num_chunks) * rank / split);
+  const int c_end = static_cast<int>(static_cast<std::int64_t>(num_chunks) * (rank + 1) / split);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -209,7 +135,7 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
 #pragma unroll
       for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-    for (int c = 0; c < num_chunks; ++c) {
+    for (int c = c_begin; c < c_end; ++c) {
       const ChunkInfo ci = load_chunk(chunks, c);
       __syncthreads();  // previous tiles fully consumed
 
@@ -256,6 +182,41 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
       }
     }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (Cfg::kSplitK) {
+      if (split > 1) {
+        // Each rank parks its partial tile; rank r then finalises rows r, r + split, ...
+        // summing the ranks' partials in rank order (distributed shared memory).
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+          for (int j = 0; j < FN; ++j)
+            wmma::store_matrix_sync(Cs + (wm * WM + i * 16) * LDC + wn * WN + j * 16, acc[i][j], LDC,
+                                    wmma::mem_row_major);
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();
+        for (int g = tid; g < BM * (BN / 8); g += T) {
+          const int row = g / (BN / 8), col = (g % (BN / 8)) * 8;
+          if (row % split != rank) continue;
+          const std::int64_t gm = m0 + row, gn = n0 + col;
+          if (gm >= M || gn >= N) continue;
+          float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          for (int q = 0; q < split; ++q) {
+            const float* src = cluster.map_shared_rank(Cs, q) + row * LDC + col;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] += src[e];
+          }
+          __half* dst = out + gm * N + gn;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if (gn + e < N) dst[e] = __float2half_rn(v[e] + (bias ? __half2float(bias[gn + e]) : 0.0f));
+          }
+        }
+        cluster.sync();  // partial tiles stay alive until every rank has read them
+        continue;        // next n-tile
+      }
+    }
+#endif
     // Epilogue: per warp, one 16x16 fragment at a time through shared memory.
     float* es = Es[warp];
     const int er = lane >> 1;       // row within the fragment
@@ -296,30 +257,32 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
   }
 }
 
-template <int M>
-void launch_gemv(const DeviceLayer& L, const __half* x, __half* out, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>((L.N + 31) / 32);
-  gemv_kernel<M><<<blocks, kGemvThreads, 0, stream>>>(x, L.K, L.qweight.get(), L.scales.get(), L.zeros.get(),
-                                                       L.kernel_perm(), L.chunks.get(), L.num_chunks, L.bias.get(),
-                                                       out, L.N);
-  EXL2_CUDA_CHECK_LAUNCH("gemv_kernel");
-}
-
 template <int BM, int BN, int WM, int WN>
 void launch_mma(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
   using Cfg = MmaConfig<BM, BN, WM, WN>;
   const std::int64_t m_tiles = (m + BM - 1) / BM;
   const std::int64_t n_tiles = (L.N + BN - 1) / BN;
   if (m_tiles > 0x7fffffffLL) throw Unsupported("gemm: m = " + std::to_string(m) + " is too large");
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles < 65535 ? n_tiles : 65535));
+  const unsigned grid_n = static_cast<unsigned>(n_tiles < 65535 ? n_tiles : 65535);
+  const int per_sm = L.mma_blocks_per_sm[Cfg::kSplitK ? 0 : 1];
+  const int split = (Cfg::kSplitK && n_tiles <= 65535) ? cluster_split(L, m_tiles * n_tiles, 8, per_sm) : 1;
   const int aligned16 = (reinterpret_cast<std::uintptr_t>(out) % 16) == 0 ? 1 : 0;
-  mma_kernel<BM, BN, WM, WN><<<grid, Cfg::kThreads, 0, stream>>>(
-      x, m, L.K, L.qweight.get(), L.scales.get(), L.zeros.get(), L.kernel_perm(), L.chunks.get(), L.num_chunks,
-      L.bias.get(), out, L.N, aligned16);
-  EXL2_CUDA_CHECK_LAUNCH("mma_kernel");
+  launch_clustered(mma_kernel<BM, BN, WM, WN>, dim3(static_cast<unsigned>(m_tiles), grid_n, split),
+                   dim3(Cfg::kThreads), split, 2, stream, "mma_kernel launch", x, m, L.K,
+                   static_cast<const std::uint32_t*>(L.qweight.get()), static_cast<const __half*>(L.scales.get()),
+                   static_cast<const std::uint8_t*>(L.zeros.get()), L.kernel_perm(),
+                   static_cast<const int4*>(L.chunks.get()), L.num_chunks, static_cast<const __half*>(L.bias.get()),
+                   out, L.N, aligned16, split);
 }
 
 }  // namespace
+
+void query_mma_occupancy(DeviceLayer& L) {
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &L.mma_blocks_per_sm[0], mma_kernel<64, 64, 32, 32>, MmaConfig<64, 64, 32, 32>::kThreads, 0));
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &L.mma_blocks_per_sm[1], mma_kernel<128, 128, 64, 32>, MmaConfig<128, 128, 64, 32>::kThreads, 0));
+}
 
 void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out,
           cudaStream_t stream) {
@@ -329,17 +292,8 @@ void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::i
   const __half* xh = static_cast<const __half*>(x);
   __half* oh = static_cast<__half*>(out);
 
-  if (m <= kGemvMaxM) {
-    switch (m) {
-      case 1: launch_gemv<1>(layer, xh, oh, stream); break;
-      case 2: launch_gemv<2>(layer, xh, oh, stream); break;
-      case 3: launch_gemv<3>(layer, xh, oh, stream); break;
-      case 4: launch_gemv<4>(layer, xh, oh, stream); break;
-      case 5: launch_gemv<5>(layer, xh, oh, stream); break;
-      case 6: launch_gemv<6>(layer, xh, oh, stream); break;
-      case 7: launch_gemv<7>(layer, xh, oh, stream); break;
-      default: launch_gemv<8>(layer, xh, oh, stream); break;
-    }
+  if (m <= kGemvMaxRows) {
+    launch_gemv(layer, xh, m, oh, stream);
     return;
   }
   // Large tiles only when they still give enough blocks to fill a large GPU.

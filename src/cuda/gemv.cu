@@ -1,0 +1,328 @@
+// Small m (1 .. kGemvMaxRows rows): a weight-streaming kernel on the CUDA cores.
+//
+// Work split:
+//   block   = 8 warps and one tile of 32*C output columns; lane l owns columns
+//             C*l .. C*l+C-1 (C = 4 for m <= 4, else 2), so every weight load is one 16-
+//             (8-) byte load per lane and a warp reads 512 (256) contiguous bytes;
+//   warps   = the block's chunks are dealt out round-robin (chunk c to warp c % 8);
+//   cluster = on compute capability 9.0+, up to 8 blocks of a thread-block cluster split
+//             the chunk range of one tile (split-K) so that small layers still fill the
+//             GPU; their fp32 partial sums are combined through distributed shared
+//             memory. No workspace, no atomics, one launch.
+// Every output element is summed in a fixed order (rows within a chunk, chunks of a
+// warp, warps 0..7, cluster ranks 0..S-1) and written once: deterministic, graph-safe.
+//
+// Decoding: two codes of one column go into the mantissas of a half2 with magic 1024
+// (0x6400), then (1024 + q) - (1024 + z) is the exact integer q - z and one __hmul2
+// by the scale rounds exactly like the reference: f16((q - z) * s). The fp16 weights
+// are widened to fp32 and accumulated with fp32 FMAs.
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "cuda/gemv.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace exl2::detail::cuda {
+
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+
+// Columns per lane: 4 (16-byte loads) while the accumulators are few; 2 (8-byte loads)
+// for more rows, to stay inside the register budget.
+template <int M>
+struct GemvShape {
+  static constexpr int kCols = M <= 4 ? 4 : 2;
+  static constexpr int kTileCols = 32 * kCols;
+};
+
+template <int C>
+struct WordVec;
+template <>
+struct WordVec<4> {
+  using type = uint4;
+  __device__ static void split(const uint4& v, std::uint32_t* o) { o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w; }
+};
+template <>
+struct WordVec<2> {
+  using type = uint2;
+  __device__ static void split(const uint2& v, std::uint32_t* o) { o[0] = v.x; o[1] = v.y; }
+};
+
+/// Code of row r (0..31) of a chunk whose B words (of one column) are in w.
+template <int B>
+__device__ __forceinline__ std::uint32_t code_at(const std::uint32_t (&w)[B], int r) {
+  const int bit = r * B;
+  const int lo = bit >> 5, sh = bit & 31;
+  std::uint32_t v = w[lo] >> sh;
+  if (sh + B > 32) v |= w[lo + 1] << (32 - sh);
+  return v & ((1u << B) - 1u);
+}
+
+/// Calls f(row_a, row_b, packed) for the 16 row pairs of a 32-row chunk, where packed
+/// holds code(row_a) in bits 0..15 and code(row_b) in bits 16..31.
+template <int B, class F>
+__device__ __forceinline__ void for_each_pair(const std::uint32_t (&w)[B], F&& f) {
+  if constexpr (B == 2 || B == 4 || B == 8) {
+    // A word holds 32/B rows; rows j and j + 16/B of a word sit 16 bits apart.
+    constexpr int kPerWord = 32 / B;
+    constexpr int kHalf = kPerWord / 2;
+    constexpr std::uint32_t kMask = ((1u << B) - 1u) * 0x00010001u;
+#pragma unroll
+    for (int i = 0; i < B; ++i)
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) f(i * kPerWord + j, i * kPerWord + j + kHalf, (w[i] >> (j * B)) & kMask);
+  } else {
+#pragma unroll
+    for (int p = 0; p < 16; ++p) f(2 * p, 2 * p + 1, code_at<B>(w, 2 * p) | (code_at<B>(w, 2 * p + 1) << 16));
+  }
+}
+
+__device__ __forceinline__ __half2 u32_as_half2(std::uint32_t u) {
+  __half2 h;
+  *reinterpret_cast<std::uint32_t*>(&h) = u;
+  return h;
+}
+
+template <int M, int C, int B>
+__device__ __forceinline__ void gemv_chunk(const std::uint32_t* __restrict__ qw, std::int64_t N, const ChunkInfo& ci,
+                                           std::int64_t n0, const __half* __restrict__ scales,
+                                           const std::uint8_t* __restrict__ zeros, const float (*xs)[32],
+                                           float (&acc)[M][C]) {
+  using Vec = WordVec<C>;
+  // The chunk's B words of this lane's C columns: B vector loads, all issued first.
+  std::uint32_t w[C][B];
+#pragma unroll
+  for (int j = 0; j < B; ++j) {
+    typename Vec::type v{};
+    if (j < ci.nwords)
+      v = __ldg(reinterpret_cast<const typename Vec::type*>(qw + static_cast<std::int64_t>(ci.word0 + j) * N + n0));
+    std::uint32_t o[C];
+    Vec::split(v, o);
+#pragma unroll
+    for (int c = 0; c < C; ++c) w[c][j] = o[c];
+  }
+  const std::int64_t gi = static_cast<std::int64_t>(ci.group) * N + n0;
+  std::uint32_t s_bits[2], z4;
+  if constexpr (C == 4) {
+    const uint2 s4 = __ldg(reinterpret_cast<const uint2*>(scales + gi));
+    s_bits[0] = s4.x;
+    s_bits[1] = s4.y;
+    z4 = __ldg(reinterpret_cast<const unsigned int*>(zeros + gi));
+  } else {
+    s_bits[0] = __ldg(reinterpret_cast<const unsigned int*>(scales + gi));
+    s_bits[1] = 0;
+    z4 = __ldg(reinterpret_cast<const unsigned short*>(zeros + gi));
+  }
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const std::uint16_t s_h = static_cast<std::uint16_t>(s_bits[c >> 1] >> (16 * (c & 1)));
+    const std::uint32_t zb = 0x6400u + ((z4 >> (8 * c)) & 0xffu);  // 1024 + z, exact in fp16
+    const __half2 s2 = u32_as_half2(s_h | (static_cast<std::uint32_t>(s_h) << 16));
+    const __half2 z2 = u32_as_half2(zb | (zb << 16));
+    for_each_pair<B>(w[c], [&](int ra, int rb, std::uint32_t packed) {
+      const __half2 q2 = u32_as_half2(packed | 0x64006400u);  // 1024 + q
+      const float2 f = __half22float2(__hmul2(__hsub2(q2, z2), s2));
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        acc[m][c] = fmaf(f.x, xs[m][ra], acc[m][c]);
+        acc[m][c] = fmaf(f.y, xs[m][rb], acc[m][c]);
+      }
+    });
+  }
+}
+
+template <int M>
+__global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
+    gemv_kernel(const __half* __restrict__ x, std::int64_t K, const std::uint32_t* __restrict__ qw,
+                const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
+                const int* __restrict__ perm, const int4* __restrict__ chunks, int num_chunks,
+                const __half* __restrict__ bias, __half* __restrict__ out, std::int64_t N, int split) {
+  constexpr int C = GemvShape<M>::kCols;
+  constexpr int kTileCols = GemvShape<M>::kTileCols;
+  __shared__ float xs[kWarps][M][32];
+  __shared__ __align__(16) float red[kWarps][M][kTileCols];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int rank = static_cast<int>(blockIdx.y);  // cluster rank (the cluster spans grid.y)
+  const std::int64_t tile0 = static_cast<std::int64_t>(blockIdx.x) * kTileCols;
+  const std::int64_t n0 = tile0 + lane * C;
+  const bool active = n0 < N;  // N is a multiple of 8, so n0 < N covers all C columns
+
+  float acc[M][C];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[m][c] = 0.0f;
+
+  const int c_begin = static_cast<int>(static_cast<std::int64_t>(num_chunks) * rank / split);
+  const int c_end = static_cast<int>(static_cast<std::int64_t>(num_chunks) * (rank + 1) / split);
+  // The chunk descriptor and the gathered activations (chunk table -> perm -> x, three
+  // dependent loads) are fetched one chunk ahead, so that chain overlaps the decoding.
+  auto fetch_x = [&](const ChunkInfo& ci, float (&v)[M]) {
+    if (lane < ci.rows) {
+      const int r = ci.row0 + lane;
+      const std::int64_t p = perm ? __ldg(perm + r) : r;
+#pragma unroll
+      for (int m = 0; m < M; ++m) v[m] = __half2float(x[m * K + p]);
+    } else {
+#pragma unroll
+      for (int m = 0; m < M; ++m) v[m] = 0.0f;  // rows past the chunk's end contribute 0
+    }
+  };
+  ChunkInfo ci_next{};
+  float xv_next[M];
+  int c = c_begin + warp;
+  if (c < c_end) {
+    ci_next = load_chunk(chunks, c);
+    fetch_x(ci_next, xv_next);
+  }
+  for (; c < c_end; c += kWarps) {
+    const ChunkInfo ci = ci_next;
+    __syncwarp();  // the previous chunk's reads of xs[warp] are done
+#pragma unroll
+    for (int m = 0; m < M; ++m) xs[warp][m][lane] = xv_next[m];
+    __syncwarp();
+    if (c + kWarps < c_end) {
+      ci_next = load_chunk(chunks, c + kWarps);
+      fetch_x(ci_next, xv_next);
+      // Pull the next chunk's weights towards L2 now (no registers held): more bytes in
+      // flight per SM than the current chunk's loads alone.
+      // One lane per 128-byte line issues it (a line spans 32 / C lanes).
+      if (active && (lane % (32 / C)) == 0) {
+        for (int j = 0; j < ci_next.nwords; ++j)
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(qw + static_cast<std::int64_t>(ci_next.word0 + j) * N + n0));
+      }
+    }
+    if (!active) continue;
+    switch (ci.bits) {
+      case 2: gemv_chunk<M, C, 2>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 3: gemv_chunk<M, C, 3>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 4: gemv_chunk<M, C, 4>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 5: gemv_chunk<M, C, 5>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 6: gemv_chunk<M, C, 6>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 8: gemv_chunk<M, C, 8>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      default: break;  // rejected at construction
+    }
+  }
+
+  // Warps -> block partial (fixed order), kept in red[0].
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc) red[warp][m][lane * C + cc] = acc[m][cc];
+  __syncthreads();
+  for (int i = threadIdx.x; i < M * kTileCols; i += kThreads) {
+    const int m = i / kTileCols, col = i % kTileCols;
+    float sum = red[0][m][col];
+#pragma unroll
+    for (int wi = 1; wi < kWarps; ++wi) sum += red[wi][m][col];
+    red[0][m][col] = sum;
+  }
+
+  // Block partials -> output. With a cluster, rank r finalises a 1/split share of the
+  // tile, reading every rank's partial (ranks in order) through distributed shared memory.
+  int lo = 0, hi = M * kTileCols;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cluster = cg::this_cluster();
+  if (split > 1) {
+    cluster.sync();
+    const int share = (M * kTileCols) / split;
+    lo = rank * share;
+    hi = lo + share;
+  } else {
+    __syncthreads();
+  }
+#else
+  __syncthreads();
+#endif
+  for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += kThreads) {
+    const int m = i / kTileCols, col = i % kTileCols;
+    const std::int64_t n = tile0 + col;
+    float sum;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (split > 1) {
+      sum = 0.0f;
+      for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(&red[0][0][0], q)[i];
+    } else {
+      sum = red[0][m][col];
+    }
+#else
+    sum = red[0][m][col];
+#endif
+    if (n < N) {
+      if (bias) sum += __half2float(bias[n]);
+      out[m * N + n] = __float2half_rn(sum);
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) cluster.sync();  // keep this block's shared memory alive for the readers
+#endif
+}
+
+template <int M>
+void launch_rows(const DeviceLayer& L, const __half* x, __half* out, cudaStream_t stream) {
+  constexpr int kTileCols = GemvShape<M>::kTileCols;
+  const std::int64_t tiles = (L.N + kTileCols - 1) / kTileCols;
+  const int split = cluster_split(L, tiles, 2 * kWarps, L.gemv_blocks_per_sm[M]);
+  launch_clustered(gemv_kernel<M>, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split)),
+                   dim3(kThreads), split, 1, stream, "gemv_kernel launch", x, L.K,
+                   static_cast<const std::uint32_t*>(L.qweight.get()), static_cast<const __half*>(L.scales.get()),
+                   static_cast<const std::uint8_t*>(L.zeros.get()), L.kernel_perm(),
+                   static_cast<const int4*>(L.chunks.get()), L.num_chunks, static_cast<const __half*>(L.bias.get()),
+                   out, L.N, split);
+}
+
+}  // namespace
+
+int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm) {
+  if (L.cc_major < 9) return 1;
+  // Among the splits that leave each block enough chunks to amortise its reduction,
+  // take the smallest whose last wave of blocks is within 5% as full as the best one:
+  // a larger split only adds reduction work once the waves are balanced.
+  const std::int64_t slots = static_cast<std::int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 1) * L.sm_count;
+  double eff[4] = {0, 0, 0, 0};
+  double best = 0.0;
+  for (int i = 0, split = 1; i < 4; ++i, split *= 2) {
+    if (split > 1 && L.num_chunks / split < min_chunks_per_block) break;
+    const std::int64_t blocks = tiles * split;
+    const std::int64_t waves = (blocks + slots - 1) / slots;
+    eff[i] = static_cast<double>(blocks) / static_cast<double>(waves * slots);
+    if (eff[i] > best) best = eff[i];
+  }
+  for (int i = 0, split = 1; i < 4; ++i, split *= 2) {
+    if (eff[i] >= best - 0.05) return split;
+  }
+  return 1;
+}
+
+template <int... Ms>
+void occupancy_for(DeviceLayer& L, std::integer_sequence<int, Ms...>) {
+  ((EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.gemv_blocks_per_sm[Ms + 1],
+                                                                  gemv_kernel<Ms + 1>, kThreads, 0))),
+   ...);
+}
+
+void query_gemv_occupancy(DeviceLayer& L) {
+  static_assert(kGemvMaxRows < 17, "DeviceLayer::gemv_blocks_per_sm is too small");
+  occupancy_for(L, std::make_integer_sequence<int, kGemvMaxRows>{});
+}
+
+template <int... Ms>
+void launch_for(std::int64_t m, const DeviceLayer& L, const __half* x, __half* out, cudaStream_t stream,
+                std::integer_sequence<int, Ms...>) {
+  ((m == Ms + 1 ? (launch_rows<Ms + 1>(L, x, out, stream), 0) : 0), ...);
+}
+
+void launch_gemv(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
+  launch_for(m, L, x, out, stream, std::make_integer_sequence<int, kGemvMaxRows>{});
+}
+
+}  // namespace exl2::detail::cuda

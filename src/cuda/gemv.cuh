@@ -1,0 +1,52 @@
+// Internal: the small-m kernel (declared here, defined in gemv.cu, dispatched by gemm.cu).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/device_layer.cuh"
+
+namespace exl2::detail::cuda {
+
+/// Largest m the GEMV kernel handles.
+constexpr int kGemvMaxRows = 16;
+
+/// out[m, N] = x[m, K] @ W (+ bias) for 1 <= m <= kGemvMaxRows.
+void launch_gemv(const DeviceLayer& layer, const __half* x, std::int64_t m, __half* out, cudaStream_t stream);
+
+/// Fill layer.gemv_blocks_per_sm (at construction, on the layer's device).
+void query_gemv_occupancy(DeviceLayer& layer);
+/// Fill layer.mma_blocks_per_sm (at construction, on the layer's device).
+void query_mma_occupancy(DeviceLayer& layer);
+
+/// Split-K factor (1, 2, 4 or 8 blocks of a thread-block cluster) for `tiles` output
+/// tiles, given how many blocks of the kernel fit one multiprocessor; 1 below compute
+/// capability 9.0 (no clusters). Depends only on the shape and the device.
+int cluster_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm);
+
+/// Launch `kernel` on grid/block with a cluster of `split` blocks along `split_dim`
+/// (0 = x, 1 = y, 2 = z; a plain launch when split == 1).
+template <typename... KArgs, typename... Args>
+void launch_clustered(void (*kernel)(KArgs...), dim3 grid, dim3 block, int split, int split_dim,
+                      cudaStream_t stream, const char* name, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (split > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = split_dim == 0 ? split : 1;
+    attr[0].val.clusterDim.y = split_dim == 1 ? split : 1;
+    attr[0].val.clusterDim.z = split_dim == 2 ? split : 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  const cudaError_t st = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+  if (st != cudaSuccess) throw_cuda_error(st, name, __FILE__, __LINE__);
+}
+
+}  // namespace exl2::detail::cuda
