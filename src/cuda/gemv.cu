@@ -194,9 +194,10 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
       ci_next = load_chunk(chunks, c + kWarps);
       fetch_x(ci_next, xv_next);
       // Pull the next chunk's weights towards L2 now (no registers held): more bytes in
-      // flight per SM than the current chunk's loads alone.
-      // One lane per 128-byte line issues it (a line spans 32 / C lanes).
-      if (active && (lane % (32 / C)) == 0) {
+      // flight per SM than the current chunk's loads alone. One lane per 128-byte line
+      // issues it (a line spans 32 / C lanes). Measured on the H100: helps m <= 4
+      // (8192x28672, m = 1: 92 -> 80 us), hurts the register-heavy m > 4 kernels.
+      if (M <= 4 && active && (lane % (32 / C)) == 0) {
         for (int j = 0; j < ci_next.nwords; ++j)
           asm volatile("prefetch.global.L2 [%0];" ::"l"(qw + static_cast<std::int64_t>(ci_next.word0 + j) * N + n0));
       }

@@ -70,6 +70,9 @@ cudaStream_t to_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>
 
 NB_MODULE(_ext, m) {
   m.doc() = "exl2 native extension (bound C++ API; use the exl2 package, not this module)";
+  // QMatrix objects may legitimately outlive interpreter shutdown inside torch's op
+  // registry or user globals; their memory is released by the OS with the process.
+  nb::set_leak_warnings(false);
 
   nb::exception<exl2::CudaError>(m, "CudaError", PyExc_RuntimeError);
   nb::exception<exl2::Unsupported>(m, "UnsupportedError", PyExc_RuntimeError);
