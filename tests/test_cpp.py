@@ -47,6 +47,29 @@ def test_cmake_build_ctest_install_and_example(tmp_path: Path) -> None:
     assert "cpu: max |error| vs dense = 0" in out
 
 
+def test_add_subdirectory_consumer_without_python(tmp_path: Path) -> None:
+    """A plain CMake project that vendors exl2 with add_subdirectory (as FetchContent
+    does): no Python, no nanobind, no install step."""
+    project = tmp_path / "app"
+    project.mkdir()
+    (project / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.24)\n"
+        "project(vendored LANGUAGES CXX)\n"
+        "set(EXL2_CUDA OFF CACHE STRING \"\")\n"
+        f"add_subdirectory(\"{ROOT.as_posix()}\" exl2)\n"
+        "add_executable(app main.cpp)\n"
+        "target_link_libraries(app PRIVATE exl2::exl2)\n"
+    )
+    (project / "main.cpp").write_text((ROOT / "examples" / "cpp" / "main.cpp").read_text())
+    build = tmp_path / "build"
+    out = sh("cmake", "-S", str(project), "-B", str(build))
+    assert "nanobind" not in out.lower()
+    sh("cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2))
+    assert "example passed" in sh(str(build / "app"))
+    cache = (build / "CMakeCache.txt").read_text()
+    assert "EXL2_PYTHON:BOOL=OFF" in cache and "EXL2_INSTALL:BOOL=OFF" in cache
+
+
 def test_public_headers_have_no_torch_or_cuda_includes() -> None:
     for header in (ROOT / "src" / "include" / "exl2").glob("*.hpp"):
         text = header.read_text()

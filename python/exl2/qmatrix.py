@@ -68,7 +68,7 @@ class QMatrix:
     garbage collected.
     """
 
-    __slots__ = ("_native", "_device", "_bias")
+    __slots__ = ("_native", "_device", "_bias", "_k", "_n")
 
     def __init__(self, native: Any, device: torch.device, bias: Optional[torch.Tensor] = None) -> None:
         # Internal: use from_exl2 / from_gptq. `bias` is our own copy on `device`, used
@@ -76,6 +76,8 @@ class QMatrix:
         self._native = native
         self._device = device
         self._bias = bias
+        self._k = int(native.in_features)  # cached: read on every matmul
+        self._n = int(native.out_features)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -204,14 +206,13 @@ class QMatrix:
 
     # ------------------------------------------------------------------- compute
     def _check_input(self, x: Any) -> torch.Tensor:
-        x = as_tensor(x, "x")
+        if type(x) is not torch.Tensor or x.requires_grad:
+            x = as_tensor(x, "x")
         if x.dtype != torch.float16:
             raise TypeError(f"x: expected dtype torch.float16, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x: expected shape [..., {self.in_features}] (in_features), got {list(x.shape)}"
-            )
-        if x.device != self._device and not (x.device.type == "cpu" and self._device.type == "cpu"):
+        if x.dim() < 1 or x.shape[-1] != self._k:
+            raise ValueError(f"x: expected shape [..., {self._k}] (in_features), got {list(x.shape)}")
+        if x.device != self._device:
             raise ValueError(f"x: expected a tensor on {self._device} (the QMatrix's device), got one on {x.device}")
         return x
 
@@ -224,11 +225,10 @@ class QMatrix:
                 :attr:`device`; it is fully overwritten and returned.
         """
         x = self._check_input(x)
-        lead = tuple(x.shape[:-1])
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self._k)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        shape = lead + (self.out_features,)
+        shape = tuple(x.shape[:-1]) + (self._n,)
         if out is None:
             out = torch.empty(shape, dtype=torch.float16, device=self._device)
         else:
@@ -242,12 +242,20 @@ class QMatrix:
                 raise ValueError(f"out: expected a tensor on {self._device}, got one on {out.device}")
             if not out.is_contiguous():
                 raise ValueError("out: expected a contiguous tensor")
-        out2 = out.view(-1, self.out_features)
-        with _on_device(self._device):
-            if self._device.type == "cuda" and x2.shape[0] >= _DENSE_MIN_ROWS:
-                self._dense_matmul(x2, out2)
-            else:
-                self._native.gemm(native_view(x2), native_view(out2.detach()), stream_handle(self._device))
+        out2 = out.view(-1, self._n)
+        rows = x2.shape[0]
+        dev = self._device
+        if dev.type == "cuda":
+            if rows >= _DENSE_MIN_ROWS:
+                with _on_device(dev):
+                    self._dense_matmul(x2, out2)
+                return out
+            # The hot decode path: raw pointers of the already-checked tensors (no DLPack
+            # export), torch's current stream of the QMatrix's device, no device switch
+            # when that device is already current (the native call guards it anyway).
+            self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+        else:
+            self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), 0)
         return out
 
     def _dense_matmul(self, x2: torch.Tensor, out2: torch.Tensor) -> None:
