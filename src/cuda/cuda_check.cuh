@@ -47,8 +47,29 @@ inline void check_status(cudaError_t status, const char* what, const char* file,
 
 namespace exl2::detail::cuda {
 
+/// True if `device` already has an active primary context. Going back to a device
+/// without one would create it (hundreds of MiB on a GPU the caller never used), so the
+/// guards only restore such a device when it is already initialised, as PyTorch does.
+/// The driver entry point is looked up through the runtime, so the library does not
+/// link libcuda (it must load on machines without a driver).
+inline bool device_has_primary_context(int device) noexcept {
+  using GetState = int (*)(int, unsigned int*, int*);  // CUresult (CUdevice, unsigned*, int*)
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &fn, cudaEnableDefault, &found) != cudaSuccess ||
+      found != cudaDriverEntryPointSuccess || fn == nullptr) {
+    (void)cudaGetLastError();
+    return true;  // unknown: restore as usual
+  }
+  unsigned int flags = 0;
+  int active = 0;
+  if (reinterpret_cast<GetState>(fn)(device, &flags, &active) != 0) return true;
+  return active != 0;
+}
+
 /// Makes `device` current for the lifetime of the guard and restores the previously
-/// current device afterwards (only calls cudaSetDevice when they differ).
+/// current device afterwards (only calls cudaSetDevice when they differ, and only
+/// restores a device that already has a context).
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
@@ -59,7 +80,7 @@ class DeviceGuard {
     }
   }
   ~DeviceGuard() {
-    if (switched_) {
+    if (switched_ && device_has_primary_context(previous_)) {
       if (cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
     }
   }
@@ -87,7 +108,8 @@ class NoThrowDeviceGuard {
     }
   }
   ~NoThrowDeviceGuard() {
-    if (switched_ && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
+    if (switched_ && device_has_primary_context(previous_) && cudaSetDevice(previous_) != cudaSuccess)
+      (void)cudaGetLastError();
   }
   NoThrowDeviceGuard(const NoThrowDeviceGuard&) = delete;
   NoThrowDeviceGuard& operator=(const NoThrowDeviceGuard&) = delete;
