@@ -1,10 +1,11 @@
-// Internal: the portable CPU backend (the reference implementation in C++).
+// Internal: the CPU backend.
 //
 // It computes directly on the canonical HostArrays (layer.hpp): codes are decoded
-// tile by tile (a few dozen rows x a chunk of columns) into fp32 values that equal
-// the fp16-rounded weights, so no call materialises the whole dense weight. Work is
-// split by column chunks across threads; every output column is summed over K in
-// the same fixed order regardless of the thread count, so results are deterministic.
+// tile by tile (or straight into registers) into fp32 values that equal the fp16-rounded
+// weights, so no call materialises the whole dense weight. Work is split by column
+// chunks across threads; every output column is summed over K in the same fixed order
+// regardless of the thread count and of the kernels used (portable scalar, or AVX2/FMA/
+// F16C picked at run time), so results are deterministic: see kernels.hpp.
 #pragma once
 
 #include <cstdint>

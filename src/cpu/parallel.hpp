@@ -3,24 +3,41 @@
 // Threads are created per call and joined before returning: the library keeps no
 // thread pool (no global state). The range split depends only on `count` and the
 // thread count, and callers make every index's result independent of the split.
+// EXL2_CPU_THREADS=n (read per call) fixes the thread count (capped by `count`), so
+// tests can check that results do not depend on it.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <thread>
 #include <vector>
 
 namespace exl2::detail::cpu {
 
+/// The EXL2_CPU_THREADS override, or 0 when unset or invalid.
+inline std::int64_t forced_thread_count() noexcept {
+  const char* env = std::getenv("EXL2_CPU_THREADS");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(env, &end, 10);
+  return (end != nullptr && *end == '\0' && n > 0 && n <= 1024) ? static_cast<std::int64_t>(n) : 0;
+}
+
 /// Run fn(begin, end) over [0, count) on up to hardware_concurrency threads; use one
 /// thread when `work` (a rough operation count) is too small to pay for the others.
 template <typename Fn>
 void parallel_for(std::int64_t count, double work, Fn&& fn) {
   constexpr double kMinWorkPerThread = 2e6;
-  const std::int64_t hw = std::max<std::int64_t>(1, std::thread::hardware_concurrency());
-  const std::int64_t by_work = std::max<std::int64_t>(1, static_cast<std::int64_t>(work / kMinWorkPerThread));
-  const std::int64_t threads = std::min({hw, count, by_work});
+  std::int64_t threads = forced_thread_count();
+  if (threads > 0) {
+    threads = std::min(threads, count);
+  } else {
+    const std::int64_t hw = std::max<std::int64_t>(1, std::thread::hardware_concurrency());
+    const std::int64_t by_work = std::max<std::int64_t>(1, static_cast<std::int64_t>(work / kMinWorkPerThread));
+    threads = std::min({hw, count, by_work});
+  }
   if (threads <= 1) {
     if (count > 0) fn(std::int64_t{0}, count);
     return;

@@ -1,0 +1,85 @@
+// Internal: the CPU backend's compute kernels and their run-time selection.
+//
+// Two implementations compute exactly the same thing:
+//   * the portable scalar kernels (kernels_scalar.cpp), compiled for the baseline ISA;
+//   * AVX2 + FMA + F16C kernels (kernels_avx2.cpp, x86-64 with GCC/Clang only), whose
+//     functions carry __attribute__((target(...))) so the library as a whole still
+//     targets baseline x86-64; they are used only when the CPU reports all three features.
+//
+// Both produce bit-identical results because every output element is computed by the
+// same fp32 operations in the same order (the "summation contract"):
+//   * the weight is w = f16((q - z) * s) as float: (q - z) is an exact small integer and
+//     s an fp16 value, so the fp32 product is exact and the only rounding is the one to
+//     fp16 (round to nearest even, subnormals kept): round_to_half / F16C vcvtps2ph, or in
+//     the GEMM, where every |s| of a column block is < 256, Veltkamp's split (three fp32
+//     operations, proven to give the same value; a zero weight may come out as +0 instead
+//     of -0, which no sum below can observe);
+//   * x is converted exactly to fp32 and gathered into storage order: xp[i, r] = x[i, perm[r]];
+//   * acc = +0.0f; for r = 0 .. K-1 ascending: acc = acc + xp[i, r] * w[r, n], one
+//     accumulator per output element (no split accumulators, no reassociation). Both
+//     factors are fp16 values (11-bit significands), so the product is exact in fp32 (no
+//     underflow or overflow either) and fma(x, w, acc) == acc + x * w bit for bit: the
+//     AVX2 kernels use vfmadd231ps, the scalar ones a multiply and an add (which the
+//     compiler may or may not contract; the result is the same);
+//   * out[i, n] = f16(acc + float(bias[n])) (round to nearest even), bias 0 when absent;
+//     a NaN result is stored as the canonical fp16 NaN 0x7e00 (which NaN an FMA propagates
+//     depends on its operand order, which differs between the kernels).
+// Threads split the columns, and a column's result never depends on how the columns are
+// split, so the results are also independent of the thread count.
+//
+// Environment switches, read once per call (tests and debugging):
+//   EXL2_CPU_SCALAR=1   force the portable scalar kernels;
+//   EXL2_CPU_THREADS=n  use exactly n threads (capped by the number of column chunks)
+//                       instead of an automatic count.
+#pragma once
+
+#include <cstdint>
+
+#include "core/layer.hpp"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EXL2_CPU_HAVE_AVX2_KERNELS 1
+#else
+#define EXL2_CPU_HAVE_AVX2_KERNELS 0
+#endif
+
+namespace exl2::detail::cpu {
+
+/// The fp16 bits every NaN GEMM output is stored as.
+constexpr std::uint16_t kCanonicalNaN = 0x7e00;
+
+/// One GEMM call: out[m, N] = xp[m, K] @ Wp (+ bias), xp the storage-ordered fp32 x.
+struct GemmArgs {
+  const LayerMeta* meta;
+  const HostArrays* a;
+  const float* xp;     // [m, K] fp32, xp[i, r] = x[i, perm[r]]
+  std::int64_t m;
+  std::uint16_t* out;  // [m, N] fp16 bits
+};
+
+/// Column-range kernels: compute out[:, n0:n1] (gemm) or out[:, n0:n1] of the dense
+/// un-permuted weight (dequantize). n0 and n1 are multiples of 8 or n1 == N.
+void gemm_cols_scalar(const GemmArgs& g, std::int64_t n0, std::int64_t n1);
+void dequant_cols_scalar(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0,
+                         std::int64_t n1);
+/// xp[i, r] = float(x[i, perm[r]]) for rows i0 <= i < i1.
+void convert_x_scalar(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0, std::int64_t i1);
+
+#if EXL2_CPU_HAVE_AVX2_KERNELS
+/// True when this CPU (and OS) supports AVX2, FMA and F16C.
+bool avx2_supported() noexcept;
+void gemm_cols_avx2(const GemmArgs& g, std::int64_t n0, std::int64_t n1);
+void dequant_cols_avx2(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0,
+                       std::int64_t n1);
+void convert_x_avx2(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0, std::int64_t i1);
+#endif
+
+/// Which kernels this call uses: AVX2 when supported and EXL2_CPU_SCALAR is not set.
+bool use_avx2() noexcept;
+
+/// Up to this many x rows the GEMM decodes weights straight into registers and
+/// accumulates all rows there (no tile buffer); above it, it decodes tiles once and
+/// runs a register-blocked GEMM micro-kernel over all rows.
+constexpr std::int64_t kFusedMaxRows = 4;
+
+}  // namespace exl2::detail::cpu
