@@ -207,7 +207,10 @@ class QMatrix:
     # ------------------------------------------------------------------- compute
     def _check_input(self, x: Any) -> torch.Tensor:
         if type(x) is not torch.Tensor or x.requires_grad:
+            host_array = not isinstance(x, torch.Tensor)
             x = as_tensor(x, "x")
+            if host_array and x.device.type == "cpu" and self._device.type == "cuda":
+                x = x.to(self._device)  # numpy / host DLPack input: copied to the QMatrix's device
         if x.dtype != torch.float16:
             raise TypeError(f"x: expected dtype torch.float16, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self._k:
