@@ -25,9 +25,21 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
         if not value.flags.writeable:
             # torch.from_numpy warns on read-only arrays; a copy keeps the caller's array untouched.
             value = value.copy()
-        return torch.from_numpy(value)
+        try:
+            return torch.from_numpy(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        # Arrays torch cannot view (negative strides, non-native byte order): a native,
+        # contiguous copy; dtypes torch has no equivalent for are a TypeError.
+        try:
+            return torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("=")))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name}: unsupported numpy array (dtype {value.dtype}): {exc}") from exc
     if hasattr(value, "__dlpack__"):
-        return torch.from_dlpack(value)
+        try:
+            return torch.from_dlpack(value)
+        except (BufferError, ValueError, RuntimeError, TypeError) as exc:
+            raise ValueError(f"{name}: could not import it through DLPack: {exc}") from exc
     raise TypeError(
         f"{name}: expected a torch.Tensor, a numpy.ndarray or a DLPack-compatible array, "
         f"got {type(value).__name__}"
@@ -36,6 +48,12 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
 
 def as_optional_tensor(value: Any, name: str) -> Optional[torch.Tensor]:
     return None if value is None else as_tensor(value, name)
+
+
+def check_memory(t: Optional[torch.Tensor], name: str) -> None:
+    """Weights must live in CPU or CUDA memory (not meta, mps, ...)."""
+    if t is not None and t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a tensor in CPU or CUDA memory, got one on {t.device}")
 
 
 def parse_device(device: DeviceLike, name: str = "device") -> torch.device:

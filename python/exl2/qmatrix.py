@@ -7,7 +7,15 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ._convert import DeviceLike, as_optional_tensor, as_tensor, native_view, parse_device, stream_handle
+from ._convert import (
+    DeviceLike,
+    as_optional_tensor,
+    as_tensor,
+    check_memory,
+    native_view,
+    parse_device,
+    stream_handle,
+)
 from ._loader import load_extension
 
 _ext = load_extension()
@@ -111,6 +119,8 @@ class QMatrix:
         names = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
         tensors = [as_tensor(v, n) for v, n in zip((q_weight, q_invperm, q_scale, q_scale_max, q_groups), names)]
         opt = [as_optional_tensor(q_perm, "q_perm"), as_optional_tensor(bias, "bias")]
+        for t, n in zip(tensors + opt, names + ("q_perm", "bias")):
+            check_memory(t, n)
         dev = _infer_device(device, tensors[0])
         with _on_device(dev):
             native = _ext.QMatrix.from_exl2(
@@ -152,6 +162,8 @@ class QMatrix:
         names = ("qweight", "qzeros", "scales")
         tensors = [as_tensor(v, n) for v, n in zip((qweight, qzeros, scales), names)]
         opt = [as_optional_tensor(g_idx, "g_idx"), as_optional_tensor(bias, "bias")]
+        for t, n in zip(tensors + opt, names + ("g_idx", "bias")):
+            check_memory(t, n)
         dev = _infer_device(device, tensors[0])
         with _on_device(dev):
             native = _ext.QMatrix.from_gptq(

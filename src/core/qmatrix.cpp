@@ -29,7 +29,7 @@ void check_target(Device device) {
 
 }  // namespace
 
-QMatrix::QMatrix(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+QMatrix::QMatrix(std::shared_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
 QMatrix::QMatrix(QMatrix&&) noexcept = default;
 QMatrix& QMatrix::operator=(QMatrix&&) noexcept = default;
 QMatrix::~QMatrix() = default;
@@ -37,7 +37,7 @@ QMatrix::~QMatrix() = default;
 QMatrix QMatrix::from_exl2(const Exl2Weights& w, Device device, cudaStream_t stream) {
   check_target(device);
   auto v = detail::validate_exl2(w, device, stream);
-  auto impl = std::make_unique<Impl>();
+  auto impl = std::make_shared<Impl>();
   impl->device = device;
   if (device.is_cpu()) {
     impl->host = detail::cpu::build_exl2(v);
@@ -52,7 +52,7 @@ QMatrix QMatrix::from_exl2(const Exl2Weights& w, Device device, cudaStream_t str
 QMatrix QMatrix::from_gptq(const GptqWeights& w, Device device, cudaStream_t stream) {
   check_target(device);
   auto v = detail::validate_gptq(w, device, stream);
-  auto impl = std::make_unique<Impl>();
+  auto impl = std::make_shared<Impl>();
   impl->device = device;
   if (device.is_cpu()) {
     impl->host = detail::cpu::build_gptq(v);
@@ -64,19 +64,21 @@ QMatrix QMatrix::from_gptq(const GptqWeights& w, Device device, cudaStream_t str
   return QMatrix(std::move(impl));
 }
 
-const QMatrix::Impl& QMatrix::impl(const char* what) const {
-  if (!impl_) fail_value("QMatrix.", what, ": the QMatrix is closed (its memory was released)");
-  return *impl_;
+std::shared_ptr<const QMatrix::Impl> QMatrix::impl(const char* what) const {
+  std::shared_ptr<const Impl> p = std::atomic_load(&impl_);
+  if (!p) fail_value("QMatrix.", what, ": the QMatrix is closed (its memory was released)");
+  return p;
 }
 
-std::int64_t QMatrix::in_features() const { return impl("in_features").meta.K; }
-std::int64_t QMatrix::out_features() const { return impl("out_features").meta.N; }
-Format QMatrix::format() const { return impl("format").meta.format; }
-Device QMatrix::device() const { return impl("device").device; }
-bool QMatrix::has_bias() const { return !impl("has_bias").meta.bias.empty(); }
+std::int64_t QMatrix::in_features() const { return impl("in_features")->meta.K; }
+std::int64_t QMatrix::out_features() const { return impl("out_features")->meta.N; }
+Format QMatrix::format() const { return impl("format")->meta.format; }
+Device QMatrix::device() const { return impl("device")->device; }
+bool QMatrix::has_bias() const { return !impl("has_bias")->meta.bias.empty(); }
 
 double QMatrix::bits_per_weight() const {
-  const auto& m = impl("bits_per_weight").meta;
+  const auto held = impl("bits_per_weight");
+  const auto& m = held->meta;
   const double weights = static_cast<double>(m.K) * static_cast<double>(m.N);
   double bits = 32.0 * static_cast<double>(m.Q) * static_cast<double>(m.N);  // codes
   if (m.format == Format::EXL2) {
@@ -88,7 +90,8 @@ double QMatrix::bits_per_weight() const {
 }
 
 std::size_t QMatrix::nbytes() const {
-  const auto& im = impl("nbytes");
+  const auto held = impl("nbytes");  // keeps the memory alive during the call
+  const auto& im = *held;
   if (im.cuda) return detail::cuda::nbytes(*im.cuda);
   const auto& m = im.meta;
   return im.host.qweight.size() * 4 + im.host.scales.size() * 2 + im.host.zeros.size() + m.perm.size() * 4 +
@@ -115,7 +118,8 @@ void check_output(const MutableTensorView& out, const char* name, const std::vec
 }  // namespace
 
 void QMatrix::dequantize(const MutableTensorView& out, cudaStream_t stream) const {
-  const auto& im = impl("dequantize");
+  const auto held = impl("dequantize");  // keeps the memory alive during the call
+  const auto& im = *held;
   check_output(out, "out", {im.meta.K, im.meta.N}, "[K, N]", im.device);
   if (im.cuda) {
     detail::cuda::dequantize(*im.cuda, im.meta, out.mutable_data(), stream);
@@ -125,7 +129,8 @@ void QMatrix::dequantize(const MutableTensorView& out, cudaStream_t stream) cons
 }
 
 void QMatrix::gemm(const TensorView& x, const MutableTensorView& out, cudaStream_t stream) const {
-  const auto& im = impl("gemm");
+  const auto held = impl("gemm");  // keeps the memory alive during the call
+  const auto& im = *held;
   const auto& m = im.meta;
   if (x.dtype != DType::Float16) fail_type("x: expected dtype float16, got ", dtype_name(x.dtype));
   if (x.ndim() != 2 || x.shape[1] != m.K) {
@@ -152,7 +157,7 @@ void QMatrix::gemm(const TensorView& x, const MutableTensorView& out, cudaStream
   }
 }
 
-void QMatrix::close() noexcept { impl_.reset(); }
-bool QMatrix::closed() const noexcept { return !impl_; }
+void QMatrix::close() noexcept { std::atomic_store(&impl_, std::shared_ptr<Impl>()); }
+bool QMatrix::closed() const noexcept { return !std::atomic_load(&impl_); }
 
 }  // namespace exl2

@@ -42,7 +42,7 @@ std::int64_t TensorView::numel() const noexcept {
 }
 
 bool TensorView::is_contiguous() const noexcept {
-  if (strides.empty()) return true;
+  if (strides.empty() || numel() == 0) return true;  // nothing is addressed in an empty tensor
   if (strides.size() != shape.size()) return false;
   std::int64_t expected = 1;
   for (int i = ndim() - 1; i >= 0; --i) {

@@ -67,16 +67,20 @@ class QMatrix {
   /// x and out are contiguous float16 on device(); out is fully written.
   void gemm(const TensorView& x, const MutableTensorView& out, cudaStream_t stream = nullptr) const;
 
-  /// Free the owned memory now. Any later call except closed() throws InvalidArgument.
+  /// Release the owned memory. Any later call except closed() throws InvalidArgument.
+  /// Thread-safe: calls already running on other threads finish first (they hold the
+  /// memory until they return), then it is freed.
   void close() noexcept;
   bool closed() const noexcept;
 
   struct Impl;  // defined in src/core
 
  private:
-  explicit QMatrix(std::unique_ptr<Impl> impl) noexcept;
-  const Impl& impl(const char* what) const;
-  std::unique_ptr<Impl> impl_;
+  explicit QMatrix(std::shared_ptr<Impl> impl) noexcept;
+  /// The owned state, kept alive for the caller's duration even if another thread
+  /// calls close() meanwhile (throws InvalidArgument once closed).
+  std::shared_ptr<const Impl> impl(const char* what) const;
+  std::shared_ptr<Impl> impl_;  // accessed with std::atomic_load/atomic_store
 };
 
 }  // namespace exl2
