@@ -291,7 +291,10 @@ def to_container(value: Any, container: str, device: str) -> Any:
         return value
     if value.dtype.kind in "uO" and value.dtype != np.uint8:
         return value  # torch lacks most unsigned types (and objects): hand those over as numpy
-    t = torch.from_numpy(np.ascontiguousarray(value))
+    try:
+        t = torch.from_numpy(value)  # keeps the strides (a transposed array stays non-contiguous)
+    except (TypeError, ValueError, RuntimeError):
+        t = torch.from_numpy(np.ascontiguousarray(value))
     return t.to(device) if device == "cuda" else t
 
 
@@ -380,7 +383,11 @@ def logical(value: Any) -> Optional[np.ndarray]:
             return None
         return np.array(v.numpy())
     if isinstance(value, np.ndarray):
-        return np.array(value) if value.size <= 1 << 24 else None
+        if value.size > 1 << 24:
+            return None
+        if value.dtype.byteorder not in ("=", "|"):  # the values, in native byte order
+            return value.astype(value.dtype.newbyteorder("="))
+        return np.array(value)
     return None
 
 
