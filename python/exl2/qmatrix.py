@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Iterator, Optional
 
 import torch
@@ -67,7 +68,7 @@ def _own_bias(bias: Optional[torch.Tensor], device: torch.device) -> Optional[to
 class QMatrix:
     """A quantized linear weight ``W`` of shape ``[in_features, out_features]``.
 
-    Build one with :meth:`from_exl2` or :meth:`from_gptq`; the tensors given are
+    Build one with :meth:`from_exl2`, :meth:`from_gptq` or :meth:`from_awq`; the tensors given are
     validated, copied and repacked into memory the QMatrix owns, so they may be
     modified or freed right afterwards. ``matmul`` computes ``x @ W (+ bias)`` in
     float16 with float32 accumulation; ``dequantize`` returns ``W``.
@@ -79,7 +80,7 @@ class QMatrix:
     __slots__ = ("_native", "_device", "_bias", "_k", "_n")
 
     def __init__(self, native: Any, device: torch.device, bias: Optional[torch.Tensor] = None) -> None:
-        # Internal: use from_exl2 / from_gptq. `bias` is our own copy on `device`, used
+        # Internal: use from_exl2 / from_gptq / from_awq. `bias` is our own copy on `device`, used
         # only by the large-m dense path (the native layer holds its own copy too).
         self._native = native
         self._device = device
@@ -144,21 +145,33 @@ class QMatrix:
         g_idx: Any = None,
         bias: Any = None,
         zero_format: str = "v1",
+        bits: int = 4,
         device: DeviceLike = None,
     ) -> "QMatrix":
-        """Build from GPTQ 4-bit checkpoint tensors (AutoGPTQ packing).
+        """Build from GPTQ checkpoint tensors (AutoGPTQ packing), 2, 3, 4 or 8 bits.
 
         Args:
-            qweight: int32 ``[K/8, N]``, 8 codes per word along K.
-            qzeros: int32 ``[G, N/8]``, 8 zeros per word along N.
+            qweight: int32 ``[K*bits/32, N]``; each column is a little-endian
+                ``bits``-bit stream along K (4-bit: 8 codes per word; 3-bit: 32 rows
+                in 3 words).
+            qzeros: int32 ``[G, N*bits/32]``; each row a ``bits``-bit stream along N.
             scales: float16 ``[G, N]``.
             g_idx: optional int32 ``[K]`` group of each row (act-order checkpoints).
             bias: optional float16 ``[N]``.
-            zero_format: ``"v1"`` (AutoGPTQ: stored zero + 1) or ``"v2"`` (zero as stored).
+            zero_format: ``"v1"`` (AutoGPTQ: stored zero + 1, wrapping to ``bits``
+                bits) or ``"v2"`` (zero as stored).
+            bits: code width, 2, 3, 4 or 8. The shapes are checked against it (a
+                wrong width fails with a message naming the mismatching tensor).
             device: target device; ``None`` means the device of ``qweight``.
         """
         if zero_format not in ("v1", "v2"):
             raise ValueError(f"zero_format: expected 'v1' or 'v2', got {zero_format!r}")
+        try:
+            nbits = None if isinstance(bits, bool) else operator.index(bits)
+        except TypeError:
+            nbits = None
+        if nbits not in (2, 3, 4, 8):
+            raise ValueError(f"bits: expected 2, 3, 4 or 8 for GPTQ, got {bits!r}")
         names = ("qweight", "qzeros", "scales")
         tensors = [as_tensor(v, n) for v, n in zip((qweight, qzeros, scales), names)]
         opt = [as_optional_tensor(g_idx, "g_idx"), as_optional_tensor(bias, "bias")]
@@ -171,11 +184,48 @@ class QMatrix:
                 _place(opt[0], dev),
                 _place(opt[1], dev),
                 zero_format == "v2",
+                nbits,
                 dev.type,
                 dev.index or 0,
                 stream_handle(dev),
             )
         return cls(native, dev, _own_bias(opt[1], dev))
+
+    @classmethod
+    def from_awq(
+        cls,
+        qweight: Any,
+        qzeros: Any,
+        scales: Any,
+        *,
+        bias: Any = None,
+        device: DeviceLike = None,
+    ) -> "QMatrix":
+        """Build from AWQ 4-bit checkpoint tensors (AutoAWQ "GEMM" packing).
+
+        Args:
+            qweight: int32 ``[K, N/8]``, 8 codes per word along N in AWQ's
+                interleaved order (nibble ``i`` holds column ``8j + [0,2,4,6,1,3,5,7][i]``).
+            qzeros: int32 ``[G, N/8]``, packed the same way; the zero is used as stored.
+            scales: float16 ``[G, N]``; group ``g`` covers rows ``g*K/G .. (g+1)*K/G - 1``.
+            bias: optional float16 ``[N]``.
+            device: target device; ``None`` means the device of ``qweight``.
+        """
+        names = ("qweight", "qzeros", "scales")
+        tensors = [as_tensor(v, n) for v, n in zip((qweight, qzeros, scales), names)]
+        b = as_optional_tensor(bias, "bias")
+        for t, n in zip(tensors + [b], names + ("bias",)):
+            check_memory(t, n)
+        dev = _infer_device(device, tensors[0])
+        with _on_device(dev):
+            native = _ext.QMatrix.from_awq(
+                *[_place(t, dev) for t in tensors],
+                _place(b, dev),
+                dev.type,
+                dev.index or 0,
+                stream_handle(dev),
+            )
+        return cls(native, dev, _own_bias(b, dev))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -190,7 +240,7 @@ class QMatrix:
 
     @property
     def format(self) -> str:
-        """``"exl2"`` or ``"gptq"``."""
+        """``"exl2"``, ``"gptq"`` (any width) or ``"awq"``."""
         return str(self._native.format)
 
     @property

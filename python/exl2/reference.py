@@ -1,4 +1,4 @@
-"""Pure-numpy reference for the EXL2 and GPTQ weight formats.
+"""Pure-numpy reference for the EXL2, GPTQ and AWQ weight formats.
 
 This module is the executable form of ``FORMAT.md``. It has no dependency on
 torch or on the rest of the package, and every dequantization here is bit
@@ -30,17 +30,29 @@ every operation::
     Wp[r,n] = f16((q[r,n] - 2^(bits-1)) * scale[g,n])       # one rounding
     W[k,n]  = Wp[q_invperm[k], n]                            # q_perm = argsort(q_invperm)
 
-GPTQ (4-bit)
-------------
-``qweight`` int32 ``[K/8, N]``: row ``k`` is nibble ``k % 8`` of word row
-``k // 8``. ``qzeros`` int32 ``[G, N/8]``: 8 nibbles per word along N; the
-effective zero is ``(stored + 1) & 15`` in the AutoGPTQ "v1" convention and
-``stored`` in "v2". ``scales`` float16 ``[G, N]``. Optional ``g_idx`` int32
-``[K]`` gives the group of each row (out of order for act-order checkpoints,
-every group still holding ``K / G`` rows); without it row ``k`` is in group
-``k // (K / G)``::
+GPTQ (2, 3, 4 or 8 bits, AutoGPTQ packing)
+------------------------------------------
+``qweight`` int32 ``[K*b/32, N]``: each column is one little-endian ``b``-bit
+stream along K, the code of row ``k`` at bit offset ``k*b`` (4-bit: nibble
+``k % 8`` of word row ``k // 8``; 3-bit: 32 rows in 3 words, a code may
+straddle two words). ``qzeros`` int32 ``[G, N*b/32]``: each row one ``b``-bit
+stream along N; the effective zero is ``(stored + 1) & (2**b - 1)`` in the
+AutoGPTQ "v1" convention and ``stored`` in "v2". ``scales`` float16 ``[G, N]``.
+Optional ``g_idx`` int32 ``[K]`` gives the group of each row (out of order for
+act-order checkpoints, every group still holding ``K / G`` rows); without it
+row ``k`` is in group ``k // (K / G)``::
 
     W[k,n] = f16(scales[g,n] * (q[k,n] - z[g,n])),   g = g_idx[k]
+
+AWQ (4-bit, AutoAWQ "GEMM" packing)
+-----------------------------------
+``qweight`` int32 ``[K, N/8]`` and ``qzeros`` int32 ``[G, N/8]`` pack 8
+columns per word along N in AWQ's interleaved order: nibble ``i`` of word ``j``
+holds column ``8*j + AWQ_ORDER[i]`` with ``AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)``.
+``scales`` float16 ``[G, N]``; group ``g`` covers rows ``g*K/G`` to
+``(g+1)*K/G - 1``; the zero is used as stored::
+
+    W[k,n] = f16(scales[g,n] * (q[k,n] - z[g,n])),   g = k // (K / G)
 """
 
 from __future__ import annotations
@@ -59,11 +71,18 @@ __all__ = [
     "unpack_exl2_scale_codes",
     "dequantize_exl2",
     "pack_exl2",
+    "GPTQ_BITS",
+    "AWQ_ORDER",
     "unpack_gptq_codes",
     "unpack_gptq_zeros",
     "dequantize_gptq",
     "pack_gptq",
     "act_order_perm",
+    "unpack_awq_codes",
+    "unpack_awq_zeros",
+    "dequantize_awq",
+    "pack_awq",
+    "random_awq",
     "random_exl2",
     "random_gptq",
     "gemm",
@@ -73,6 +92,13 @@ __all__ = [
 EXL2_BITS = (2, 3, 4, 5, 6, 8)
 
 _NIBBLE_SHIFTS = np.arange(8, dtype=np.uint32) * 4  # shifts of the 8 nibbles in a word
+
+#: Bit widths of GPTQ checkpoints (AutoGPTQ packing).
+GPTQ_BITS = (2, 3, 4, 8)
+
+#: AWQ's nibble order: nibble ``i`` of a packed word holds column ``AWQ_ORDER[i]`` of its 8.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_AWQ_NIBBLE_OF_COLUMN = np.argsort(AWQ_ORDER)  # column c sits in nibble [0, 4, 1, 5, 2, 6, 3, 7][c]
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +147,49 @@ def _check_range(name: str, a: np.ndarray, lo: int, hi: int) -> None:
 def _f16(a: np.ndarray) -> np.ndarray:
     """Round (float32/float64 values) to float16, round-to-nearest-even."""
     return np.asarray(a).astype(np.float16)
+
+
+def _unpack_stream_rows(words: np.ndarray, bits: int) -> np.ndarray:
+    """[W, M] words, each column a little-endian ``bits``-bit stream along axis 0 ->
+    int32 [W*32/bits, M] codes (code ``i`` at bit offset ``i*bits``)."""
+    w = _as_u32(words)
+    if w.ndim != 2 or (w.shape[0] * 32) % bits:
+        raise ValueError(f"{w.shape} words do not hold a whole number of {bits}-bit codes per column")
+    n = w.shape[0] * 32 // bits
+    offset = np.arange(n, dtype=np.int64) * bits
+    word, shift = offset // 32, (offset % 32).astype(np.uint64)
+    w64 = np.concatenate([w, np.zeros((1, w.shape[1]), np.uint32)]).astype(np.uint64)
+    pair = (w64[word + 1] << np.uint64(32)) | w64[word]
+    return ((pair >> shift[:, None]) & np.uint64((1 << bits) - 1)).astype(np.int32)
+
+
+def _pack_stream_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`_unpack_stream_rows`: int [n, M] codes (n*bits a multiple of 32)
+    -> int32 [n*bits/32, M] words."""
+    codes = np.asarray(codes)
+    n, m = codes.shape
+    if (n * bits) % 32:
+        raise ValueError(f"{n} codes of {bits} bits do not fill whole 32-bit words")
+    Q = n * bits // 32
+    offset = np.arange(n, dtype=np.int64) * bits
+    word, shift = offset // 32, (offset % 32).astype(np.uint64)
+    # Each code shifted into a 64-bit lane gives its low half to `word` and its high half
+    # (nonzero only when it straddles) to `word + 1`; `word` is non-decreasing, so both
+    # are OR-reduced over runs of equal targets.
+    lane = codes.astype(np.uint64) << shift[:, None]
+    out = np.zeros((Q + 1, m), np.uint64)
+    if n:
+        for target, part in ((word, lane & np.uint64(0xFFFFFFFF)), (word + 1, lane >> np.uint64(32))):
+            run_start = np.flatnonzero(np.r_[True, np.diff(target) != 0])
+            out[target[run_start]] |= np.bitwise_or.reduceat(part, run_start, axis=0)
+    assert not out[Q].any()
+    return _u32_to_i32(out[:Q])
+
+
+def _check_gptq_bits(bits: int) -> int:
+    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in GPTQ_BITS:
+        raise ValueError(f"bits must be one of {GPTQ_BITS}, got {bits!r}")
+    return int(bits)
 
 
 # ---------------------------------------------------------------------------
@@ -398,23 +467,28 @@ def pack_exl2(
 # ---------------------------------------------------------------------------
 
 
-def unpack_gptq_codes(qweight: np.ndarray) -> np.ndarray:
-    """int32 ``[K/8, N]`` -> int32 ``[K, N]`` 4-bit codes; row ``k`` is nibble ``k % 8`` of word row ``k / 8``."""
+def unpack_gptq_codes(qweight: np.ndarray, bits: int = 4) -> np.ndarray:
+    """int32 ``[K*bits/32, N]`` -> int32 ``[K, N]`` codes; row ``k`` sits at bit offset
+    ``k*bits`` of its column's little-endian stream (4-bit: nibble ``k % 8`` of word row ``k / 8``)."""
+    bits = _check_gptq_bits(bits)
     w = _as_u32(qweight)
     if w.ndim != 2:
         raise ValueError(f"qweight must be 2-D, got shape {w.shape}")
-    nib = (w[:, None, :] >> _NIBBLE_SHIFTS[None, :, None]) & 15
-    return nib.reshape(w.shape[0] * 8, w.shape[1]).astype(np.int32)
+    return _unpack_stream_rows(w, bits)
 
 
-def unpack_gptq_zeros(qzeros: np.ndarray, zero_format: str = "v1") -> np.ndarray:
-    """int32 ``[G, N/8]`` -> int32 ``[G, N]`` *effective* zeros.
+def unpack_gptq_zeros(qzeros: np.ndarray, zero_format: str = "v1", bits: int = 4) -> np.ndarray:
+    """int32 ``[G, N*bits/32]`` -> int32 ``[G, N]`` *effective* zeros.
 
-    ``zero_format="v1"`` (AutoGPTQ): ``z = (stored + 1) & 15``; ``"v2"``: ``z = stored``.
+    ``zero_format="v1"`` (AutoGPTQ): ``z = (stored + 1) & (2**bits - 1)``; ``"v2"``: ``z = stored``.
     """
-    stored = _unpack_nibbles_along_last(qzeros)
+    bits = _check_gptq_bits(bits)
+    w = _as_u32(qzeros)
+    if w.ndim != 2:
+        raise ValueError(f"qzeros must be 2-D, got shape {w.shape}")
+    stored = _unpack_stream_rows(w.T, bits).T
     if zero_format == "v1":
-        return (stored + 1) & 15
+        return (stored + 1) & ((1 << bits) - 1)
     if zero_format == "v2":
         return stored
     raise ValueError(f"zero_format must be 'v1' or 'v2', got {zero_format!r}")
@@ -439,14 +513,15 @@ def dequantize_gptq(
     scales: np.ndarray,
     g_idx: np.ndarray | None = None,
     zero_format: str = "v1",
+    bits: int = 4,
 ) -> np.ndarray:
     """Dense GPTQ weight, float16 ``[K, N]``, bit exact with the reference kernels.
 
     ``W[k, n] = f16(scales[g, n] * (q[k, n] - z[g, n]))`` with ``g = g_idx[k]``,
     or ``g = k // (K / G)`` without ``g_idx``. The product is exact in float32.
     """
-    q = unpack_gptq_codes(qweight)
-    z = unpack_gptq_zeros(qzeros, zero_format)
+    q = unpack_gptq_codes(qweight, bits)
+    z = unpack_gptq_zeros(qzeros, zero_format, bits)
     s = np.asarray(scales).astype(np.float16)
     K, N = q.shape
     if s.ndim != 2 or s.shape[1] != N or z.shape != s.shape:
@@ -461,41 +536,52 @@ def pack_gptq(
     scales: np.ndarray,
     g_idx: np.ndarray | None = None,
     zero_format: str = "v1",
+    bits: int = 4,
 ) -> dict[str, np.ndarray]:
-    """Pack a 4-bit GPTQ layer (inverse of :func:`unpack_gptq_codes` / :func:`unpack_gptq_zeros`).
+    """Pack a GPTQ layer (inverse of :func:`unpack_gptq_codes` / :func:`unpack_gptq_zeros`).
 
     Args:
-        codes: integer ``[K, N]`` codes in 0..15, ``K`` and ``N`` multiples of 8.
-        zeros: integer ``[G, N]`` *effective* zeros in 0..15 (v1 stores ``(z - 1) & 15``).
+        codes: integer ``[K, N]`` codes in ``0 .. 2**bits - 1``; ``K*bits`` and
+            ``N*bits`` multiples of 32 (3-bit: K and N multiples of 32) and N a
+            multiple of 8.
+        zeros: integer ``[G, N]`` *effective* zeros in ``0 .. 2**bits - 1`` (v1
+            stores ``(z - 1) & (2**bits - 1)``).
         scales: ``[G, N]`` scales (stored as float16).
         g_idx: optional ``[K]`` group per row (returned as int32).
         zero_format: ``"v1"`` or ``"v2"``.
+        bits: 2, 3, 4 or 8.
 
     Returns:
-        dict with ``qweight`` int32 ``[K/8, N]``, ``qzeros`` int32 ``[G, N/8]``,
-        ``scales`` float16 ``[G, N]`` and, if given, ``g_idx`` int32 ``[K]``.
+        dict with ``qweight`` int32 ``[K*bits/32, N]``, ``qzeros`` int32
+        ``[G, N*bits/32]``, ``scales`` float16 ``[G, N]`` and, if given,
+        ``g_idx`` int32 ``[K]``.
     """
+    bits = _check_gptq_bits(bits)
     codes = np.asarray(codes)
     zeros = np.asarray(zeros)
-    if codes.ndim != 2 or codes.shape[0] % 8 or codes.shape[1] % 8:
-        raise ValueError(f"codes must be [K, N] with K, N multiples of 8, got {codes.shape}")
+    if codes.ndim != 2 or (codes.shape[0] * bits) % 32 or (codes.shape[1] * bits) % 32 or codes.shape[1] % 8:
+        raise ValueError(
+            f"codes must be [K, N] with K*bits, N*bits multiples of 32 and N of 8 (bits={bits}), got {codes.shape}"
+        )
     K, N = codes.shape
     s = np.asarray(scales).astype(np.float16)
     if s.ndim != 2 or s.shape[1] != N or zeros.shape != s.shape:
         raise ValueError(f"zeros {zeros.shape} and scales {s.shape} must both be [G, {N}]")
-    _check_range("codes", codes, 0, 15)
-    _check_range("zeros", zeros, 0, 15)
+    mask = (1 << bits) - 1
+    _check_range("codes", codes, 0, mask)
+    _check_range("zeros", zeros, 0, mask)
     if zero_format == "v1":
-        stored = (zeros.astype(np.int64) - 1) & 15
+        stored = (zeros.astype(np.int64) - 1) & mask
     elif zero_format == "v2":
         stored = zeros.astype(np.int64)
     else:
         raise ValueError(f"zero_format must be 'v1' or 'v2', got {zero_format!r}")
     g = _gptq_groups(K, s.shape[0], g_idx)  # validates g_idx / K % G
-    # nibble j of word row i is row 8*i + j
-    shifts = _NIBBLE_SHIFTS.astype(np.uint64)[None, :, None]
-    qweight = _u32_to_i32((codes.astype(np.uint64).reshape(K // 8, 8, N) << shifts).sum(axis=1))
-    out = {"qweight": qweight, "qzeros": _pack_nibbles_along_last(stored), "scales": s}
+    out = {
+        "qweight": _pack_stream_rows(codes, bits),
+        "qzeros": np.ascontiguousarray(_pack_stream_rows(stored.T, bits).T),
+        "scales": s,
+    }
     if g_idx is not None:
         out["g_idx"] = g.astype(np.int32)
     return out
@@ -508,6 +594,82 @@ def act_order_perm(g_idx: np.ndarray) -> np.ndarray:
     its inverse (``argsort(perm)``) is ``q_invperm``.
     """
     return np.argsort(np.asarray(g_idx).reshape(-1), kind="stable").astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# AWQ
+# ---------------------------------------------------------------------------
+
+
+def _unpack_awq_along_last(words: np.ndarray) -> np.ndarray:
+    """[..., M] words -> [..., 8*M] values: column ``8j + c`` is nibble ``[0,4,1,5,2,6,3,7][c]`` of word ``j``."""
+    nib = _unpack_nibbles_along_last(words)  # column 8j + i = nibble i
+    nib = nib.reshape(*nib.shape[:-1], -1, 8)[..., _AWQ_NIBBLE_OF_COLUMN]
+    return nib.reshape(*nib.shape[:-2], -1)
+
+
+def _pack_awq_along_last(vals: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_unpack_awq_along_last`: nibble ``i`` of word ``j`` gets column ``8j + AWQ_ORDER[i]``."""
+    v = np.asarray(vals)
+    if v.shape[-1] % 8:
+        raise ValueError(f"last dimension must be a multiple of 8, got {v.shape[-1]}")
+    v = v.reshape(*v.shape[:-1], -1, 8)[..., list(AWQ_ORDER)]
+    return _pack_nibbles_along_last(v.reshape(*v.shape[:-2], -1))
+
+
+def unpack_awq_codes(qweight: np.ndarray) -> np.ndarray:
+    """int32 ``[K, N/8]`` -> int32 ``[K, N]`` 4-bit codes (AWQ nibble order)."""
+    w = _as_u32(qweight)
+    if w.ndim != 2:
+        raise ValueError(f"qweight must be 2-D, got shape {w.shape}")
+    return _unpack_awq_along_last(w)
+
+
+def unpack_awq_zeros(qzeros: np.ndarray) -> np.ndarray:
+    """int32 ``[G, N/8]`` -> int32 ``[G, N]`` zeros (AWQ nibble order, used as stored)."""
+    w = _as_u32(qzeros)
+    if w.ndim != 2:
+        raise ValueError(f"qzeros must be 2-D, got shape {w.shape}")
+    return _unpack_awq_along_last(w)
+
+
+def dequantize_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Dense AWQ weight, float16 ``[K, N]``: ``W[k, n] = f16(scales[g, n] * (q[k, n] - z[g, n]))``
+    with ``g = k // (K / G)``. The product is exact in float32 (one rounding)."""
+    q = unpack_awq_codes(qweight)
+    z = unpack_awq_zeros(qzeros)
+    s = np.asarray(scales).astype(np.float16)
+    K, N = q.shape
+    if s.ndim != 2 or s.shape[1] != N or z.shape != s.shape:
+        raise ValueError(f"shapes disagree: qweight -> {q.shape}, qzeros -> {z.shape}, scales {s.shape}")
+    g = _gptq_groups(K, s.shape[0], None)
+    return _f16(s[g].astype(np.float32) * (q - z[g]).astype(np.float32))
+
+
+def pack_awq(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
+    """Pack an AWQ layer (inverse of :func:`unpack_awq_codes` / :func:`unpack_awq_zeros`).
+
+    Args:
+        codes: integer ``[K, N]`` codes in 0..15, ``N`` a multiple of 8.
+        zeros: integer ``[G, N]`` zeros in 0..15 (``G`` divides ``K``).
+        scales: ``[G, N]`` scales (stored as float16).
+
+    Returns:
+        dict with ``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[G, N/8]`` and
+        ``scales`` float16 ``[G, N]``.
+    """
+    codes = np.asarray(codes)
+    zeros = np.asarray(zeros)
+    if codes.ndim != 2 or codes.shape[1] % 8:
+        raise ValueError(f"codes must be [K, N] with N a multiple of 8, got {codes.shape}")
+    K, N = codes.shape
+    s = np.asarray(scales).astype(np.float16)
+    if s.ndim != 2 or s.shape[1] != N or zeros.shape != s.shape:
+        raise ValueError(f"zeros {zeros.shape} and scales {s.shape} must both be [G, {N}]")
+    _gptq_groups(K, s.shape[0], None)  # G divides K
+    _check_range("codes", codes, 0, 15)
+    _check_range("zeros", zeros, 0, 15)
+    return {"qweight": _pack_awq_along_last(codes), "qzeros": _pack_awq_along_last(zeros), "scales": s}
 
 
 # ---------------------------------------------------------------------------
@@ -582,8 +744,9 @@ def random_gptq(
     zero_format: str = "v1",
     bias: bool = False,
     with_g_idx: bool = False,
+    bits: int = 4,
 ) -> dict[str, np.ndarray]:
-    """A random 4-bit GPTQ layer of any shape (``K``, ``N`` multiples of 8).
+    """A random GPTQ layer of any shape :func:`pack_gptq` accepts.
 
     Args:
         rng: numpy random generator.
@@ -596,11 +759,48 @@ def random_gptq(
         bias: add a random float16 ``bias`` ``[N]``.
         with_g_idx: also store the (ordered) ``g_idx`` when not ``act_order``,
             as many checkpoints do.
+        bits: code width, 2, 3, 4 or 8.
 
     Returns:
         :func:`pack_gptq`'s dict (``qweight``, ``qzeros``, ``scales``, ``g_idx``
         when act-order or asked), plus ``bias`` if asked and ``weight``: the
         float16 ``[K, N]`` dense weight (:func:`dequantize_gptq`).
+    """
+    bits = _check_gptq_bits(bits)
+    if group_size is None:
+        group_size = K
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"group_size={group_size} must divide K={K}")
+    G = K // group_size
+    codes = rng.integers(0, 1 << bits, size=(K, N))
+    zeros = rng.integers(0, 1 << bits, size=(G, N))
+    scales = rng.uniform(0.001, 0.02, size=(G, N)).astype(np.float16)
+    g_idx = np.arange(K) // group_size
+    if act_order:
+        g_idx = rng.permutation(g_idx)
+    out = pack_gptq(codes, zeros, scales, g_idx if (act_order or with_g_idx) else None, zero_format, bits)
+    if bias:
+        out["bias"] = rng.uniform(-0.5, 0.5, size=N).astype(np.float16)
+    out["weight"] = dequantize_gptq(
+        out["qweight"], out["qzeros"], out["scales"], out.get("g_idx"), zero_format, bits
+    )
+    return out
+
+
+def random_awq(
+    rng: np.random.Generator,
+    K: int,
+    N: int,
+    *,
+    group_size: int | None = 128,
+    bias: bool = False,
+) -> dict[str, np.ndarray]:
+    """A random AWQ 4-bit layer (``N`` a multiple of 8, ``group_size`` dividing ``K``;
+    ``None`` = one group).
+
+    Returns:
+        :func:`pack_awq`'s dict (``qweight``, ``qzeros``, ``scales``), plus ``bias`` if
+        asked and ``weight``: the float16 ``[K, N]`` dense weight (:func:`dequantize_awq`).
     """
     if group_size is None:
         group_size = K
@@ -610,13 +810,10 @@ def random_gptq(
     codes = rng.integers(0, 16, size=(K, N))
     zeros = rng.integers(0, 16, size=(G, N))
     scales = rng.uniform(0.001, 0.02, size=(G, N)).astype(np.float16)
-    g_idx = np.arange(K) // group_size
-    if act_order:
-        g_idx = rng.permutation(g_idx)
-    out = pack_gptq(codes, zeros, scales, g_idx if (act_order or with_g_idx) else None, zero_format)
+    out = pack_awq(codes, zeros, scales)
     if bias:
         out["bias"] = rng.uniform(-0.5, 0.5, size=N).astype(np.float16)
-    out["weight"] = dequantize_gptq(out["qweight"], out["qzeros"], out["scales"], out.get("g_idx"), zero_format)
+    out["weight"] = dequantize_awq(out["qweight"], out["qzeros"], out["scales"])
     return out
 
 

@@ -42,6 +42,8 @@ using DeviceLayerPtr = std::unique_ptr<DeviceLayer, DeviceLayerDeleter>;
 /// meta.perm gives the row order (permuted row r is checkpoint row perm[r]).
 DeviceLayerPtr build_exl2(const LayerMeta& meta, const Exl2Raw& raw, int device, cudaStream_t stream);
 DeviceLayerPtr build_gptq(const LayerMeta& meta, const GptqRaw& raw, int device, cudaStream_t stream);
+/// Upload canonical host arrays built by the CPU builder (formats built through the host).
+DeviceLayerPtr build_canonical(const LayerMeta& meta, const HostArrays& host, int device, cudaStream_t stream);
 
 /// Bytes owned by the layer on the device.
 std::size_t nbytes(const DeviceLayer& layer) noexcept;

@@ -2,6 +2,7 @@
 #include "exl2/qmatrix.hpp"
 
 #include <utility>
+#include <vector>
 
 #include "core/check.hpp"
 #include "core/cuda_backend.hpp"
@@ -49,16 +50,60 @@ QMatrix QMatrix::from_exl2(const Exl2Weights& w, Device device, cudaStream_t str
   return QMatrix(std::move(impl));
 }
 
+namespace {
+
+/// `t`'s data as host memory: the tensor itself on the CPU, else a copy kept in `keep`.
+template <class T>
+const T* host_data(const TensorView& t, std::vector<T>& keep, cudaStream_t stream) {
+  if (t.device.is_cpu()) return static_cast<const T*>(t.data);
+  keep = detail::read_small<T>(t, stream);
+  return keep.data();
+}
+
+}  // namespace
+
 QMatrix QMatrix::from_gptq(const GptqWeights& w, Device device, cudaStream_t stream) {
   check_target(device);
   auto v = detail::validate_gptq(w, device, stream);
   auto impl = std::make_shared<Impl>();
   impl->device = device;
+  const bool aligned = v.meta.Q * 32 == v.meta.K * v.bits;
   if (device.is_cpu()) {
     impl->host = detail::cpu::build_gptq(v);
-  } else {
+  } else if (v.bits == 4 && aligned) {
     const detail::GptqRaw raw{v.qweight, v.qzeros, v.scales, v.zero_offset};
     impl->cuda = detail::cuda::build_gptq(v.meta, raw, device.index, stream);
+  } else {
+    // Other widths and unaligned group sizes are built through the host: the CPU
+    // builder's canonical arrays are uploaded as they are (see src/cuda/README.md).
+    std::vector<std::int32_t> qweight, qzeros;
+    std::vector<std::uint16_t> scales;
+    v.qweight = host_data(w.qweight, qweight, stream);
+    v.qzeros = host_data(w.qzeros, qzeros, stream);
+    v.scales = host_data(w.scales, scales, stream);
+    const detail::HostArrays host = detail::cpu::build_gptq(v);
+    impl->cuda = detail::cuda::build_canonical(v.meta, host, device.index, stream);
+  }
+  impl->meta = std::move(v.meta);
+  return QMatrix(std::move(impl));
+}
+
+QMatrix QMatrix::from_awq(const AwqWeights& w, Device device, cudaStream_t stream) {
+  check_target(device);
+  auto v = detail::validate_awq(w, device, stream);
+  auto impl = std::make_shared<Impl>();
+  impl->device = device;
+  if (device.is_cpu()) {
+    impl->host = detail::cpu::build_awq(v);
+  } else {
+    // Built through the host (see src/cuda/README.md).
+    std::vector<std::int32_t> qweight, qzeros;
+    std::vector<std::uint16_t> scales;
+    v.qweight = host_data(w.qweight, qweight, stream);
+    v.qzeros = host_data(w.qzeros, qzeros, stream);
+    v.scales = host_data(w.scales, scales, stream);
+    const detail::HostArrays host = detail::cpu::build_awq(v);
+    impl->cuda = detail::cuda::build_canonical(v.meta, host, device.index, stream);
   }
   impl->meta = std::move(v.meta);
   return QMatrix(std::move(impl));
@@ -84,7 +129,10 @@ double QMatrix::bits_per_weight() const {
   if (m.format == Format::EXL2) {
     bits += 4.0 * static_cast<double>(m.G) * static_cast<double>(m.N) + 16.0 * static_cast<double>(m.G);  // scale codes + max
   } else {
-    bits += (16.0 + 4.0) * static_cast<double>(m.G) * static_cast<double>(m.N);  // fp16 scales + 4-bit zeros
+    // GPTQ / AWQ: codes as stored (K * b bits per column, not the canonical padding),
+    // fp16 scales and b-bit zeros per (group, column).
+    const double b = static_cast<double>(m.bits.empty() ? 4 : m.bits[0]);
+    bits = b * weights + (16.0 + b) * static_cast<double>(m.G) * static_cast<double>(m.N);
   }
   return bits / weights;
 }

@@ -29,7 +29,14 @@ const char* dtype_name(DType t) noexcept {
   }
 }
 
-const char* format_name(Format f) noexcept { return f == Format::EXL2 ? "exl2" : "gptq"; }
+const char* format_name(Format f) noexcept {
+  switch (f) {
+    case Format::EXL2: return "exl2";
+    case Format::GPTQ: return "gptq";
+    case Format::AWQ: return "awq";
+  }
+  return "unknown";
+}
 
 std::string Device::str() const {
   return is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(index);

@@ -22,14 +22,29 @@ struct ValidatedExl2 {
 
 struct ValidatedGptq {
   LayerMeta meta;
-  const std::int32_t* qweight = nullptr;  // [K/8, N], checkpoint row order
-  const std::int32_t* qzeros = nullptr;   // [G, N/8]
+  const std::int32_t* qweight = nullptr;  // [K*bits/32, N], checkpoint row order
+  const std::int32_t* qzeros = nullptr;   // [G, N*bits/32]
   const std::uint16_t* scales = nullptr;  // [G, N] fp16 bits
   int zero_offset = 1;                    // 1 for v1 zeros, 0 for v2
+  int bits = 4;                           // 2, 3, 4 or 8
+};
+
+struct ValidatedAwq {
+  LayerMeta meta;
+  const std::int32_t* qweight = nullptr;  // [K, N/8], AWQ nibble order
+  const std::int32_t* qzeros = nullptr;   // [G, N/8], AWQ nibble order
+  const std::uint16_t* scales = nullptr;  // [G, N] fp16 bits
 };
 
 ValidatedExl2 validate_exl2(const Exl2Weights& w, Device target, cudaStream_t stream);
 ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t stream);
+ValidatedAwq validate_awq(const AwqWeights& w, Device target, cudaStream_t stream);
+
+/// The canonical group tables of a layer with G groups of `group_size` consecutive
+/// (permuted) rows, all `bits` wide: every group's stream starts word-aligned, so a
+/// group takes ceil(group_size * bits / 32) word rows (padded when not whole).
+/// Sets bits, row_start, word_start and Q. `what` names the tensor for size errors.
+void uniform_groups(LayerMeta& m, int bits, std::int64_t group_size, const char* what);
 
 /// Shared by both formats: optional bias [N] fp16, finite.
 std::vector<std::uint16_t> validate_bias(const TensorView& bias, std::int64_t N, Device target,

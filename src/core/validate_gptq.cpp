@@ -1,9 +1,36 @@
+// Validation of GPTQ tensors (AutoGPTQ packing, 2/3/4/8-bit) and their canonical
+// group tables. The packed shapes depend on the width b: qweight [K*b/32, N] (each
+// column a b-bit stream along K), qzeros [G, N*b/32] (each row a b-bit stream along N).
+// The row count of qweight alone cannot tell 2-bit from 4-bit, so the width is given
+// by the caller and every shape is checked against it.
 #include "core/check.hpp"
 #include "core/validate.hpp"
 
 namespace exl2::detail {
 
+void uniform_groups(LayerMeta& m, int bits, std::int64_t group_size, const char* what) {
+  const std::int64_t words_per_group = (group_size * bits + 31) / 32;
+  const std::int64_t Q = m.G * words_per_group;
+  if (Q > INT32_MAX) fail_value(what, ": the layer needs ", Q, " packed word rows, at most 2^31-1 are supported");
+  m.Q = Q;
+  m.bits.assign(m.G, bits);
+  m.row_start.resize(m.G + 1);
+  m.word_start.resize(m.G + 1);
+  for (std::int64_t g = 0; g <= m.G; ++g) {
+    m.row_start[g] = static_cast<std::int32_t>(g * group_size);
+    m.word_start[g] = static_cast<std::int32_t>(g * words_per_group);
+  }
+}
+
+namespace {
+
+bool valid_gptq_bits(int b) { return b == 2 || b == 3 || b == 4 || b == 8; }
+
+}  // namespace
+
 ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t stream) {
+  const int b = w.bits;
+  if (!valid_gptq_bits(b)) fail_value("bits: expected 2, 3, 4 or 8 for GPTQ, got ", b);
   const char* required[] = {"qweight", "qzeros", "scales"};
   const TensorView* tensors[] = {&w.qweight, &w.qzeros, &w.scales};
   for (int i = 0; i < 3; ++i) {
@@ -16,30 +43,35 @@ ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t st
   ValidatedGptq v;
   LayerMeta& m = v.meta;
   m.format = Format::GPTQ;
-  m.K = w.qweight.shape[0] * 8;
+  const std::int64_t rows = w.qweight.shape[0];
   m.N = w.qweight.shape[1];
-  m.Q = w.qweight.shape[0];
   m.G = w.qzeros.shape[0];
-  if (m.K > INT32_MAX) fail_value("qweight: at most 2^28 packed rows are supported, got ", m.Q);
+  // 32 / gcd(b, 32) rows fill whole words: 3-bit packs 32 rows into 3 words.
+  if ((rows * 32) % b != 0) {
+    fail_value("qweight: for bits = ", b, " the row count must be a multiple of ", b,
+               " (32 rows in ", b, " words), got ", rows);
+  }
+  if (rows > std::int64_t{INT32_MAX} * b / 32) fail_value("qweight: at most 2^31-1 rows K are supported, got ", rows, " packed rows");
+  m.K = rows * 32 / b;
   if (m.N % 8 != 0) fail_value("qweight: expected the column count N to be a multiple of 8, got N = ", m.N);
-  check_shape(w.qzeros, "qzeros", {m.G, m.N / 8}, "[G, N/8]");
+  if ((m.N * b) % 32 != 0) {
+    fail_value("qweight: for bits = ", b, " the column count N must be a multiple of ", 32 / (b == 3 ? 1 : b),
+               " (qzeros packs N zeros of ", b, " bits into whole words), got N = ", m.N);
+  }
+  if (w.qzeros.shape != std::vector<std::int64_t>{m.G, m.N * b / 32}) {
+    TensorView e;
+    e.shape = {m.G, m.N * b / 32};
+    fail_value("qzeros: expected shape [G, N*bits/32] = ", e.shape_str(), " for bits = ", b, " (N = ", m.N,
+               " from qweight), got ", w.qzeros.shape_str(), "; is bits right?");
+  }
   check_shape(w.scales, "scales", {m.G, m.N}, "[G, N]");
   if (m.K % m.G != 0) {
-    fail_value("qzeros: the group count G = ", m.G, " must divide the row count K = ", m.K);
+    fail_value("qzeros: the group count G = ", m.G, " must divide the row count K = ", m.K, " (K = qweight rows * 32 / ",
+               b, ")");
   }
   const std::int64_t group_size = m.K / m.G;
-  if (group_size % 8 != 0) {
-    fail_value("qzeros: the group size K/G = ", group_size, " must be a multiple of 8 (K = ", m.K, ", G = ", m.G, ")");
-  }
   if (!all_finite_f16(w.scales, stream)) fail_value("scales: expected finite values, found NaN or Inf");
-
-  m.bits.assign(m.G, 4);
-  m.row_start.resize(m.G + 1);
-  m.word_start.resize(m.G + 1);
-  for (std::int64_t g = 0; g <= m.G; ++g) {
-    m.row_start[g] = static_cast<std::int32_t>(g * group_size);
-    m.word_start[g] = static_cast<std::int32_t>(g * group_size / 8);
-  }
+  uniform_groups(m, b, group_size, "qweight");
 
   // Act-order: sort rows by group (stable). perm[r] is the checkpoint row (and the
   // activation column) that permuted row r holds; groups become contiguous.
@@ -47,7 +79,10 @@ ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t st
   m.identity_perm = true;
   if (present(w.g_idx)) {
     check_tensor(w.g_idx, "g_idx", DType::Int32, 1, target);
-    check_shape(w.g_idx, "g_idx", {m.K}, "[K]");
+    if (w.g_idx.shape[0] != m.K) {
+      fail_value("g_idx: expected shape [K] = [", m.K, "] (K = qweight rows * 32 / bits, bits = ", b, "), got ",
+                 w.g_idx.shape_str());
+    }
     const auto g_idx = read_small<std::int32_t>(w.g_idx, stream);
     std::vector<std::int64_t> count(m.G, 0);
     for (std::int64_t k = 0; k < m.K; ++k) {
@@ -76,6 +111,7 @@ ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t st
   v.qzeros = static_cast<const std::int32_t*>(w.qzeros.data);
   v.scales = static_cast<const std::uint16_t*>(w.scales.data);
   v.zero_offset = w.zero_format == ZeroFormat::V1 ? 1 : 0;
+  v.bits = b;
   return v;
 }
 

@@ -16,7 +16,8 @@
 namespace exl2::detail::cpu {
 
 HostArrays build_exl2(const ValidatedExl2& v);
-HostArrays build_gptq(const ValidatedGptq& v);
+HostArrays build_gptq(const ValidatedGptq& v);  // any width; v's pointers must be host memory
+HostArrays build_awq(const ValidatedAwq& v);    // v's pointers must be host memory
 
 /// out[K, N] fp16 bits = W (un-permuted).
 void dequantize(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out);

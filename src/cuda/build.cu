@@ -1,4 +1,5 @@
-// CUDA backend: construction of the canonical device layer (build_exl2, build_gptq).
+// CUDA backend: construction of the canonical device layer (build_exl2, build_gptq,
+// build_canonical).
 //
 // Inputs may be host memory, memory of this device or of another device. Anything not
 // already on this device is uploaded into a temporary device buffer with
@@ -233,6 +234,35 @@ DeviceLayerPtr build_gptq(const LayerMeta& meta, const GptqRaw& raw, int device,
                                                                                      layer->zeros.get());
     EXL2_CUDA_CHECK_LAUNCH("gptq_zeros_kernel");
   }
+
+  EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
+  sync_on_error.disarm();
+  return layer;
+}
+
+DeviceLayerPtr build_canonical(const LayerMeta& meta, const HostArrays& host, int device, cudaStream_t stream) {
+  // GPTQ 2/3/8-bit, unaligned GPTQ groups and AWQ: the CPU builder already produced the
+  // canonical arrays; upload them next to the shared tables (perm, groups, chunks, bias).
+  check_device(device);
+  DeviceGuard guard(device);
+  std::vector<int4> chunks_host = make_chunk_table(meta);
+  std::vector<std::int32_t> perm_host;
+  const std::int64_t N = meta.N, G = meta.G, Q = meta.Q;
+  if (static_cast<std::int64_t>(host.qweight.size()) != Q * N || static_cast<std::int64_t>(host.scales.size()) != G * N ||
+      static_cast<std::int64_t>(host.zeros.size()) != G * N)
+    internal_error("canonical host arrays do not match the layer shape");
+
+  DeviceLayerPtr layer(new DeviceLayer());
+  layer->device = device;
+  StreamSyncOnExit sync_on_error(stream);  // destroyed first: syncs before host data goes away
+
+  fill_common(*layer, meta, device, stream, chunks_host, perm_host);
+  upload(layer->qweight, host.qweight, "qweight", stream);
+  layer->scales.allocate(host.scales.size(), "scales");
+  if (!host.scales.empty())
+    EXL2_CUDA_CHECK(cudaMemcpyAsync(layer->scales.get(), host.scales.data(), host.scales.size() * sizeof(std::uint16_t),
+                                    cudaMemcpyHostToDevice, stream));
+  upload(layer->zeros, host.zeros, "zeros", stream);
 
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
   sync_on_error.disarm();

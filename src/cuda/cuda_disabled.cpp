@@ -27,6 +27,7 @@ void DeviceLayerDeleter::operator()(DeviceLayer* p) const noexcept { delete p; }
 
 DeviceLayerPtr build_exl2(const LayerMeta&, const Exl2Raw&, int, cudaStream_t) { not_built(); }
 DeviceLayerPtr build_gptq(const LayerMeta&, const GptqRaw&, int, cudaStream_t) { not_built(); }
+DeviceLayerPtr build_canonical(const LayerMeta&, const HostArrays&, int, cudaStream_t) { not_built(); }
 std::size_t nbytes(const DeviceLayer&) noexcept { return 0; }
 bool all_finite_f16(const void*, std::size_t, int, cudaStream_t) { not_built(); }
 void dequantize(const DeviceLayer&, const LayerMeta&, void*, cudaStream_t) { not_built(); }

@@ -116,7 +116,7 @@ NB_MODULE(_ext, m) {
       .def_static(
           "from_gptq",
           [](const InArray& qweight, const InArray& qzeros, const InArray& scales, const OptArray& g_idx,
-             const OptArray& bias, bool zeros_v2, const std::string& device_kind, int device_index,
+             const OptArray& bias, bool zeros_v2, int bits, const std::string& device_kind, int device_index,
              std::uintptr_t stream) {
             exl2::GptqWeights w;
             w.qweight = in_view(qweight, "qweight");
@@ -125,11 +125,26 @@ NB_MODULE(_ext, m) {
             w.g_idx = opt_view(g_idx, "g_idx");
             w.bias = opt_view(bias, "bias");
             w.zero_format = zeros_v2 ? exl2::ZeroFormat::V2 : exl2::ZeroFormat::V1;
+            w.bits = bits;
             nb::gil_scoped_release release;
             return exl2::QMatrix::from_gptq(w, to_device(device_kind, device_index), to_stream(stream));
           },
           "qweight"_a.noconvert(), "qzeros"_a.noconvert(), "scales"_a.noconvert(), "g_idx"_a.noconvert().none(),
-          "bias"_a.noconvert().none(), "zeros_v2"_a, "device_kind"_a, "device_index"_a, "stream"_a)
+          "bias"_a.noconvert().none(), "zeros_v2"_a, "bits"_a, "device_kind"_a, "device_index"_a, "stream"_a)
+      .def_static(
+          "from_awq",
+          [](const InArray& qweight, const InArray& qzeros, const InArray& scales, const OptArray& bias,
+             const std::string& device_kind, int device_index, std::uintptr_t stream) {
+            exl2::AwqWeights w;
+            w.qweight = in_view(qweight, "qweight");
+            w.qzeros = in_view(qzeros, "qzeros");
+            w.scales = in_view(scales, "scales");
+            w.bias = opt_view(bias, "bias");
+            nb::gil_scoped_release release;
+            return exl2::QMatrix::from_awq(w, to_device(device_kind, device_index), to_stream(stream));
+          },
+          "qweight"_a.noconvert(), "qzeros"_a.noconvert(), "scales"_a.noconvert(), "bias"_a.noconvert().none(),
+          "device_kind"_a, "device_index"_a, "stream"_a)
       .def_prop_ro("in_features", &exl2::QMatrix::in_features)
       .def_prop_ro("out_features", &exl2::QMatrix::out_features)
       .def_prop_ro("format", [](const exl2::QMatrix& q) { return std::string(exl2::format_name(q.format())); })

@@ -41,8 +41,10 @@ class QMatrix {
   /// Build from EXL2 tensors onto `device`. `stream` orders the uploads for CUDA
   /// targets (and device-resident inputs); construction returns once its copies are done.
   static QMatrix from_exl2(const Exl2Weights& w, Device device, cudaStream_t stream = nullptr);
-  /// Build from GPTQ 4-bit tensors onto `device`.
+  /// Build from GPTQ tensors (w.bits = 2, 3, 4 or 8) onto `device`.
   static QMatrix from_gptq(const GptqWeights& w, Device device, cudaStream_t stream = nullptr);
+  /// Build from AWQ 4-bit (GEMM packing) tensors onto `device`.
+  static QMatrix from_awq(const AwqWeights& w, Device device, cudaStream_t stream = nullptr);
 
   QMatrix(QMatrix&&) noexcept;
   QMatrix& operator=(QMatrix&&) noexcept;
