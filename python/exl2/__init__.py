@@ -1,4 +1,4 @@
-"""exl2: fast, owning, deterministic quantized matrix multiplication for EXL2 and GPTQ weights.
+"""exl2: fast, owning, deterministic quantized matrix multiplication for EXL2, GPTQ and AWQ weights.
 
 >>> q = exl2.QMatrix.from_gptq(qweight, qzeros, scales, g_idx=g_idx)
 >>> y = q.matmul(x)          # x: float16 [..., K] -> float16 [..., N]
@@ -10,7 +10,7 @@ from ._loader import load_extension
 from .qmatrix import QMatrix
 from . import reference
 from . import compat, loaders, nn, ops, parallel
-from .loaders import load_exl2, load_gptq
+from .loaders import load_awq, load_exl2, load_gptq
 from .nn import QuantLinear
 
 _ext = load_extension()
@@ -45,6 +45,7 @@ __all__ = [
     "parallel",
     "load_exl2",
     "load_gptq",
+    "load_awq",
     "QuantLinear",
     "CudaError",
     "UnsupportedError",

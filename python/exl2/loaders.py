@@ -5,7 +5,15 @@ A layer's tensors are named ``<prefix>.<name>``:
 
 - EXL2: ``q_weight``, ``q_invperm``, ``q_scale``, ``q_scale_max``, ``q_groups``,
   optional ``q_perm`` and ``bias``;
-- GPTQ: ``qweight``, ``qzeros``, ``scales``, optional ``g_idx`` and ``bias``.
+- GPTQ (2, 3, 4 or 8 bits): ``qweight``, ``qzeros``, ``scales``, optional ``g_idx``
+  and ``bias``;
+- AWQ (4-bit, GEMM packing): ``qweight``, ``qzeros``, ``scales``, optional ``bias``.
+
+GPTQ and AWQ use the same tensor names. They are told apart by the model
+directory's quantization config (``quant_method``) when there is one, else by shape:
+GPTQ packs ``qweight`` along K (``[K*bits/32, N]``, as many columns as ``scales``),
+AWQ along N (``[K, N/8]``, an eighth of ``scales``' columns). A GPTQ layer's width is
+likewise implied by ``qzeros`` ``[G, N*bits/32]``.
 
 A *source* is one of: a mapping ``{name: tensor or numpy array}`` (a state dict);
 a ``.safetensors`` file; or a directory holding ``*.safetensors`` files (with
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from ._convert import DeviceLike, as_tensor
@@ -33,15 +42,20 @@ from .qmatrix import QMatrix
 __all__ = [
     "EXL2_TENSORS",
     "GPTQ_TENSORS",
+    "AWQ_TENSORS",
     "GPTQConfig",
+    "AWQConfig",
     "read_gptq_config",
+    "read_awq_config",
     "read_exl2_tensors",
     "read_gptq_tensors",
+    "read_awq_tensors",
     "detect_format",
     "layer_format",
     "qmatrix_from_tensors",
     "load_exl2",
     "load_gptq",
+    "load_awq",
 ]
 
 Source = Union[str, os.PathLike, Mapping[str, Any]]
@@ -49,6 +63,8 @@ Source = Union[str, os.PathLike, Mapping[str, Any]]
 #: (required, optional) tensor names of each format.
 EXL2_TENSORS = (("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups"), ("q_perm", "bias"))
 GPTQ_TENSORS = (("qweight", "qzeros", "scales"), ("g_idx", "bias"))
+AWQ_TENSORS = (("qweight", "qzeros", "scales"), ("bias",))
+_GPTQ_BITS = (2, 3, 4, 8)
 
 _FLOAT16_NAMES = ("scales", "q_scale_max", "bias")
 _INDEX_NAMES = ("q_perm", "q_invperm", "g_idx")
@@ -91,6 +107,18 @@ class _Source:
     def __contains__(self, key: str) -> bool:
         return key in (self._dict if self._dict is not None else self._files)
 
+    def shape(self, key: str) -> Optional[Tuple[int, ...]]:
+        """The shape of tensor ``key`` (read from the file header, not the data)."""
+        if self._dict is not None:
+            return tuple(as_tensor(self._dict[key], key).shape) if key in self._dict else None
+        f = self._files.get(key)
+        if f is None:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
     def get(self, key: str) -> Optional[torch.Tensor]:
         if self._dict is not None:
             return as_tensor(self._dict[key], key) if key in self._dict else None
@@ -131,7 +159,7 @@ def _read(src: _Source, prefix: str, names: Tuple[Tuple[str, ...], Tuple[str, ..
     return out
 
 
-# ------------------------------------------------------------------ GPTQ config
+# ------------------------------------------------------------ quantization configs
 @dataclass(frozen=True)
 class GPTQConfig:
     """The parts of a GPTQ ``quantize_config.json`` that matter for loading.
@@ -148,32 +176,62 @@ class GPTQConfig:
     zero_format: str = "v1"
 
 
+@dataclass(frozen=True)
+class AWQConfig:
+    """The parts of an AWQ quantization config that matter for loading (AutoAWQ's
+    ``quant_config.json`` / ``config.json`` ``quantization_config``: ``bits`` or
+    ``w_bit``, ``group_size`` or ``q_group_size``, ``zero_point``, ``version``)."""
+
+    bits: int = 4
+    group_size: int = -1
+    zero_point: bool = True
+    version: str = "gemm"
+
+
 _CHECKPOINT_FORMATS = {"gptq": "v1", "gptq_v1": "v1", "v1": "v1", "gptq_v2": "v2", "v2": "v2"}
+
+
+def _quant_config(model_dir: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
+    """The quantization config of a model directory: ``quantize_config.json``, AutoAWQ's
+    ``quant_config.json``, or ``config.json``'s ``quantization_config`` (first found)."""
+    d = Path(model_dir)
+    for name in ("quantize_config.json", "quant_config.json"):
+        if (d / name).is_file():
+            return dict(json.loads((d / name).read_text()))
+    if (d / "config.json").is_file():
+        cfg = json.loads((d / "config.json").read_text()).get("quantization_config")
+        return None if cfg is None else dict(cfg)
+    return None
+
+
+def _method(cfg: Mapping[str, Any]) -> str:
+    """``quant_method`` of a config; AutoAWQ's own files have none but ``w_bit``/``version``."""
+    default = "awq" if ("w_bit" in cfg or "q_group_size" in cfg) else "gptq"
+    return str(cfg.get("quant_method", default)).lower()
 
 
 def read_gptq_config(model_dir: Union[str, os.PathLike]) -> GPTQConfig:
     """Read ``quantize_config.json`` (or ``config.json``'s ``quantization_config``).
 
     Raises:
-        FileNotFoundError: neither file has a GPTQ config.
-        ValueError: a non-GPTQ ``quant_method`` or an unknown ``checkpoint_format``.
+        FileNotFoundError: neither file has a quantization config.
+        ValueError: a non-GPTQ ``quant_method``, an unknown ``checkpoint_format`` or
+            ``bits`` other than 2, 3, 4 or 8.
     """
     d = Path(model_dir)
-    cfg: Optional[Dict[str, Any]] = None
-    if (d / "quantize_config.json").is_file():
-        cfg = json.loads((d / "quantize_config.json").read_text())
-    elif (d / "config.json").is_file():
-        cfg = json.loads((d / "config.json").read_text()).get("quantization_config")
+    cfg = _quant_config(d)
     if cfg is None:
         raise FileNotFoundError(f"model_dir: no quantize_config.json or config.json quantization_config in {d}")
-    method = cfg.get("quant_method", "gptq")
+    method = _method(cfg)
     if method != "gptq":
         raise ValueError(f"quant_method: expected 'gptq', got {method!r} (in {d})")
     fmt = cfg.get("checkpoint_format", "gptq")
     if fmt not in _CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format: expected 'gptq' or 'gptq_v2', got {fmt!r} (in {d})")
+    bits = int(cfg.get("bits", 4))
+    _check_bits(bits, f"quantize config of {d}")
     return GPTQConfig(
-        bits=int(cfg.get("bits", 4)),
+        bits=bits,
         group_size=int(cfg.get("group_size", -1)),
         desc_act=bool(cfg.get("desc_act", False)),
         sym=bool(cfg.get("sym", True)),
@@ -181,9 +239,54 @@ def read_gptq_config(model_dir: Union[str, os.PathLike]) -> GPTQConfig:
     )
 
 
-def _check_bits(bits: int, where: str) -> None:
+def read_awq_config(model_dir: Union[str, os.PathLike]) -> AWQConfig:
+    """Read an AWQ config (``quant_config.json``, ``quantize_config.json`` or
+    ``config.json``'s ``quantization_config`` with ``quant_method: "awq"``).
+
+    Raises:
+        FileNotFoundError: no quantization config in ``model_dir``.
+        ValueError: not AWQ, or an AWQ variant exl2 cannot read (``bits`` other than 4,
+            ``zero_point: false``, a ``version`` other than ``"gemm"``).
+    """
+    d = Path(model_dir)
+    cfg = _quant_config(d)
+    if cfg is None:
+        raise FileNotFoundError(f"model_dir: no quant_config.json or config.json quantization_config in {d}")
+    method = _method(cfg)
+    if method != "awq":
+        raise ValueError(f"quant_method: expected 'awq', got {method!r} (in {d})")
+    bits = int(cfg.get("bits", cfg.get("w_bit", 4)))
     if bits != 4:
-        raise ValueError(f"bits: only 4-bit GPTQ is supported, got bits={bits} ({where})")
+        raise ValueError(f"bits: only 4-bit AWQ is supported, got bits={bits} (in {d})")
+    version = str(cfg.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"version: only AWQ 'gemm' packing is supported, got {version!r} (in {d})")
+    zero_point = bool(cfg.get("zero_point", True))
+    if not zero_point:
+        raise ValueError(f"zero_point: AWQ without zero points is not supported (in {d})")
+    return AWQConfig(bits=4, group_size=int(cfg.get("group_size", cfg.get("q_group_size", -1))),
+                     zero_point=zero_point, version=version)
+
+
+def _check_bits(bits: int, where: str) -> None:
+    if isinstance(bits, bool) or bits not in _GPTQ_BITS:
+        raise ValueError(f"bits: expected 2, 3, 4 or 8 for GPTQ, got bits={bits!r} ({where})")
+
+
+def _implied_gptq_bits(qzeros_shape: Tuple[int, ...], scales_shape: Tuple[int, ...]) -> Optional[int]:
+    """The width a GPTQ layer's shapes imply: qzeros ``[G, N*bits/32]``, scales ``[G, N]``."""
+    if len(qzeros_shape) != 2 or len(scales_shape) != 2 or scales_shape[1] <= 0:
+        return None
+    b, rem = divmod(32 * int(qzeros_shape[1]), int(scales_shape[1]))
+    return b if rem == 0 and b in _GPTQ_BITS else None
+
+
+def _check_group_size(group_size: Optional[int], K: int, G: int, prefix: str) -> None:
+    if group_size is None:
+        return
+    want = 1 if group_size == -1 else (K // group_size if group_size > 0 and K % group_size == 0 else None)
+    if want != G:
+        raise ValueError(f"group_size: {group_size} does not match layer {prefix!r}: K = {K} rows in {G} groups")
 
 
 # --------------------------------------------------------------------- readers
@@ -200,7 +303,7 @@ def read_gptq_tensors(
     source: Source,
     prefix: str,
     *,
-    bits: int = 4,
+    bits: Optional[int] = None,
     group_size: Optional[int] = None,
     desc_act: Optional[bool] = None,
     zero_format: Optional[str] = None,
@@ -210,24 +313,28 @@ def read_gptq_tensors(
 
     Settings left ``None`` come from the directory's ``quantize_config.json`` when
     ``source`` is a model directory that has one; explicit values take precedence.
+    ``bits`` (2, 3, 4 or 8) must agree with the width the shapes imply (``qzeros``
+    ``[G, N*bits/32]``); without it and without a config the shapes decide.
     ``group_size`` (``-1`` = per-channel) is checked against the tensors' shapes;
     ``desc_act=True`` requires ``g_idx``; ``desc_act=False`` rejects an unordered ``g_idx``.
 
     Returns:
-        ``(tensors, zero_format)``.
+        ``(tensors, zero_format)``; the width is implied by the tensors' shapes
+        (:func:`qmatrix_from_tensors` reads it from there).
 
     Raises:
         KeyError: a required tensor is missing.
-        ValueError: ``bits`` is not 4, or the settings do not match the tensors.
+        ValueError: ``bits`` is not 2, 3, 4 or 8, or the settings do not match the tensors.
     """
-    _check_bits(bits, "argument")
+    if bits is not None:
+        _check_bits(bits, "argument")
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         try:
             cfg: Optional[GPTQConfig] = read_gptq_config(source)
         except FileNotFoundError:
             cfg = None
         if cfg is not None:
-            _check_bits(cfg.bits, f"quantize config of {source}")
+            bits = cfg.bits if bits is None else bits
             group_size = cfg.group_size if group_size is None else group_size
             desc_act = cfg.desc_act if desc_act is None else desc_act
             zero_format = cfg.zero_format if zero_format is None else zero_format
@@ -235,13 +342,15 @@ def read_gptq_tensors(
     if zero_format not in ("v1", "v2"):
         raise ValueError(f"zero_format: expected 'v1' or 'v2', got {zero_format!r}")
     t = _read(_Source(source), prefix, GPTQ_TENSORS)
-    K, G = int(t["qweight"].shape[0]) * 8, int(t["qzeros"].shape[0])
-    if group_size is not None:
-        want = 1 if group_size == -1 else (K // group_size if group_size > 0 and K % group_size == 0 else None)
-        if want != G:
-            raise ValueError(
-                f"group_size: {group_size} does not match layer {prefix!r}: K = {K} rows in {G} groups"
-            )
+    implied = _implied_gptq_bits(tuple(t["qzeros"].shape), tuple(t["scales"].shape))
+    if bits is not None and implied is not None and implied != bits:
+        raise ValueError(
+            f"bits: {bits} does not match layer {prefix!r}: qzeros {list(t['qzeros'].shape)} and scales "
+            f"{list(t['scales'].shape)} are {implied}-bit GPTQ"
+        )
+    b = bits if bits is not None else (implied or 4)
+    K, G = int(t["qweight"].shape[0]) * 32 // b, int(t["qzeros"].shape[0])
+    _check_group_size(group_size, K, G, prefix)
     g_idx = t.get("g_idx")
     if desc_act and g_idx is None:
         raise ValueError(f"desc_act: True, but layer {prefix!r} has no g_idx")
@@ -250,36 +359,87 @@ def read_gptq_tensors(
     return t, zero_format
 
 
+def read_awq_tensors(source: Source, prefix: str, *, group_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The AWQ tensors of layer ``prefix``, checked against the directory's AWQ config
+    (when ``source`` is a model directory that has one) and ``group_size`` (explicit
+    values take precedence; ``-1`` = one group).
+
+    Raises:
+        KeyError: a required tensor is missing.
+        ValueError: the config is not a supported AWQ one, or the settings do not match.
+    """
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        try:
+            cfg: Optional[AWQConfig] = read_awq_config(source)
+        except FileNotFoundError:
+            cfg = None
+        if cfg is not None and group_size is None:
+            group_size = cfg.group_size
+    t = _read(_Source(source), prefix, AWQ_TENSORS)
+    _check_group_size(group_size, int(t["qweight"].shape[0]), int(t["qzeros"].shape[0]), prefix)
+    return t
+
+
+def _shape(x: Any) -> Tuple[int, ...]:
+    """Shape of a tensor, numpy array or anything numpy can read as one."""
+    shape = getattr(x, "shape", None)
+    return tuple(int(d) for d in (shape if shape is not None else np.shape(x)))
+
+
+def _format_by_shape(qweight_shape: Tuple[int, ...], scales_shape: Optional[Tuple[int, ...]]) -> str:
+    """GPTQ ``qweight`` has as many columns as ``scales`` (N); AWQ's has N/8."""
+    if scales_shape is not None and len(qweight_shape) == 2 and len(scales_shape) == 2:
+        if scales_shape[1] != qweight_shape[1] and scales_shape[1] == 8 * qweight_shape[1]:
+            return "awq"
+    return "gptq"
+
+
 def detect_format(tensors: Mapping[str, Any]) -> str:
-    """``"exl2"`` or ``"gptq"`` from the keys of a format-tensor dict."""
+    """``"exl2"``, ``"gptq"`` or ``"awq"`` from the keys (and, for qweight/qzeros/scales,
+    the shapes) of a format-tensor dict."""
     if "q_weight" in tensors:
         return "exl2"
     if "qweight" in tensors:
-        return "gptq"
-    raise ValueError(f"tensors: expected EXL2 (q_weight, ...) or GPTQ (qweight, ...) keys, got {sorted(tensors)}")
+        sc = tensors.get("scales")
+        return _format_by_shape(_shape(tensors["qweight"]), None if sc is None else _shape(sc))
+    raise ValueError(f"tensors: expected EXL2 (q_weight, ...) or GPTQ/AWQ (qweight, ...) keys, got {sorted(tensors)}")
 
 
 def layer_format(source: Source, prefix: str) -> str:
-    """``"exl2"`` or ``"gptq"``: which format's tensors layer ``prefix`` has in ``source``."""
+    """``"exl2"``, ``"gptq"`` or ``"awq"``: which format's tensors layer ``prefix`` has in
+    ``source``. GPTQ and AWQ share tensor names: a model directory's quantization config
+    decides, else the shapes do (see the module docstring)."""
     src = _Source(source)
-    for fmt, key in (("exl2", "q_weight"), ("gptq", "qweight")):
-        if _key(prefix, key) in src:
-            return fmt
+    if _key(prefix, "q_weight") in src:
+        return "exl2"
+    if _key(prefix, "qweight") in src:
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+            cfg = _quant_config(source)
+            if cfg is not None and _method(cfg) in ("gptq", "awq"):
+                return _method(cfg)
+        shape = src.shape(_key(prefix, "qweight"))
+        return _format_by_shape(shape or (), src.shape(_key(prefix, "scales")))
     raise KeyError(f"{_key(prefix, 'q_weight')} / {_key(prefix, 'qweight')}: neither found in {src.name}")
 
 
 def qmatrix_from_tensors(
-    tensors: Mapping[str, Any], *, zero_format: str = "v1", device: DeviceLike = None
+    tensors: Mapping[str, Any], *, zero_format: str = "v1", bits: Optional[int] = None, device: DeviceLike = None
 ) -> QMatrix:
     """Build a QMatrix from a format-tensor dict (the layout of
     ``exl2.reference.random_*`` and of :func:`read_exl2_tensors`; extra keys such as
-    ``weight`` or ``rows`` are ignored). ``zero_format`` applies to GPTQ only."""
+    ``weight`` or ``rows`` are ignored). ``zero_format`` and ``bits`` apply to GPTQ only;
+    ``bits=None`` takes the width the shapes imply (``qzeros`` ``[G, N*bits/32]``)."""
     t = tensors
-    if detect_format(t) == "exl2":
+    fmt = detect_format(t)
+    if fmt == "exl2":
         return QMatrix.from_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"],
                                  q_perm=t.get("q_perm"), bias=t.get("bias"), device=device)
+    if fmt == "awq":
+        return QMatrix.from_awq(t["qweight"], t["qzeros"], t["scales"], bias=t.get("bias"), device=device)
+    if bits is None:
+        bits = _implied_gptq_bits(_shape(t["qzeros"]), _shape(t["scales"])) or 4
     return QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], g_idx=t.get("g_idx"), bias=t.get("bias"),
-                             zero_format=zero_format, device=device)
+                             zero_format=zero_format, bits=bits, device=device)
 
 
 # --------------------------------------------------------------------- loaders
@@ -293,19 +453,28 @@ def load_gptq(
     path_or_dict: Source,
     prefix: str,
     *,
-    bits: int = 4,
+    bits: Optional[int] = None,
     group_size: Optional[int] = None,
     desc_act: Optional[bool] = None,
     zero_format: Optional[str] = None,
     device: DeviceLike = None,
 ) -> QMatrix:
-    """Load the 4-bit GPTQ layer ``prefix`` (see :func:`read_gptq_tensors` for the
-    settings). ``device=None`` keeps the tensors' device (the CPU for files).
+    """Load the GPTQ layer ``prefix`` (2, 3, 4 or 8 bits; see :func:`read_gptq_tensors`
+    for the settings). ``device=None`` keeps the tensors' device (the CPU for files).
 
     Raises:
-        ValueError: ``bits`` (argument or config) is not 4, or the settings do not
-            match the tensors.
+        ValueError: ``bits`` (argument or config) is not 2, 3, 4 or 8, or the settings
+            do not match the tensors.
     """
     tensors, zf = read_gptq_tensors(path_or_dict, prefix, bits=bits, group_size=group_size,
                                     desc_act=desc_act, zero_format=zero_format)
-    return qmatrix_from_tensors(tensors, zero_format=zf, device=device)
+    return qmatrix_from_tensors(tensors, zero_format=zf, bits=bits, device=device)
+
+
+def load_awq(
+    path_or_dict: Source, prefix: str, *, group_size: Optional[int] = None, device: DeviceLike = None
+) -> QMatrix:
+    """Load the AWQ 4-bit layer ``prefix`` (see :func:`read_awq_tensors`). ``device=None``
+    keeps the tensors' device (the CPU for files)."""
+    t = read_awq_tensors(path_or_dict, prefix, group_size=group_size)
+    return QMatrix.from_awq(t["qweight"], t["qzeros"], t["scales"], bias=t.get("bias"), device=device)

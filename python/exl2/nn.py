@@ -25,7 +25,7 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.exl2.gemm)
 from ._convert import DeviceLike, as_tensor, parse_device
 from .compat import register_qmatrix, unregister_qmatrix
 from .loaders import (EXL2_TENSORS, GPTQ_TENSORS, Source, detect_format, layer_format, qmatrix_from_tensors,
-                      read_exl2_tensors, read_gptq_tensors)
+                      read_awq_tensors, read_exl2_tensors, read_gptq_tensors)
 from .qmatrix import QMatrix
 
 __all__ = ["QuantLinear"]
@@ -89,20 +89,23 @@ class QuantLinear(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd: Source, prefix: str, format: Optional[str] = None, *,  # noqa: A002
-                        device: DeviceLike = None, keep_source: bool = True, bits: int = 4,
+                        device: DeviceLike = None, keep_source: bool = True, bits: Optional[int] = None,
                         group_size: Optional[int] = None, desc_act: Optional[bool] = None,
                         zero_format: Optional[str] = None) -> "QuantLinear":
         """From the tensors ``<prefix>.<name>`` of a state dict, safetensors file or model
-        directory (see :mod:`exl2.loaders`). ``format`` (``"exl2"``/``"gptq"``) is detected
-        when ``None``; the GPTQ settings are those of :func:`exl2.load_gptq`."""
+        directory (see :mod:`exl2.loaders`). ``format`` (``"exl2"``/``"gptq"``/``"awq"``) is
+        detected when ``None``; the GPTQ settings are those of :func:`exl2.load_gptq`
+        (``group_size`` also applies to AWQ)."""
         fmt = layer_format(sd, prefix) if format is None else format
         if fmt == "exl2":
             tensors, zf = read_exl2_tensors(sd, prefix), "v1"
         elif fmt == "gptq":
             tensors, zf = read_gptq_tensors(sd, prefix, bits=bits, group_size=group_size, desc_act=desc_act,
                                             zero_format=zero_format)
+        elif fmt == "awq":
+            tensors, zf = read_awq_tensors(sd, prefix, group_size=group_size), "v1"
         else:
-            raise ValueError(f"format: expected 'exl2', 'gptq' or None, got {format!r}")
+            raise ValueError(f"format: expected 'exl2', 'gptq', 'awq' or None, got {format!r}")
         return cls.from_tensors(tensors, zero_format=zf, device=device, keep_source=keep_source)
 
     def _attach(self, qmatrix: QMatrix, owned: bool) -> None:

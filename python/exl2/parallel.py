@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ._convert import as_tensor
-from .loaders import EXL2_TENSORS, GPTQ_TENSORS, _normalise, detect_format
+from .loaders import EXL2_TENSORS, GPTQ_TENSORS, _implied_gptq_bits, _normalise, _shape, detect_format
 from .reference import exl2_group_layout
 
 __all__ = ["split_columns", "split_rows"]
@@ -34,6 +34,11 @@ def _load(tensors: Mapping[str, Any]) -> tuple[str, Tensors]:
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors: expected a mapping of format tensors, got {type(tensors).__name__}")
     fmt = detect_format(tensors)
+    if fmt not in ("exl2", "gptq"):
+        raise ValueError(f"tensors: splitting supports EXL2 and 4-bit GPTQ layers, got {fmt}")
+    if fmt == "gptq" and _implied_gptq_bits(_shape(tensors["qzeros"]), _shape(tensors["scales"])) not in (4, None):
+        raise ValueError("tensors: splitting supports EXL2 and 4-bit GPTQ layers, got a "
+                         f"{_implied_gptq_bits(_shape(tensors['qzeros']), _shape(tensors['scales']))}-bit GPTQ layer")
     required, optional = EXL2_TENSORS if fmt == "exl2" else GPTQ_TENSORS
     missing = [k for k in required if tensors.get(k) is None]
     if missing:
