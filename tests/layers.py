@@ -32,7 +32,8 @@ def is_exl2(layer: Dict[str, Any]) -> bool:
 
 def build(layer: Dict[str, Any], device: str, *, as_torch: bool = True, zero_format: str = "v1",
           bias: bool = True) -> exl2.QMatrix:
-    """Build a QMatrix from a layer dict (golden case or exl2.reference.random_*)."""
+    """Build a QMatrix from a layer dict (golden case or exl2.reference.random_*; GPTQ width and
+    AWQ told apart by shape)."""
     conv = (lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)) if as_torch else (lambda a: a)
     b = conv(layer["bias"]) if bias and layer.get("bias") is not None else None
     if is_exl2(layer):
@@ -41,10 +42,15 @@ def build(layer: Dict[str, Any], device: str, *, as_torch: bool = True, zero_for
             conv(layer["q_weight"]), conv(layer["q_invperm"]), conv(layer["q_scale"]), conv(layer["q_scale_max"]),
             conv(layer["q_groups"]), q_perm=None if q_perm is None else conv(q_perm), bias=b, device=device,
         )
+    if exl2.loaders.detect_format(layer) == "awq":
+        return exl2.QMatrix.from_awq(conv(layer["qweight"]), conv(layer["qzeros"]), conv(layer["scales"]), bias=b,
+                                     device=device)
     g_idx = layer.get("g_idx")
+    # GPTQ width: qzeros is [G, N*bits/32], scales [G, N]
+    bits = 32 * layer["qzeros"].shape[1] // layer["scales"].shape[1]
     return exl2.QMatrix.from_gptq(
         conv(layer["qweight"]), conv(layer["qzeros"]), conv(layer["scales"]),
-        g_idx=None if g_idx is None else conv(g_idx), bias=b, zero_format=zero_format, device=device,
+        g_idx=None if g_idx is None else conv(g_idx), bias=b, zero_format=zero_format, bits=bits, device=device,
     )
 
 
