@@ -184,12 +184,13 @@ def test_gptq_groups_divide_rows() -> None:
         make_gptq(qzeros=GPTQ["qzeros"][:3].contiguous(), scales=GPTQ["scales"][:3].contiguous(), g_idx=None)
 
 
-def test_gptq_group_size_multiple_of_8() -> None:
-    # K = 128 rows in 32 groups of 4 rows
-    qz = GPTQ["qzeros"].repeat(8, 1)
-    sc = GPTQ["scales"].repeat(8, 1)
-    with pytest.raises(ValueError, match="qzeros: the group size K/G = 4 must be a multiple of 8"):
-        make_gptq(qzeros=qz, scales=sc, g_idx=None)
+def test_gptq_group_size_not_filling_words() -> None:
+    # K = 128 rows in 32 groups of 4 rows (16 bits: groups do not start word-aligned in the
+    # checkpoint); accepted and repacked into word-aligned canonical groups.
+    layer = R.random_gptq(np.random.default_rng(1), 128, 16, group_size=4, act_order=True)
+    with exl2.QMatrix.from_gptq(*(torch.from_numpy(layer[k]) for k in ("qweight", "qzeros", "scales")),
+                                g_idx=torch.from_numpy(layer["g_idx"])) as q:
+        assert np.array_equal(q.dequantize().numpy().view(np.uint16), layer["weight"].view(np.uint16))
 
 
 def test_gptq_g_idx_range() -> None:
@@ -224,8 +225,149 @@ def test_gptq_zero_format() -> None:
         make_gptq(zero_format="v3")
 
 
+# ------------------------------------------------------- GPTQ 2/3/8-bit rules
+GPTQ3 = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+         R.random_gptq(RNG, 96, 64, group_size=32, act_order=True, bits=3, bias=True).items()}
+
+
+def make_gptq3(bits=3, **override):
+    t = {**GPTQ3, **override}
+    return exl2.QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], g_idx=t.get("g_idx"), bias=t.get("bias"),
+                                  bits=bits)
+
+
+def test_gptq3_valid() -> None:
+    make_gptq3().close()
+
+
+@pytest.mark.parametrize("bits", [0, 1, 5, 6, 7, 16, True, 4.0, "4"])
+def test_gptq_bits_value(bits) -> None:
+    with pytest.raises(ValueError, match="bits: expected 2, 3, 4 or 8"):
+        make_gptq3(bits=bits)
+
+
+@pytest.mark.parametrize("bits, match", [
+    (2, r"qzeros: expected shape \[G, N/16\] = \[4, 1\] for bits = 2 .*got \[4, 2\]; is bits right\?"),
+    (8, r"qzeros: expected shape \[G, N/4\] = \[4, 4\] for bits = 8 .*got \[4, 2\]; is bits right\?"),
+    (3, r"qweight: for bits = 3 the row count must be a multiple of 3 \(32 rows in 3 words\), got 16"),
+])
+def test_gptq4_checkpoint_with_wrong_bits(bits: int, match: str) -> None:
+    # the 4-bit layer (K = 128, N = 16, G = 4) read at another width
+    with pytest.raises(ValueError, match=match):
+        exl2.QMatrix.from_gptq(GPTQ["qweight"], GPTQ["qzeros"], GPTQ["scales"], bits=bits)
+
+
+def test_gptq3_checkpoint_with_bits_4() -> None:
+    with pytest.raises(ValueError, match=r"qzeros: expected shape \[G, N/8\] = \[3, 8\] for bits = 4"):
+        make_gptq3(bits=4)
+
+
+def test_gptq3_n_multiple_of_32() -> None:
+    with pytest.raises(ValueError, match="qweight: for bits = 3 the column count N must be a multiple of 32"):
+        make_gptq3(qweight=GPTQ3["qweight"][:, :48].contiguous())
+
+
+def test_gptq2_n_multiple_of_16() -> None:
+    layer = R.random_gptq(RNG, 64, 32, group_size=32, bits=2)
+    with pytest.raises(ValueError, match=r"qweight: for bits = 2 the column count N must be a multiple of 16 \(.*\), got N = 24"):
+        exl2.QMatrix.from_gptq(torch.from_numpy(layer["qweight"][:, :24].copy()),
+                               torch.from_numpy(layer["qzeros"]), torch.from_numpy(layer["scales"][:, :24].copy()),
+                               bits=2)
+
+
+def test_gptq3_groups_divide_rows() -> None:
+    # K = 96 rows, G = 5 groups
+    qz = torch.cat([GPTQ3["qzeros"], GPTQ3["qzeros"][:2]])
+    sc = torch.cat([GPTQ3["scales"], GPTQ3["scales"][:2]])
+    with pytest.raises(ValueError, match="qzeros: the group count G = 5 must divide the row count K = 96"):
+        make_gptq3(qzeros=qz, scales=sc, g_idx=None)
+
+
+def test_gptq3_g_idx_range_and_shape() -> None:
+    g = GPTQ3["g_idx"].clone()
+    g[7] = 3
+    with pytest.raises(ValueError, match="g_idx: expected group indices in 0..2, element 7 is 3"):
+        make_gptq3(g_idx=g)
+    g[7] = -1
+    with pytest.raises(ValueError, match="g_idx: expected group indices in 0..2, element 7 is -1"):
+        make_gptq3(g_idx=g)
+    with pytest.raises(ValueError, match=r"g_idx: expected shape \[K\] = \[96\] \(K = qweight rows \* 32 / bits, bits = 3\)"):
+        make_gptq3(g_idx=GPTQ3["g_idx"][:64].contiguous())
+
+
+def test_gptq3_scales_shape_and_dtype() -> None:
+    with pytest.raises(ValueError, match=r"scales: expected shape \[G, N\] = \[3, 64\]"):
+        make_gptq3(scales=GPTQ3["scales"][:, :32].contiguous())
+    with pytest.raises(TypeError, match="qzeros: expected dtype int32"):
+        make_gptq3(qzeros=GPTQ3["qzeros"].long())
+
+
+# ------------------------------------------------------------------ AWQ rules
+AWQ = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+       R.random_awq(RNG, 128, 32, group_size=32, bias=True).items()}
+
+
+def make_awq(**override):
+    t = {**AWQ, **override}
+    return exl2.QMatrix.from_awq(t["qweight"], t["qzeros"], t["scales"], bias=t.get("bias"))
+
+
+def test_awq_valid() -> None:
+    make_awq().close()
+
+
+@pytest.mark.parametrize("name", ["qweight", "qzeros", "scales"])
+def test_awq_required(name: str) -> None:
+    with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor"):
+        make_awq(**{name: None})
+
+
+@pytest.mark.parametrize("name", ["qweight", "qzeros"])
+def test_awq_int32_dtype(name: str) -> None:
+    with pytest.raises(TypeError, match=f"{name}: expected dtype int32"):
+        make_awq(**{name: AWQ[name].to(torch.int64)})
+
+
+def test_awq_scales_dtype_and_finite() -> None:
+    with pytest.raises(TypeError, match="scales: expected dtype float16"):
+        make_awq(scales=AWQ["scales"].float())
+    s = AWQ["scales"].clone()
+    s[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="scales: expected finite values"):
+        make_awq(scales=s)
+
+
+def test_awq_qzeros_shape() -> None:
+    with pytest.raises(ValueError, match=r"qzeros: expected shape \[G, N/8\] with N/8 = 4 \(qweight is \[K, N/8\]"):
+        make_awq(qzeros=AWQ["qzeros"][:, :2].contiguous())
+
+
+def test_awq_scales_shape() -> None:
+    with pytest.raises(ValueError, match=r"scales: expected shape \[G, N\] = \[4, 32\] \(N = 8 \* qweight columns\)"):
+        make_awq(scales=AWQ["scales"][:, :16].contiguous())
+
+
+def test_awq_groups_divide_rows() -> None:
+    qz = torch.cat([AWQ["qzeros"], AWQ["qzeros"][:1]])
+    sc = torch.cat([AWQ["scales"], AWQ["scales"][:1]])
+    with pytest.raises(ValueError, match="qzeros: the group count G = 5 must divide the row count K = 128"):
+        make_awq(qzeros=qz, scales=sc)
+
+
+def test_gptq_checkpoint_given_to_from_awq() -> None:
+    # GPTQ qweight [K/8, N] read as AWQ's [K, N/8]: the scales' width cannot match
+    with pytest.raises(ValueError, match=r"(qzeros|scales): expected shape \[G, N"):
+        exl2.QMatrix.from_awq(GPTQ["qweight"], GPTQ["qzeros"], GPTQ["scales"])
+
+
+def test_awq_checkpoint_given_to_from_gptq() -> None:
+    # AWQ qweight [K, N/8] = [128, 4] read as GPTQ's [K/8, N]: N = 4
+    with pytest.raises(ValueError, match="qweight: expected the column count N to be a multiple of 8, got N = 4"):
+        exl2.QMatrix.from_gptq(AWQ["qweight"], AWQ["qzeros"], AWQ["scales"])
+
+
 # ------------------------------------------------------------------ shared rules
-@pytest.mark.parametrize("make,fmt", [(make_exl2, EXL2), (make_gptq, GPTQ)])
+@pytest.mark.parametrize("make,fmt", [(make_exl2, EXL2), (make_gptq, GPTQ), (make_gptq3, GPTQ3), (make_awq, AWQ)])
 def test_bias(make, fmt) -> None:
     with pytest.raises(ValueError, match=r"bias: expected shape \[N\]"):
         make(bias=fmt["bias"][:8].contiguous())

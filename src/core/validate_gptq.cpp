@@ -61,7 +61,8 @@ ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t st
   if (w.qzeros.shape != std::vector<std::int64_t>{m.G, m.N * b / 32}) {
     TensorView e;
     e.shape = {m.G, m.N * b / 32};
-    fail_value("qzeros: expected shape [G, N*bits/32] = ", e.shape_str(), " for bits = ", b, " (N = ", m.N,
+    const char* symbolic = b == 2 ? "[G, N/16]" : b == 3 ? "[G, N*3/32]" : b == 4 ? "[G, N/8]" : "[G, N/4]";
+    fail_value("qzeros: expected shape ", symbolic, " = ", e.shape_str(), " for bits = ", b, " (N = ", m.N,
                " from qweight), got ", w.qzeros.shape_str(), "; is bits right?");
   }
   check_shape(w.scales, "scales", {m.G, m.N}, "[G, N]");
