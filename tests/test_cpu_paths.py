@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,21 @@ CHILD = textwrap.dedent(
         neg["scales"] = (-neg["scales"].astype(np.float32) * np.where(big_cols, 30000.0, 1.0)).astype(
             np.float16)  # negative scales (signed zero weights)
         out["gptq_neg_big"] = (neg, {})
+        # GPTQ 2/3/8-bit (3-bit and 8-bit with unaligned groups too) and AWQ
+        out.update(NEW_FORMATS(rng))
         return out
+
+    def NEW_FORMATS(rng):
+        return {
+            "gptq2_act": (R.random_gptq(rng, 256, 80, group_size=64, act_order=True, bits=2, bias=True), {"bits": 2}),
+            "gptq3_act": (R.random_gptq(rng, 384, 96, group_size=128, act_order=True, bits=3), {"bits": 3}),
+            "gptq3_g8_v2": (R.random_gptq(rng, 96, 64, group_size=8, bits=3, zero_format="v2"),
+                            {"bits": 3, "zero_format": "v2"}),
+            "gptq8": (R.random_gptq(rng, 256, 72, group_size=32, bits=8, bias=True), {"bits": 8}),
+            "gptq8_g4_act": (R.random_gptq(rng, 64, 40, group_size=4, act_order=True, bits=8), {"bits": 8}),
+            "awq": (R.random_awq(rng, 256, 104, group_size=64, bias=True), {"awq": True}),
+            "awq_g5": (R.random_awq(rng, 135, 48, group_size=5), {"awq": True}),
+        }
 
     def build(layer, opts):
         t = lambda k: torch.from_numpy(np.ascontiguousarray(layer[k]))
@@ -65,9 +80,11 @@ CHILD = textwrap.dedent(
             return exl2.QMatrix.from_exl2(t("q_weight"), t("q_invperm"), t("q_scale"), t("q_scale_max"),
                                           t("q_groups"), bias=bias,
                                           scale_max_prescaled=opts.get("scale_max_prescaled", False))
+        if opts.get("awq"):
+            return exl2.QMatrix.from_awq(t("qweight"), t("qzeros"), t("scales"), bias=bias)
         return exl2.QMatrix.from_gptq(t("qweight"), t("qzeros"), t("scales"),
                                       g_idx=t("g_idx") if "g_idx" in layer else None, bias=bias,
-                                      zero_format=opts.get("zero_format", "v1"))
+                                      zero_format=opts.get("zero_format", "v1"), bits=opts.get("bits", 4))
 
     results = {}
     rng = np.random.default_rng(99)
@@ -132,6 +149,15 @@ def test_dequantize_matches_reference(outputs: dict) -> None:
     rng = np.random.default_rng(1234)
     expected = {f"exl2_b{b}": R.random_exl2(rng, 320, 72, bits=b, group_size=64, bias=True)["weight"]
                 for b in R.EXL2_BITS}
+    # the layers after the EXL2 ones, rebuilt with the child's generator state
+    exec(compile(CHILD.split("\ndef build(")[0], "child", "exec"), ns := {})
+    with warnings.catch_warnings():  # the exl2_inf layer overflows on purpose
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rebuilt = ns["layers"]()
+    for name, (layer, _) in rebuilt.items():
+        if name.startswith(("gptq2", "gptq3", "gptq8", "awq")):
+            expected[name] = layer["weight"]
+    assert len(expected) == len(R.EXL2_BITS) + 7
     for config in ("default", "scalar"):
         for name, w in expected.items():
             got = outputs[config][f"{name}.dequant"]
