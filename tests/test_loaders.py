@@ -1,4 +1,4 @@
-"""exl2.loaders: safetensors files, model directories, state dicts and GPTQ quantize configs.
+"""exl2.loaders: safetensors files, model directories, state dicts and GPTQ / AWQ quantization configs.
 
 The committed checkpoints ``tests/data/tiny_exl2.safetensors`` and ``tests/data/tiny_gptq/``
 are made by :func:`write_tiny_checkpoints` (regenerate with ``python tests/test_loaders.py``);
@@ -80,8 +80,11 @@ def _sub(sd: Dict[str, np.ndarray], prefix: str) -> Dict[str, np.ndarray]:
 def _check(q: exl2.QMatrix, t: Dict[str, np.ndarray], zero_format: str = "v1") -> None:
     if "q_weight" in t:
         w = R.dequantize_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"])
+    elif exl2.loaders.detect_format(t) == "awq":
+        w = R.dequantize_awq(t["qweight"], t["qzeros"], t["scales"])
     else:
-        w = R.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), zero_format)
+        bits = 32 * np.shape(t["qzeros"])[1] // np.shape(t["scales"])[1]  # qzeros [G, N*bits/32]
+        w = R.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), zero_format, bits)
     assert bits_equal(q.dequantize(), w)
     x = np.random.default_rng(1).standard_normal((5, w.shape[0])).astype(np.float16)
     y = q.matmul(torch.from_numpy(x).to(q.device))
@@ -211,19 +214,129 @@ def test_load_gptq_config_json_fallback(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])
-def test_load_gptq_bits_argument(bits: int) -> None:
-    with pytest.raises(ValueError, match="bits: only 4-bit"):
+def test_load_gptq_bits_argument_must_match(bits: int) -> None:
+    with pytest.raises(ValueError, match=f"bits: {bits} does not match layer .* are 4-bit GPTQ"):
         exl2.load_gptq(TINY_GPTQ, GPTQ_LAYERS[0], bits=bits)
+    with pytest.raises(ValueError, match="bits: expected 2, 3, 4 or 8 for GPTQ, got bits=5"):
+        exl2.load_gptq(TINY_GPTQ, GPTQ_LAYERS[0], bits=5)
 
 
-def test_load_gptq_bits_in_config(tmp_path: Path) -> None:
-    _gptq_dir(tmp_path, {"bits": 8, "group_size": 128})
-    with pytest.raises(ValueError, match="bits: only 4-bit GPTQ is supported, got bits=8"):
+def test_load_gptq_bits_in_config_must_match(tmp_path: Path) -> None:
+    _gptq_dir(tmp_path, {"bits": 8, "group_size": 16})  # the layer is 4-bit
+    with pytest.raises(ValueError, match="bits: 8 does not match layer 'l'"):
         exl2.load_gptq(tmp_path, "l")
 
 
+def test_load_gptq_unsupported_bits_in_config(tmp_path: Path) -> None:
+    _gptq_dir(tmp_path, {"bits": 5, "group_size": 16})
+    with pytest.raises(ValueError, match="bits: expected 2, 3, 4 or 8 for GPTQ, got bits=5"):
+        exl2.load_gptq(tmp_path, "l")
+
+
+@pytest.mark.parametrize("bits, zero_format, in_config_json", [(2, "v1", False), (3, "v1", True), (8, "v2", False),
+                                                               (3, "v2", False)])
+def test_load_gptq_widths_from_config(tmp_path: Path, bits: int, zero_format: str, in_config_json: bool) -> None:
+    cfg = {"quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": True,
+           "checkpoint_format": "gptq_v2" if zero_format == "v2" else "gptq"}
+    layer = R.random_gptq(np.random.default_rng(bits), 128 if bits != 3 else 96, 64, group_size=32, act_order=True,
+                          zero_format=zero_format, bits=bits, bias=True)
+    save_file(_layer(layer, "model.l"), str(tmp_path / "model.safetensors"))
+    name = "config.json" if in_config_json else "quantize_config.json"
+    body = {"quantization_config": cfg} if in_config_json else cfg
+    (tmp_path / name).write_text(json.dumps(body))
+    assert exl2.loaders.read_gptq_config(tmp_path).bits == bits
+    assert exl2.loaders.layer_format(tmp_path, "model.l") == "gptq"
+    with exl2.load_gptq(tmp_path, "model.l") as q:
+        _check(q, layer, zero_format)
+    with exl2.load_gptq(tmp_path, "model.l", bits=bits) as q:
+        _check(q, layer, zero_format)
+    m = exl2.QuantLinear.from_state_dict(tmp_path, "model.l")
+    assert bits_equal(m.qmatrix.dequantize(), layer["weight"])
+    # a single file without config: the width comes from the shapes
+    with exl2.load_gptq(tmp_path / "model.safetensors", "model.l", zero_format=zero_format) as q:
+        _check(q, layer, zero_format)
+
+
+# ------------------------------------------------------------------------ AWQ
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+
+
+def _awq_dir(tmp_path: Path, config, *, name: str = "config.json", **kw) -> Dict[str, np.ndarray]:
+    kw.setdefault("group_size", 32)
+    layer = R.random_awq(np.random.default_rng(9), 128, 64, bias=True, **kw)
+    save_file(_layer(layer, "model.l"), str(tmp_path / "model.safetensors"))
+    if config is not None:
+        body = {"model_type": "llama", "quantization_config": config} if name == "config.json" else config
+        (tmp_path / name).write_text(json.dumps(body))
+    return layer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_load_awq_config_json(tmp_path: Path, device: str) -> None:
+    layer = _awq_dir(tmp_path, AWQ_CONFIG)
+    assert exl2.loaders.read_awq_config(tmp_path) == exl2.loaders.AWQConfig(group_size=32)
+    assert exl2.loaders.layer_format(tmp_path, "model.l") == "awq"
+    with exl2.load_awq(tmp_path, "model.l", device=device) as q:
+        assert q.format == "awq" and q.has_bias
+        _check(q, layer)
+    m = exl2.QuantLinear.from_state_dict(tmp_path, "model.l")
+    assert m.qmatrix.format == "awq"
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 128)).astype(np.float16))
+    assert rel_err(m(x), R.gemm(x.numpy(), layer["weight"], layer["bias"])) < 2e-3
+
+
+def test_load_awq_autoawq_quant_config(tmp_path: Path) -> None:
+    layer = _awq_dir(tmp_path, {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"},
+                     name="quant_config.json")
+    assert exl2.loaders.read_awq_config(tmp_path).group_size == 32
+    assert exl2.loaders.layer_format(tmp_path, "model.l") == "awq"
+    with exl2.load_awq(tmp_path, "model.l") as q:
+        _check(q, layer)
+    with pytest.raises(ValueError, match="quant_method: expected 'gptq', got 'awq'"):
+        exl2.load_gptq(tmp_path, "model.l")
+
+
+def test_awq_without_config_by_shape(tmp_path: Path) -> None:
+    layer = _awq_dir(tmp_path, None, group_size=None)
+    f = tmp_path / "model.safetensors"
+    assert exl2.loaders.layer_format(f, "model.l") == "awq"
+    assert exl2.loaders.layer_format(tmp_path, "model.l") == "awq"
+    with exl2.load_awq(f, "model.l", group_size=-1) as q:
+        _check(q, layer)
+    sd = {k[len("model.l."):]: v for k, v in load_file(f).items()}
+    assert exl2.loaders.detect_format(sd) == "awq"
+    with exl2.loaders.qmatrix_from_tensors(sd) as q:
+        _check(q, layer)
+    with exl2.load_awq({f"p.{k}": torch.from_numpy(v) for k, v in sd.items()}, "p") as q:
+        _check(q, layer)
+    with pytest.raises(ValueError, match="group_size: 64 does not match layer 'model.l'"):
+        exl2.load_awq(f, "model.l", group_size=64)
+
+
 @pytest.mark.parametrize("config, match", [
-    ({"quant_method": "awq", "bits": 4}, "quant_method"),
+    ({**AWQ_CONFIG, "version": "gemv"}, "version: only AWQ 'gemm' packing"),
+    ({**AWQ_CONFIG, "bits": 3}, "bits: only 4-bit AWQ"),
+    ({**AWQ_CONFIG, "zero_point": False}, "zero_point"),
+    ({**AWQ_CONFIG, "group_size": 64}, "group_size: 64 does not match"),
+    ({"quant_method": "gptq", "bits": 4}, "quant_method: expected 'awq'"),
+])
+def test_load_awq_bad_config(tmp_path: Path, config: dict, match: str) -> None:
+    _awq_dir(tmp_path, config)
+    with pytest.raises(ValueError, match=match):
+        exl2.load_awq(tmp_path, "model.l")
+
+
+def test_detect_format_gptq_widths() -> None:
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 4, 8):
+        layer = R.random_gptq(rng, 96 if bits == 3 else 64, 64, group_size=32, bits=bits)
+        assert exl2.loaders.detect_format(layer) == "gptq"
+        with exl2.loaders.qmatrix_from_tensors(layer) as q:  # width from the qzeros shape
+            _check(q, layer)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"quant_method": "awq", "bits": 4}, "quant_method: expected 'gptq', got 'awq'"),
     ({"bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format"),
 ])
 def test_load_gptq_bad_config(tmp_path: Path, config: dict, match: str) -> None:
