@@ -31,3 +31,26 @@ def test_version_matches_package_metadata() -> None:
     from importlib.metadata import version
 
     assert exl2.__version__ == version("exl2")
+
+
+def test_demo_new_formats() -> None:
+    for args, name in ((("--format", "gptq", "--bits", "3"), "gptq 3-bit"), (("--format", "awq"), "awq 4-bit"),
+                       (("--format", "gptq", "--bits", "8"), "gptq 8-bit")):
+        r = run("demo", "--device", "cpu", "--rows", "2", *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert name in r.stdout and "dequantize bit-exact: True" in r.stdout
+        assert r.stdout.count("bpw") == 1 and r.stdout.strip().endswith("demo passed")
+    r = run("demo", "--device", "cpu", "--format", "gptq", "--bits", "5")
+    assert r.returncode != 0 and "--bits" in r.stderr
+
+
+def test_bench_format_arguments(monkeypatch) -> None:
+    import exl2.__main__ as main
+    import exl2.bench
+
+    calls = []
+    monkeypatch.setattr(exl2.bench, "run", lambda *a, **k: calls.append((a, k)) or {})
+    assert main.main(["bench", "--format", "gptq", "--bits", "3", "--quick"]) == 0
+    assert main.main(["bench", "--format", "awq", "--m", "1", "8"]) == 0
+    assert calls[0][1] == {"fmt": "gptq", "bits": 3} and calls[0][0][2] is True
+    assert calls[1][1] == {"fmt": "awq", "bits": 4} and calls[1][0][0] == [1, 8]

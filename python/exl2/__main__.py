@@ -16,19 +16,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo = sub.add_parser("demo", help="run an embedded demo layer and check it against exl2.reference")
     demo.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     demo.add_argument("--rows", type=int, default=8, help="rows m of the activation (default 8)")
+    demo.add_argument("--format", dest="fmt", choices=["all", "exl2", "gptq", "awq"], default="all",
+                      help="which demo layers to run (default: all)")
+    demo.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4, help="GPTQ code width (default 4)")
     bench = sub.add_parser("bench", help="time matmul vs dense fp16 and the bandwidth floor (CUDA graphs)")
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--m", type=int, nargs="*", default=None, help="row counts (default 1 8 16 32 64 512 2048)")
     bench.add_argument("--quick", action="store_true", help="only the 4096x4096 layers")
+    bench.add_argument("--format", dest="fmt", choices=["exl2", "gptq", "awq"], default=None,
+                       help="only layers of this format (default: the GPTQ-4 and EXL2 table)")
+    bench.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4, help="GPTQ code width (default 4)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return cli.info()
     if args.command == "bench":
         from . import bench as bench_mod
 
-        bench_mod.run(args.m, args.json, args.quick)
+        if args.fmt is None and args.bits != 4:
+            parser.error("bench: --bits needs --format gptq")
+        bench_mod.run(args.m, args.json, args.quick, fmt=args.fmt, bits=args.bits)
         return 0
-    return cli.demo(device=args.device, rows=args.rows)
+    return cli.demo(device=args.device, rows=args.rows, fmt=args.fmt, bits=args.bits)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,23 @@ from . import __version__
 from .qmatrix import QMatrix
 
 
-def _random_gptq(K: int, N: int, group_size: int, act_order: bool, g: torch.Generator) -> QMatrix:
+def _random_gptq(K: int, N: int, group_size: int, act_order: bool, g: torch.Generator, bits: int = 4) -> QMatrix:
     G = K // group_size
-    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device="cuda", generator=g)
-    qzeros = torch.randint(-2**31, 2**31 - 1, (G, N // 8), dtype=torch.int32, device="cuda", generator=g)
+    qweight = torch.randint(-2**31, 2**31 - 1, (K * bits // 32, N), dtype=torch.int32, device="cuda", generator=g)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (G, N * bits // 32), dtype=torch.int32, device="cuda", generator=g)
     scales = (torch.rand((G, N), device="cuda", generator=g) * 0.004 + 0.001).half()
     g_idx = torch.arange(K, device="cuda", dtype=torch.int32) // group_size
     if act_order:
         g_idx = g_idx[torch.randperm(K, device="cuda", generator=g)].contiguous()
-    return QMatrix.from_gptq(qweight, qzeros, scales, g_idx=g_idx if act_order else None)
+    return QMatrix.from_gptq(qweight, qzeros, scales, g_idx=g_idx if act_order else None, bits=bits)
+
+
+def _random_awq(K: int, N: int, group_size: int, g: torch.Generator) -> QMatrix:
+    G = K // group_size
+    qweight = torch.randint(-2**31, 2**31 - 1, (K, N // 8), dtype=torch.int32, device="cuda", generator=g)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (G, N // 8), dtype=torch.int32, device="cuda", generator=g)
+    scales = (torch.rand((G, N), device="cuda", generator=g) * 0.004 + 0.001).half()
+    return QMatrix.from_awq(qweight, qzeros, scales)
 
 
 def _random_exl2(K: int, N: int, groups: List[tuple], g: torch.Generator) -> QMatrix:
@@ -92,8 +100,10 @@ def _copy_bandwidth() -> float:
     return 2 * n / (us * 1e-6)
 
 
-def run(ms: Optional[List[int]] = None, json_path: Optional[str] = None, quick: bool = False) -> Dict[str, Any]:
-    """Run the benchmark table and print it; optionally write JSON."""
+def run(ms: Optional[List[int]] = None, json_path: Optional[str] = None, quick: bool = False,
+        fmt: Optional[str] = None, bits: int = 4) -> Dict[str, Any]:
+    """Run the benchmark table and print it; optionally write JSON. ``fmt`` ("exl2",
+    "gptq" with ``bits``, or "awq") restricts it to layers of one format."""
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA device")
     ms = ms or [1, 8, 16, 32, 64, 512, 2048]
@@ -102,9 +112,14 @@ def run(ms: Optional[List[int]] = None, json_path: Optional[str] = None, quick: 
     shapes = [(4096, 4096), (8192, 28672)] if not quick else [(4096, 4096)]
     layers: List[tuple] = []
     for K, N in shapes:
-        layers.append((f"gptq4 g128 act {K}x{N}", lambda K=K, N=N: _random_gptq(K, N, 128, True, g)))
-        layers.append((f"exl2 4.0bpw {K}x{N}", lambda K=K, N=N: _random_exl2(K, N, _exl2_groups(K, 4.0), g)))
-        if not quick and (K, N) == (8192, 28672):
+        if fmt in (None, "gptq"):
+            layers.append((f"gptq{bits} g128 act {K}x{N}",
+                           lambda K=K, N=N: _random_gptq(K, N, 128, True, g, bits)))
+        if fmt == "awq":
+            layers.append((f"awq4 g128 {K}x{N}", lambda K=K, N=N: _random_awq(K, N, 128, g)))
+        if fmt in (None, "exl2"):
+            layers.append((f"exl2 4.0bpw {K}x{N}", lambda K=K, N=N: _random_exl2(K, N, _exl2_groups(K, 4.0), g)))
+        if fmt in (None, "exl2") and not quick and (K, N) == (8192, 28672):
             for bpw in (2.5, 4.5, 6.0):
                 layers.append((f"exl2 {bpw}bpw {K}x{N}", lambda K=K, N=N, b=bpw: _random_exl2(K, N, _exl2_groups(K, b), g)))
     rows: List[Dict[str, Any]] = []

@@ -31,18 +31,27 @@ def info() -> int:
     return 0
 
 
-def _demo_layers() -> dict:
-    """The embedded demo: two small layers made deterministically by exl2.reference."""
+def _demo_layers(fmt: str = "all", bits: int = 4) -> dict:
+    """The embedded demo: small layers made deterministically by exl2.reference
+    (``fmt``: "all", "exl2", "gptq" or "awq"; ``bits``: the GPTQ width)."""
     rng = np.random.default_rng(20261125)
-    return {
-        "exl2 mixed 8/6/4/3/2-bit, 1024x512": reference.random_exl2(
+    layers = {}
+    if fmt in ("all", "exl2"):
+        layers["exl2 mixed 8/6/4/3/2-bit, 1024x512"] = reference.random_exl2(
             rng, 1024, 512, bits=[(8, 64), (6, 128), (4, 384), (3, 256), (2, 192)], bias=True
-        ),
-        "gptq 4-bit act-order g128, 1024x512": reference.random_gptq(rng, 1024, 512, group_size=128, act_order=True),
-    }
+        )
+    if fmt in ("all", "gptq"):
+        layers[f"gptq {bits}-bit act-order g128, 1024x512"] = reference.random_gptq(
+            rng, 1024, 512, group_size=128, act_order=True, bits=bits
+        )
+    if fmt in ("all", "awq"):
+        layers["awq 4-bit g128, 1024x512"] = reference.random_awq(rng, 1024, 512, group_size=128, bias=True)
+    if not layers:
+        raise ValueError(f"format: expected 'all', 'exl2', 'gptq' or 'awq', got {fmt!r}")
+    return layers
 
 
-def demo(device: Optional[str] = None, rows: int = 8) -> int:
+def demo(device: Optional[str] = None, rows: int = 8, fmt: str = "all", bits: int = 4) -> int:
     """Run the demo layers on CUDA if available (else CPU) and compare with exl2.reference."""
     if device is None:
         device = "cuda" if built_with_cuda() and cuda_device_count() > 0 and torch.cuda.is_available() else "cpu"
@@ -50,7 +59,7 @@ def demo(device: Optional[str] = None, rows: int = 8) -> int:
     print(f"exl2 {__version__} demo on {dev}")
     rng = np.random.default_rng(7)
     worst = 0.0
-    for name, layer in _demo_layers().items():
+    for name, layer in _demo_layers(fmt, bits).items():
         K, N = layer["weight"].shape
         x = rng.standard_normal((rows, K)).astype(np.float16)
         if "q_weight" in layer:
@@ -58,10 +67,12 @@ def demo(device: Optional[str] = None, rows: int = 8) -> int:
                 layer["q_weight"], layer["q_invperm"], layer["q_scale"], layer["q_scale_max"], layer["q_groups"],
                 bias=layer.get("bias"), device=dev,
             )
+        elif name.startswith("awq"):
+            q = QMatrix.from_awq(layer["qweight"], layer["qzeros"], layer["scales"], bias=layer.get("bias"), device=dev)
         else:
             q = QMatrix.from_gptq(
                 layer["qweight"], layer["qzeros"], layer["scales"], g_idx=layer.get("g_idx"),
-                bias=layer.get("bias"), device=dev,
+                bias=layer.get("bias"), bits=bits, device=dev,
             )
         with q:
             xt = torch.from_numpy(x).to(dev)
