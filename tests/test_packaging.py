@@ -89,7 +89,7 @@ def test_wheel_ships_py_typed_and_ext_stub() -> None:
     assert public
     for name in public:
         assert re.search(rf"^(class|def) {name}\b", text, re.M), f"{name} is not in _ext.pyi"
-    assert "def from_gptq(" in text and "def gemm(" in text
+    assert "def from_gptq(" in text and "def from_awq(" in text and "def gemm(" in text
 
 
 @checkout

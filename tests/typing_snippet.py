@@ -57,6 +57,11 @@ def run() -> float:
         exl2.QMatrix.from_gptq(layer["qweight"][:1], layer["qzeros"], layer["scales"])
     except (ValueError, TypeError, exl2.UnsupportedError, exl2.CudaError) as exc:
         print(f"rejected as expected: {type(exc).__name__}")
+    g3 = exl2.reference.random_gptq(np.random.default_rng(2), 64, 32, group_size=32, bits=3)
+    awq = exl2.reference.random_awq(np.random.default_rng(3), 64, 32, group_size=32)
+    with QMatrix.from_gptq(g3["qweight"], g3["qzeros"], g3["scales"], bits=3) as q3, \
+            QMatrix.from_awq(awq["qweight"], awq["qzeros"], awq["scales"], bias=None, device="cpu") as qa:
+        assert describe(q3).startswith("gptq") and describe(qa).startswith("awq")
     lin: QuantLinear = QuantLinear.from_tensors(make_layer(1), device="cpu")
     out: torch.Tensor = lin(torch.zeros(2, lin.in_features, dtype=torch.float16))
     assert out.shape[-1] == lin.out_features
