@@ -1,5 +1,6 @@
 // Coverage-guided fuzzer (libFuzzer) for exl2's C++ validation entry points
-// QMatrix::from_exl2 / QMatrix::from_gptq, and for gemm / dequantize on what they accept.
+// QMatrix::from_exl2 / from_gptq (2/3/4/8-bit) / from_awq, and for gemm / dequantize on
+// what they accept.
 //
 // Bytes -> a structured layer (shapes, bit widths, groups, permutation, values) plus a
 // list of corruptions (dtype, rank, dims, strides, null data, device, element values,
@@ -42,14 +43,16 @@ using std::int64_t;
 
 // Outcome counters, printed at exit when EXL2_FUZZ_STATS is set (corpus statistics).
 struct Stats {
-  long exl2_ok = 0, exl2_rejected = 0, gptq_ok = 0, gptq_rejected = 0, unsupported = 0, calls_ok = 0,
-       calls_rejected = 0;
+  long exl2_ok = 0, exl2_rejected = 0, gptq_ok = 0, gptq_rejected = 0, awq_ok = 0, awq_rejected = 0,
+       unsupported = 0, calls_ok = 0, calls_rejected = 0;
   ~Stats() {
     if (std::getenv("EXL2_FUZZ_STATS") == nullptr) return;
     std::fprintf(stderr,
                  "exl2 fuzz stats: exl2 accepted %ld rejected %ld; gptq accepted %ld rejected %ld; "
-                 "unsupported (cuda target) %ld; gemm/dequantize calls ok %ld rejected %ld\n",
-                 exl2_ok, exl2_rejected, gptq_ok, gptq_rejected, unsupported, calls_ok, calls_rejected);
+                 "awq accepted %ld rejected %ld; unsupported (cuda target) %ld; "
+                 "gemm/dequantize calls ok %ld rejected %ld\n",
+                 exl2_ok, exl2_rejected, gptq_ok, gptq_rejected, awq_ok, awq_rejected, unsupported, calls_ok,
+                 calls_rejected);
   }
 } g_stats;
 
@@ -410,13 +413,22 @@ EXL2_NO_COVERAGE void exl2_dense(const Tensor& qw, const Tensor& inv, const Tens
     std::copy(wp.begin() + invp[k] * N, wp.begin() + (invp[k] + 1) * N, r.W.begin() + k * N);
 }
 
+/// Bit `pos` of a stream whose consecutive 32-bit words are p[0], p[stride], ...
+EXL2_NO_COVERAGE std::uint32_t stream_bit(const std::uint32_t* p, int64_t stride, int64_t pos) {
+  return (p[(pos / 32) * stride] >> (pos % 32)) & 1u;
+}
+
+/// GPTQ, `bits` wide: qweight [K*bits/32, N] (one bits-wide stream per column along K),
+/// qzeros [G, N*bits/32] (one stream per row along N), scales [G, N], optional g_idx [K].
 EXL2_NO_COVERAGE bool ref_gptq(const Tensor& qw, const Tensor& qz, const Tensor& sc, const Tensor& gi, const Tensor& bias, bool v2,
-              RefLayer& r) {
+              int bits, RefLayer& r) {
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return false;
   if (!ok_tensor(qw, DType::Int32, 2) || !ok_tensor(qz, DType::Int32, 2) || !ok_tensor(sc, DType::Float16, 2))
     return false;
-  const int64_t K = qw.v.shape[0] * 8, N = qw.v.shape[1], G = qz.v.shape[0];
-  if (N % 8) return false;
-  if (qz.v.shape != std::vector<int64_t>{G, N / 8} || sc.v.shape != std::vector<int64_t>{G, N}) return false;
+  if ((qw.v.shape[0] * 32) % bits) return false;
+  const int64_t K = qw.v.shape[0] * 32 / bits, N = qw.v.shape[1], G = qz.v.shape[0];
+  if (N % 8 || (N * bits) % 32) return false;
+  if (qz.v.shape != std::vector<int64_t>{G, N * bits / 32} || sc.v.shape != std::vector<int64_t>{G, N}) return false;
   if (K % G) return false;  // any group size: the library realigns groups to words
   const auto* s = sc.p<std::uint16_t>();
   for (int64_t i = 0; i < G * N; ++i)
@@ -441,12 +453,44 @@ EXL2_NO_COVERAGE bool ref_gptq(const Tensor& qw, const Tensor& qz, const Tensor&
   r.W.resize(K * N);
   const auto* q = qw.p<std::uint32_t>();
   const auto* z = qz.p<std::uint32_t>();
+  const int64_t mask = (int64_t{1} << bits) - 1;
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t code = (q[(k / 8) * N + n] >> (4 * (k % 8))) & 15;
-      int64_t zero = (z[grp[k] * (N / 8) + n / 8] >> (4 * (n % 8))) & 15;
-      if (!v2) zero = (zero + 1) & 15;
+      int64_t code = 0, zero = 0;
+      for (int i = 0; i < bits; ++i) {
+        code |= static_cast<int64_t>(stream_bit(q + n, N, k * bits + i)) << i;
+        zero |= static_cast<int64_t>(stream_bit(z + grp[k] * (N * bits / 32), 1, n * bits + i)) << i;
+      }
+      if (!v2) zero = (zero + 1) & mask;
       r.W[k * N + n] = round_h(h2d(s[grp[k] * N + n]) * static_cast<double>(code - zero));
+    }
+  }
+  return true;
+}
+
+/// AWQ 4-bit: qweight [K, N/8], qzeros [G, N/8] with column c of a word in nibble
+/// {0, 4, 1, 5, 2, 6, 3, 7}[c % 8]; scales [G, N]; groups of K/G consecutive rows.
+EXL2_NO_COVERAGE bool ref_awq(const Tensor& qw, const Tensor& qz, const Tensor& sc, const Tensor& bias, RefLayer& r) {
+  if (!ok_tensor(qw, DType::Int32, 2) || !ok_tensor(qz, DType::Int32, 2) || !ok_tensor(sc, DType::Float16, 2))
+    return false;
+  const int64_t K = qw.v.shape[0], N = qw.v.shape[1] * 8, G = qz.v.shape[0];
+  if (qz.v.shape[1] != N / 8 || sc.v.shape != std::vector<int64_t>{G, N} || K % G) return false;
+  const auto* s = sc.p<std::uint16_t>();
+  for (int64_t i = 0; i < G * N; ++i)
+    if (!finite_h(s[i])) return false;
+  if (!ref_bias(bias, N, r)) return false;
+  static const int kNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+  r.K = K;
+  r.N = N;
+  r.W.resize(K * N);
+  const auto* q = qw.p<std::uint32_t>();
+  const auto* z = qz.p<std::uint32_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t g = k / (K / G);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t code = (q[k * (N / 8) + n / 8] >> (4 * kNibble[n % 8])) & 15;
+      const int64_t zero = (z[g * (N / 8) + n / 8] >> (4 * kNibble[n % 8])) & 15;
+      r.W[k * N + n] = round_h(h2d(s[g * N + n]) * static_cast<double>(code - zero));
     }
   }
   return true;
@@ -732,13 +776,20 @@ void fuzz_exl2(FuzzedDataProvider& fdp, Rng& rng) {
 }
 
 void fuzz_gptq(FuzzedDataProvider& fdp, Rng& rng) {
-  const int64_t N = 8 * fdp.ConsumeIntegralInRange<int64_t>(1, 6);
+  // Width: mostly 4 bits; N and the packed row count follow the width's packing rules
+  // (corruptions and the occasional wrong `bits` argument make invalid cases).
+  static const int kWidths[8] = {4, 4, 4, 4, 4, 2, 3, 8};
+  const int b = kWidths[fdp.ConsumeIntegralInRange<int>(0, 7)];
+  const int64_t n_unit = b == 3 ? 32 : b == 2 ? 16 : 8;
+  const int64_t N = n_unit * fdp.ConsumeIntegralInRange<int64_t>(1, b == 3 ? 2 : 6 * 8 / n_unit);
   const int64_t G = fdp.ConsumeIntegralInRange<int64_t>(1, 5);
   const int64_t gs = 8 * fdp.ConsumeIntegralInRange<int64_t>(1, 6);
   const int64_t K = G * gs;
-  Tensor qw = make(DType::Int32, {K / 8, N}), qz = make(DType::Int32, {G, N / 8}), sc = make(DType::Float16, {G, N});
-  for (int64_t i = 0; i < K / 8 * N; ++i) qw.p<std::uint32_t>()[i] = static_cast<std::uint32_t>(rng.next());
-  for (int64_t i = 0; i < G * N / 8; ++i) qz.p<std::uint32_t>()[i] = static_cast<std::uint32_t>(rng.next());
+  const int64_t rows = (K * b + 31) / 32;
+  Tensor qw = make(DType::Int32, {rows, N}), qz = make(DType::Int32, {G, N * b / 32}),
+         sc = make(DType::Float16, {G, N});
+  for (int64_t i = 0; i < rows * N; ++i) qw.p<std::uint32_t>()[i] = static_cast<std::uint32_t>(rng.next());
+  for (int64_t i = 0; i < G * (N * b / 32); ++i) qz.p<std::uint32_t>()[i] = static_cast<std::uint32_t>(rng.next());
   const bool hostile_scales = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
   for (int64_t i = 0; i < G * N; ++i)
     sc.p<std::uint16_t>()[i] = hostile_scales ? fuzz_half(fdp, rng, false)
@@ -757,6 +808,9 @@ void fuzz_gptq(FuzzedDataProvider& fdp, Rng& rng) {
     for (int64_t n = 0; n < N; ++n) bias.p<std::uint16_t>()[n] = fuzz_half(fdp, rng, false);
   }
   const bool v2 = fdp.ConsumeBool();
+  static const int kBitsArgs[8] = {0, 1, 2, 3, 4, 5, 8, 16};
+  const int bits_arg = fdp.ConsumeIntegralInRange<int>(0, 15) == 0 ? kBitsArgs[fdp.ConsumeIntegralInRange<int>(0, 7)]
+                                                                   : b;
   std::vector<Tensor*> ts = {&qw, &qz, &sc, &gi, &bias};
   corrupt(fdp, rng, ts);
 
@@ -767,10 +821,11 @@ void fuzz_gptq(FuzzedDataProvider& fdp, Rng& rng) {
   w.g_idx = gi.v;
   w.bias = bias.v;
   w.zero_format = v2 ? exl2::ZeroFormat::V2 : exl2::ZeroFormat::V1;
+  w.bits = bits_arg;
   const bool cuda_target = fdp.ConsumeIntegralInRange<int>(0, 31) == 31;
   RefLayer ref;
-  const bool valid = ref_gptq(qw, qz, sc, gi, bias, v2, ref);
-  const std::vector<const char*> names = {"qweight", "qzeros", "scales", "g_idx", "bias"};
+  const bool valid = ref_gptq(qw, qz, sc, gi, bias, v2, bits_arg, ref);
+  const std::vector<const char*> names = {"qweight", "qzeros", "scales", "g_idx", "bias", "bits"};
   try {
     auto q = exl2::QMatrix::from_gptq(w, cuda_target ? exl2::Device::cuda(0) : exl2::Device::cpu());
     if (cuda_target) return;
@@ -792,6 +847,56 @@ void fuzz_gptq(FuzzedDataProvider& fdp, Rng& rng) {
   }
 }
 
+void fuzz_awq(FuzzedDataProvider& fdp, Rng& rng) {
+  const int64_t N = 8 * fdp.ConsumeIntegralInRange<int64_t>(1, 6);
+  const int64_t G = fdp.ConsumeIntegralInRange<int64_t>(1, 5);
+  const int64_t gs = fdp.ConsumeIntegralInRange<int64_t>(1, 40);  // any size: groups need not fill words
+  const int64_t K = G * gs;
+  Tensor qw = make(DType::Int32, {K, N / 8}), qz = make(DType::Int32, {G, N / 8}), sc = make(DType::Float16, {G, N});
+  for (int64_t i = 0; i < K * N / 8; ++i) qw.p<std::uint32_t>()[i] = static_cast<std::uint32_t>(rng.next());
+  for (int64_t i = 0; i < G * N / 8; ++i) qz.p<std::uint32_t>()[i] = static_cast<std::uint32_t>(rng.next());
+  const bool hostile_scales = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+  for (int64_t i = 0; i < G * N; ++i)
+    sc.p<std::uint16_t>()[i] = hostile_scales ? fuzz_half(fdp, rng, false)
+                                              : static_cast<std::uint16_t>(0x1400 + rng.next() % 0x1000);
+  Tensor bias = absent_tensor();
+  if (fdp.ConsumeBool()) {
+    bias = make(DType::Float16, {N});
+    for (int64_t n = 0; n < N; ++n) bias.p<std::uint16_t>()[n] = fuzz_half(fdp, rng, false);
+  }
+  std::vector<Tensor*> ts = {&qw, &qz, &sc, &bias};
+  corrupt(fdp, rng, ts);
+
+  exl2::AwqWeights w;
+  w.qweight = qw.v;
+  w.qzeros = qz.v;
+  w.scales = sc.v;
+  w.bias = bias.v;
+  const bool cuda_target = fdp.ConsumeIntegralInRange<int>(0, 31) == 31;
+  RefLayer ref;
+  const bool valid = ref_awq(qw, qz, sc, bias, ref);
+  const std::vector<const char*> names = {"qweight", "qzeros", "scales", "bias"};
+  try {
+    auto q = exl2::QMatrix::from_awq(w, cuda_target ? exl2::Device::cuda(0) : exl2::Device::cpu());
+    if (cuda_target) return;
+    if (!valid) finding("from_awq accepted tensors the reference validator rejects");
+    ++g_stats.awq_ok;
+    check_accepted(q, ref, fdp, rng);
+    hostile_calls(q, fdp);
+  } catch (const exl2::Unsupported& e) {
+    ++g_stats.unsupported;
+    if (!cuda_target) finding(std::string("from_awq: Unsupported for a CPU target: ") + e.what());
+  } catch (const exl2::InvalidArgument& e) {
+    ++g_stats.awq_rejected;
+    if (!message_names(e.what(), names)) finding(std::string("from_awq: message does not name an argument: ") + e.what());
+    if (valid && !cuda_target) finding(std::string("from_awq rejected valid tensors: ") + e.what());
+  } catch (const exl2::TypeMismatch& e) {
+    ++g_stats.awq_rejected;
+    if (!message_names(e.what(), names)) finding(std::string("from_awq: message does not name an argument: ") + e.what());
+    if (valid && !cuda_target) finding(std::string("from_awq rejected valid tensors: ") + e.what());
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -799,7 +904,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   Rng rng(fdp.ConsumeIntegral<std::uint32_t>());
   try {
     if (fdp.ConsumeBool()) fuzz_exl2(fdp, rng);
-    else fuzz_gptq(fdp, rng);
+    else if (fdp.ConsumeIntegralInRange<int>(0, 3) != 3) fuzz_gptq(fdp, rng);
+    else fuzz_awq(fdp, rng);
   } catch (const std::exception& e) {
     finding(std::string("unexpected exception escaped: ") + e.what());
   }

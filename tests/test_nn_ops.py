@@ -217,8 +217,16 @@ def test_quantlinear_from_state_dict() -> None:
     m2 = QuantLinear.from_state_dict(g, "p", format="gptq", zero_format="v2")
     x2 = x_for("gptq_v2", 4)
     check(m2(x2), "gptq_v2", x2)
-    with pytest.raises(ValueError, match="format: expected"):
-        QuantLinear.from_state_dict(g, "p", format="awq")
+    with pytest.raises(ValueError, match="format: expected 'exl2', 'gptq', 'awq' or None"):
+        QuantLinear.from_state_dict(g, "p", format="marlin")
+    awq = R.random_awq(np.random.default_rng(6), 128, 64, group_size=32, bias=True)
+    a = {f"p.{k}": torch.from_numpy(v) for k, v in awq.items() if k != "weight"}
+    m3 = QuantLinear.from_state_dict(a, "p")  # AWQ told from GPTQ by shape
+    assert m3.qmatrix.format == "awq"
+    x3 = torch.from_numpy(np.random.default_rng(7).standard_normal((3, 128)).astype(np.float16))
+    y3 = m3(x3).numpy().astype(np.float64)
+    ref = R.gemm(x3.numpy(), awq["weight"], awq["bias"])
+    assert np.abs(y3 - ref).max() / np.abs(ref).max() < 2e-3
 
 
 def test_quantlinear_from_checkpoint_files() -> None:

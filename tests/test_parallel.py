@@ -179,3 +179,8 @@ def test_split_errors() -> None:
         split_columns({**lay, "qweight": lay["qweight"][:, :12]}, 1)
     with pytest.raises(ValueError, match="only 12 blocks of 8 rows"):
         split_rows(LAYERS["gptq_per_channel"], 13)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="tensors: splitting supports EXL2 and 4-bit GPTQ layers, got a 3-bit GPTQ"):
+        split_columns(R.random_gptq(rng, 64, 64, group_size=32, bits=3), 2)
+    with pytest.raises(ValueError, match="tensors: splitting supports EXL2 and 4-bit GPTQ layers, got awq"):
+        split_rows(R.random_awq(rng, 64, 64, group_size=32), 2)

@@ -36,9 +36,10 @@ def _load(tensors: Mapping[str, Any]) -> tuple[str, Tensors]:
     fmt = detect_format(tensors)
     if fmt not in ("exl2", "gptq"):
         raise ValueError(f"tensors: splitting supports EXL2 and 4-bit GPTQ layers, got {fmt}")
-    if fmt == "gptq" and _implied_gptq_bits(_shape(tensors["qzeros"]), _shape(tensors["scales"])) not in (4, None):
-        raise ValueError("tensors: splitting supports EXL2 and 4-bit GPTQ layers, got a "
-                         f"{_implied_gptq_bits(_shape(tensors['qzeros']), _shape(tensors['scales']))}-bit GPTQ layer")
+    qz, sc = tensors.get("qzeros"), tensors.get("scales")
+    bits = None if fmt != "gptq" or qz is None or sc is None else _implied_gptq_bits(_shape(qz), _shape(sc))
+    if bits not in (4, None):
+        raise ValueError(f"tensors: splitting supports EXL2 and 4-bit GPTQ layers, got a {bits}-bit GPTQ layer")
     required, optional = EXL2_TENSORS if fmt == "exl2" else GPTQ_TENSORS
     missing = [k for k in required if tensors.get(k) is None]
     if missing:
