@@ -46,12 +46,14 @@ ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t st
   const std::int64_t rows = w.qweight.shape[0];
   m.N = w.qweight.shape[1];
   m.G = w.qzeros.shape[0];
+  if (rows > std::int64_t{INT32_MAX} * b / 32) {
+    fail_value("qweight: at most 2^31-1 rows K are supported, got ", rows, " packed rows");
+  }
   // 32 / gcd(b, 32) rows fill whole words: 3-bit packs 32 rows into 3 words.
   if ((rows * 32) % b != 0) {
     fail_value("qweight: for bits = ", b, " the row count must be a multiple of ", b,
                " (32 rows in ", b, " words), got ", rows);
   }
-  if (rows > std::int64_t{INT32_MAX} * b / 32) fail_value("qweight: at most 2^31-1 rows K are supported, got ", rows, " packed rows");
   m.K = rows * 32 / b;
   if (m.N % 8 != 0) fail_value("qweight: expected the column count N to be a multiple of 8, got N = ", m.N);
   if ((m.N * b) % 32 != 0) {
