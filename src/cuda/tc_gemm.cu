@@ -50,25 +50,31 @@ constexpr int kPackThreads = 256;
 // Construction: canonical column streams -> tc layout. Thread = (chunk, block, lane).
 // ---------------------------------------------------------------------------------
 template <int B>
-__device__ void tc_pack_lane(const std::uint32_t* __restrict__ qw, std::int64_t N, const ChunkInfo& ci,
-                             std::int64_t n_base, int lane, std::uint32_t* __restrict__ dst) {
+__device__ void tc_pack_lane(const std::uint32_t* __restrict__ qw, const std::uint8_t* __restrict__ zeros,
+                             std::int64_t N, const ChunkInfo& ci, std::int64_t n_base, int lane,
+                             std::uint32_t* __restrict__ dst) {
   const int g = lane >> 2, t = lane & 3;
   std::uint32_t colw[4][B];  // the chunk's words of this lane's four columns
+  std::uint32_t zero[4];     // their zero points
   for (int jj = 0; jj < 4; ++jj) {
     const std::int64_t n = n_base + 8 * jj + g;
     for (int i = 0; i < B; ++i)
       colw[jj][i] = (n < N && i < ci.nwords) ? __ldg(qw + static_cast<std::int64_t>(ci.word0 + i) * N + n) : 0u;
+    zero[jj] = n < N ? zeros[static_cast<std::int64_t>(ci.group) * N + n] : 0u;
   }
   std::uint32_t w[B];
-  // Rows past a short chunk's end get code 0: their activations are 0 and the weight
-  // (0 - z) * s is finite, so they add exactly 0.
+  // Rows past a short chunk's end get the code z, i.e. the weight (z - z) * s = 0 (their
+  // activations are 0 too): they add exactly 0 even where (0 - z) * s would overflow.
+  // Columns past N have code 0 and get scale 0 in the GEMM kernel.
   tc::pack_lane<B>(
-      g, t, [&](int r, int c) -> std::uint32_t { return r < ci.rows ? tc::stream_code<B>(colw[c / 8], r) : 0u; },
+      g, t,
+      [&](int r, int c) -> std::uint32_t { return r < ci.rows ? tc::stream_code<B>(colw[c / 8], r) : zero[c / 8]; },
       w);
   for (int i = 0; i < B; ++i) dst[i] = w[i];
 }
 
-__global__ void tc_pack_kernel(const std::uint32_t* __restrict__ qw, std::int64_t N, std::int64_t npad,
+__global__ void tc_pack_kernel(const std::uint32_t* __restrict__ qw, const std::uint8_t* __restrict__ zeros,
+                               std::int64_t N, std::int64_t npad,
                                const int4* __restrict__ chunks, const std::int32_t* __restrict__ tc_row0,
                                int num_chunks, std::uint32_t* __restrict__ out) {
   const std::int64_t nblocks = npad / tc::kBlockCols;
@@ -82,12 +88,12 @@ __global__ void tc_pack_kernel(const std::uint32_t* __restrict__ qw, std::int64_
     std::uint32_t* dst = out + static_cast<std::int64_t>(tc_row0[c]) * npad + j * 32 * ci.bits + lane * ci.bits;
     const std::int64_t n_base = j * tc::kBlockCols;
     switch (ci.bits) {
-      case 2: tc_pack_lane<2>(qw, N, ci, n_base, lane, dst); break;
-      case 3: tc_pack_lane<3>(qw, N, ci, n_base, lane, dst); break;
-      case 4: tc_pack_lane<4>(qw, N, ci, n_base, lane, dst); break;
-      case 5: tc_pack_lane<5>(qw, N, ci, n_base, lane, dst); break;
-      case 6: tc_pack_lane<6>(qw, N, ci, n_base, lane, dst); break;
-      case 8: tc_pack_lane<8>(qw, N, ci, n_base, lane, dst); break;
+      case 2: tc_pack_lane<2>(qw, zeros, N, ci, n_base, lane, dst); break;
+      case 3: tc_pack_lane<3>(qw, zeros, N, ci, n_base, lane, dst); break;
+      case 4: tc_pack_lane<4>(qw, zeros, N, ci, n_base, lane, dst); break;
+      case 5: tc_pack_lane<5>(qw, zeros, N, ci, n_base, lane, dst); break;
+      case 6: tc_pack_lane<6>(qw, zeros, N, ci, n_base, lane, dst); break;
+      case 8: tc_pack_lane<8>(qw, zeros, N, ci, n_base, lane, dst); break;
       default: break;  // rejected at construction
     }
   }
@@ -402,7 +408,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   L.tc_qweight.allocate(static_cast<std::size_t>(rows * L.tc_npad), "tc qweight");
   const std::int64_t threads = static_cast<std::int64_t>(L.num_chunks) * (L.tc_npad / tc::kBlockCols) * 32;
   tc_pack_kernel<<<grid_for(threads, kPackThreads), kPackThreads, 0, stream>>>(
-      L.qweight.get(), L.N, L.tc_npad, L.chunks.get(), L.tc_row0.get(), L.num_chunks, L.tc_qweight.get());
+      L.qweight.get(), L.zeros.get(), L.N, L.tc_npad, L.chunks.get(), L.tc_row0.get(), L.num_chunks, L.tc_qweight.get());
   EXL2_CUDA_CHECK_LAUNCH("tc_pack_kernel");
   EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[1], tc_gemm_kernel<1>,
                                                                 kTcThreads, 0));
