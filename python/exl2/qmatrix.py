@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 from typing import Any, Iterator, Optional
 
 import torch
@@ -28,6 +29,10 @@ __all__ = ["QMatrix"]
 # is compute-bound and the library's own fused tensor-core kernel is slower than
 # cuBLAS. The C++ library keeps its own kernel for every m (no cuBLAS dependency).
 _DENSE_MIN_ROWS = 9
+# Experimental: with EXL2_CUDA_TC=1 set before import (and at construction), layers get
+# the tensor-core layout and its kernel serves m <= 32 (src/cuda/tc_gemm.cu).
+if os.environ.get("EXL2_CUDA_TC") == "1":
+    _DENSE_MIN_ROWS = 33
 
 
 @contextlib.contextmanager

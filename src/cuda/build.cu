@@ -16,6 +16,7 @@
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
 #include "cuda/gemv.cuh"
+#include "cuda/tc_gemm.cuh"
 
 namespace exl2::detail::cuda {
 
@@ -180,6 +181,7 @@ DeviceLayerPtr build_exl2(const LayerMeta& meta, const Exl2Raw& raw, int device,
     EXL2_CUDA_CHECK_LAUNCH("exl2_scales_zeros_kernel");
   }
 
+  if (tc_requested()) build_tc_layout(*layer, chunks_host, stream);
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
   sync_on_error.disarm();
   return layer;
@@ -235,6 +237,7 @@ DeviceLayerPtr build_gptq(const LayerMeta& meta, const GptqRaw& raw, int device,
     EXL2_CUDA_CHECK_LAUNCH("gptq_zeros_kernel");
   }
 
+  if (tc_requested()) build_tc_layout(*layer, chunks_host, stream);
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
   sync_on_error.disarm();
   return layer;
@@ -264,6 +267,7 @@ DeviceLayerPtr build_canonical(const LayerMeta& meta, const HostArrays& host, in
                                     cudaMemcpyHostToDevice, stream));
   upload(layer->zeros, host.zeros, "zeros", stream);
 
+  if (tc_requested()) build_tc_layout(*layer, chunks_host, stream);
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
   sync_on_error.disarm();
   return layer;

@@ -164,6 +164,7 @@ struct DeviceLayer {
   // construction (work partitioning without a host query per call).
   int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)
   int mma_blocks_per_sm[2] = {};    // small tile, large tile
+  int tc_blocks_per_sm[3] = {};     // index: m tiles of 16 rows (1, 2); tc layout only
 
   DeviceBuffer<std::uint32_t> qweight;  // [Q, N]
   DeviceBuffer<__half> scales;          // [G, N]
@@ -174,13 +175,19 @@ struct DeviceLayer {
   DeviceBuffer<std::int32_t> word_start;  // [G + 1]
   DeviceBuffer<int4> chunks;            // [num_chunks]
   DeviceBuffer<__half> bias;            // [N] or empty
+  // Optional (EXL2_CUDA_TC=1, experimental): the codes again in the tensor-core layout
+  // of tc_layout.hpp, [sum of chunk bit widths, tc_npad] words, and each chunk's first
+  // word row in it.
+  DeviceBuffer<std::uint32_t> tc_qweight;
+  DeviceBuffer<std::int32_t> tc_row0;  // [num_chunks]
+  std::int64_t tc_npad = 0;            // N rounded up to 32
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.
   const int* kernel_perm() const noexcept { return identity_perm ? nullptr : perm.get(); }
 
   std::size_t total_bytes() const noexcept {
     return qweight.bytes() + scales.bytes() + zeros.bytes() + perm.bytes() + bits.bytes() + row_start.bytes() +
-           word_start.bytes() + chunks.bytes() + bias.bytes();
+           word_start.bytes() + chunks.bytes() + bias.bytes() + tc_qweight.bytes() + tc_row0.bytes();
   }
 
   DeviceLayer() = default;
@@ -198,6 +205,8 @@ struct DeviceLayer {
     word_start.release();
     chunks.release();
     bias.release();
+    tc_qweight.release();
+    tc_row0.release();
   }
 };
 

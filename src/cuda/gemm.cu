@@ -19,6 +19,7 @@
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
 #include "cuda/gemv.cuh"
+#include "cuda/tc_gemm.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -292,6 +293,10 @@ void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::i
   const __half* xh = static_cast<const __half*>(x);
   __half* oh = static_cast<__half*>(out);
 
+  if (tc_usable(layer, m)) {  // experimental, opt-in (EXL2_CUDA_TC=1 at construction)
+    launch_tc(layer, xh, m, oh, stream);
+    return;
+  }
   if (m <= kGemvMaxRows) {
     launch_gemv(layer, xh, m, oh, stream);
     return;

@@ -1,0 +1,31 @@
+// Internal: the experimental tensor-core kernel for small m (tc_gemm.cu, tc_layout.hpp).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/device_layer.cuh"
+
+namespace exl2::detail::cuda {
+
+/// Largest m the tc kernel handles.
+constexpr int kTcMaxRows = 32;
+
+/// True when EXL2_CUDA_TC=1 is set (read at each construction): build the tc layout.
+bool tc_requested() noexcept;
+
+/// Adds the tc layout to a built layer (compute capability 8.0+, else a no-op). Needs
+/// layer.qweight and layer.chunks on the device; `chunks_host` is the chunk table.
+/// Synchronises the stream.
+void build_tc_layout(DeviceLayer& layer, const std::vector<int4>& chunks_host, cudaStream_t stream);
+
+/// True when the layer has the tc layout and the kernel handles m rows.
+bool tc_usable(const DeviceLayer& layer, std::int64_t m) noexcept;
+
+/// out[m, N] = x[m, K] @ W (+ bias) for 1 <= m <= kTcMaxRows; requires tc_usable.
+void launch_tc(const DeviceLayer& layer, const __half* x, std::int64_t m, __half* out, cudaStream_t stream);
+
+}  // namespace exl2::detail::cuda

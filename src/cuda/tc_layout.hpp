@@ -1,0 +1,95 @@
+// Internal: the tensor-core ("tc") weight layout, in plain C++ so that host tests can
+// check it (tests/cpp/test_tc_layout.cpp) with the very functions the kernels use.
+//
+// The tc kernel (tc_gemm.cu) runs `mma.sync.m16n8k16` (fp16 x fp16 -> fp32) with the
+// weight as operand B. One warp owns a block of 32 output columns (four n8 tiles) and
+// walks K chunk by chunk (a chunk = 32 permuted rows of one group, one bit width b; see
+// device_layer.cuh). For one chunk and one column block, lane l = 4*g + t needs, per n8
+// tile jj (column 8*jj + g) and k16 step s, the B fragment registers
+//   b0 = rows 16*s + 2*t + {0, 1},   b1 = rows 16*s + 8 + 2*t + {0, 1}
+// i.e. 16 "pairs" (two codes of one column, consecutive rows) = 32 codes = b words.
+//
+// Layout: per chunk c (tc_row0[c] = sum of the bit widths of the chunks before it) and
+// column block j, the 32 lanes' words are stored lane-major:
+//   tc_qweight[tc_row0[c] * Npad + j * 32 * b + lane * b + i],  i = 0 .. b-1
+// (Npad = N rounded up to 32), so a warp reads 128*b contiguous bytes per chunk and a lane
+// its b words with vector loads where alignment allows. The same bytes as the canonical
+// layout, except short chunks (padded to 32 rows with code 0) and the column padding.
+//
+// Within a lane's b words the 32 codes form a little-endian b-bit stream of 32 "virtual
+// rows". Pair p (p = 4*jj + 2*s + h, h = 0 for b0, 1 for b1) sits at virtual rows
+// (pair_lo(b, p), pair_hi(b, p)), chosen so that extraction is cheap:
+//   b = 2, 4, 8: both codes of a pair lie in one word, 16 bits apart, so one shift and
+//                one mask put them in the low bits of the two halves of a half2
+//                (then the magic-1024 trick makes fp16 1024 + q);
+//   b = 3, 5, 6: consecutive virtual rows 2p, 2p + 1 (codes may straddle words).
+// For b = 4, word jj holds exactly n8 tile jj's eight codes.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define EXL2_TC_HD __host__ __device__ __forceinline__
+#else
+#define EXL2_TC_HD inline
+#endif
+
+namespace exl2::detail::tc {
+
+constexpr int kBlockCols = 32;  // output columns per warp (four mma n8 tiles)
+constexpr int kPairs = 16;      // half2 B-fragment registers per lane and chunk
+
+constexpr bool pow2_bits(int b) { return b == 2 || b == 4 || b == 8; }
+
+/// Virtual row (position in the lane's code stream) of the low / high code of pair p.
+EXL2_TC_HD constexpr int pair_lo(int b, int p) {
+  return pow2_bits(b) ? (p / (16 / b)) * (32 / b) + p % (16 / b) : 2 * p;
+}
+EXL2_TC_HD constexpr int pair_hi(int b, int p) { return pow2_bits(b) ? pair_lo(b, p) + 16 / b : 2 * p + 1; }
+
+/// Chunk row of the low code of pair p for lane quad index t (lane = 4*g + t); the high
+/// code is the next row. Column within the 32-column block: 8 * (p / 4) + g.
+EXL2_TC_HD constexpr int pair_row(int p, int t) { return 16 * ((p / 2) % 2) + 8 * (p % 2) + 2 * t; }
+EXL2_TC_HD constexpr int pair_col(int p, int g) { return 8 * (p / 4) + g; }
+
+/// Code at virtual row v of a b-bit little-endian stream held in words w[0 .. b-1].
+template <int B>
+EXL2_TC_HD std::uint32_t stream_code(const std::uint32_t* w, int v) {
+  const int bit = v * B;
+  const int lo = bit >> 5, sh = bit & 31;
+  std::uint32_t val = w[lo] >> sh;
+  if (sh + B > 32) val |= w[lo + 1] << (32 - sh);
+  return val & ((1u << B) - 1u);
+}
+
+/// Pair p of a lane's words: low code in bits 0..15, high code in bits 16..31.
+template <int B>
+EXL2_TC_HD std::uint32_t extract_pair(const std::uint32_t* w, int p) {
+  if constexpr (pow2_bits(B)) {
+    constexpr int kHalf = 16 / B;  // pairs per word
+    constexpr std::uint32_t kMask = ((1u << B) - 1u) * 0x00010001u;
+    return (w[p / kHalf] >> ((p % kHalf) * B)) & kMask;
+  } else {
+    return stream_code<B>(w, 2 * p) | (stream_code<B>(w, 2 * p + 1) << 16);
+  }
+}
+
+/// Builds lane (g, t)'s B words from code(row, col) (row 0..31 of the chunk, col 0..31 of
+/// the block). `code` must return values below 2^B.
+template <int B, class CodeFn>
+EXL2_TC_HD void pack_lane(int g, int t, CodeFn&& code, std::uint32_t* w) {
+  for (int i = 0; i < B; ++i) w[i] = 0;
+  for (int p = 0; p < kPairs; ++p) {
+    const int row = pair_row(p, t), col = pair_col(p, g);
+    const int v[2] = {pair_lo(B, p), pair_hi(B, p)};
+    for (int e = 0; e < 2; ++e) {
+      const std::uint32_t q = code(row + e, col);
+      const int bit = v[e] * B;
+      const int lo = bit >> 5, sh = bit & 31;
+      w[lo] |= q << sh;
+      if (sh + B > 32) w[lo + 1] |= q >> (32 - sh);
+    }
+  }
+}
+
+}  // namespace exl2::detail::tc

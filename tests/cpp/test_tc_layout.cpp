@@ -1,0 +1,78 @@
+// Tests of the tensor-core weight layout (src/cuda/tc_layout.hpp) on the host, with the
+// functions the CUDA kernels use: for every bit width, packing a chunk's codes into the
+// lanes' words and extracting the 16 pairs of every lane gives exactly the codes that
+// the mma.m16n8k16 B fragment of that lane must hold (rows 16s + 8h + 2t + {0, 1},
+// column 8jj + g). Needs no GPU and no CUDA toolkit.
+#include <cstdint>
+#include <cstdio>
+#include <random>
+
+#include "cuda/tc_layout.hpp"
+
+namespace tc = exl2::detail::tc;
+
+static int g_failures = 0;
+
+template <int B>
+static void check_width(std::mt19937& rng) {
+  std::uint32_t codes[32][32];  // [row][col] of one chunk x column block
+  for (int trial = 0; trial < 20; ++trial) {
+    for (auto& row : codes)
+      for (auto& c : row) c = rng() & ((1u << B) - 1u);
+    bool seen[32][32] = {};
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      std::uint32_t w[B];
+      tc::pack_lane<B>(g, t, [&](int r, int c) { return codes[r][c]; }, w);
+      for (int p = 0; p < tc::kPairs; ++p) {
+        // The fragment element this pair feeds: p = 4*jj + 2*s + h.
+        const int jj = p / 4, s = (p / 2) % 2, h = p % 2;
+        const int row = 16 * s + 8 * h + 2 * t, col = 8 * jj + g;
+        if (tc::pair_row(p, t) != row || tc::pair_col(p, g) != col) {
+          std::fprintf(stderr, "B=%d lane %d pair %d: wrong fragment position\n", B, lane, p);
+          ++g_failures;
+        }
+        const std::uint32_t packed = tc::extract_pair<B>(w, p);
+        const std::uint32_t lo = packed & 0xffffu, hi = packed >> 16;
+        if (lo != codes[row][col] || hi != codes[row + 1][col]) {
+          std::fprintf(stderr, "B=%d lane %d pair %d: got (%u, %u), want (%u, %u)\n", B, lane, p, lo, hi,
+                       codes[row][col], codes[row + 1][col]);
+          ++g_failures;
+        }
+        seen[row][col] = seen[row + 1][col] = true;
+      }
+    }
+    // The 32 lanes together cover the whole 32 x 32 tile exactly once per element.
+    for (int r = 0; r < 32; ++r)
+      for (int c = 0; c < 32; ++c)
+        if (!seen[r][c]) {
+          std::fprintf(stderr, "B=%d: element (%d, %d) not covered\n", B, r, c);
+          ++g_failures;
+          return;
+        }
+  }
+  // Virtual rows of the pairs are a permutation of 0..31 (no two codes share bits).
+  bool used[32] = {};
+  for (int p = 0; p < tc::kPairs; ++p) {
+    for (const int v : {tc::pair_lo(B, p), tc::pair_hi(B, p)}) {
+      if (v < 0 || v >= 32 || used[v]) {
+        std::fprintf(stderr, "B=%d: virtual row %d reused or out of range\n", B, v);
+        ++g_failures;
+      } else {
+        used[v] = true;
+      }
+    }
+  }
+}
+
+int main() {
+  std::mt19937 rng(1234);
+  check_width<2>(rng);
+  check_width<3>(rng);
+  check_width<4>(rng);
+  check_width<5>(rng);
+  check_width<6>(rng);
+  check_width<8>(rng);
+  if (g_failures == 0) std::printf("tc layout: all widths ok\n");
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,107 @@
+"""The experimental tensor-core kernel (src/cuda/tc_gemm.cu), opt-in with EXL2_CUDA_TC=1.
+
+Its weight layout is checked on the host by the CTest exl2_test_tc_layout; these tests
+run the kernel itself (CUDA, compute capability 8.0+): every bit width, act-order,
+short chunks, column counts that are not multiples of 32, bias, every m it serves,
+determinism, graph capture, and agreement with the default kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import exl2
+import exl2.qmatrix as qmatrix_module
+from exl2 import reference as R
+from layers import build, expected, random_x, rel_err
+
+pytestmark = pytest.mark.cuda
+TOL = 2e-3
+TC_MAX_ROWS = 32
+
+
+@pytest.fixture(autouse=True)
+def _tc_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tc kernel needs compute capability 8.0+")
+    monkeypatch.setenv("EXL2_CUDA_TC", "1")
+    # Route every m the tc kernel serves to it (not to the dense path of the Python API).
+    monkeypatch.setattr(qmatrix_module, "_DENSE_MIN_ROWS", TC_MAX_ROWS + 1)
+
+
+def _layers():
+    rng = np.random.default_rng(700)
+    return {
+        "exl2_mixed": R.random_exl2(rng, 1024, 256, bits=[(8, 64), (6, 64), (5, 96), (4, 416), (3, 256), (2, 128)],
+                                    bias=True),
+        "exl2_n40_short_groups": R.random_exl2(rng, 200, 40, bits=[(4, 40), (3, 72), (5, 88)], bias=True),
+        "gptq_act_order": R.random_gptq(rng, 1024, 96, group_size=64, act_order=True, bias=True),
+        "gptq_g40": R.random_gptq(rng, 320, 64, group_size=40),
+        "gptq3_act_order": R.random_gptq(rng, 512, 96, group_size=128, act_order=True, bits=3),
+        "gptq8": R.random_gptq(rng, 256, 64, group_size=64, bits=8, bias=True),
+        "awq": R.random_awq(rng, 512, 64, group_size=128),
+    }
+
+
+LAYERS = _layers()
+
+
+def _without_tc(layer):
+    import os
+    old = os.environ.pop("EXL2_CUDA_TC")
+    try:
+        return build(layer, "cuda")
+    finally:
+        os.environ["EXL2_CUDA_TC"] = old
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_tc_layout_is_built_and_results_match(name: str) -> None:
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    rng = np.random.default_rng(1)
+    with build(layer, "cuda") as q, _without_tc(layer) as q0:
+        assert q.nbytes > q0.nbytes, "EXL2_CUDA_TC=1 did not build the tc layout"
+        for m in [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32]:
+            x = torch.from_numpy(random_x(rng, (m, K))).cuda()
+            y = q.matmul(x)
+            assert rel_err(y, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
+            y0 = q0.matmul(x)
+            assert (y.float() - y0.float()).abs().max() <= 2e-3 * y0.float().abs().max() + 1e-6, f"m={m}"
+        # dequantize does not use the tc layout and stays bit-exact
+        assert torch.equal(q.dequantize(), q0.dequantize())
+
+
+@pytest.mark.parametrize("m", [1, 16, 32])
+def test_tc_deterministic_and_graph_safe(m: int) -> None:
+    layer = LAYERS["exl2_mixed"]
+    x = torch.from_numpy(random_x(np.random.default_rng(2), (m, 1024))).cuda()
+    with build(layer, "cuda") as q:
+        first = q.matmul(x)
+        for _ in range(20):
+            assert torch.equal(q.matmul(x), first)
+        out = torch.empty_like(first)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            q.matmul(x, out=out)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        out.fill_(float("nan"))
+        with torch.cuda.graph(graph):
+            q.matmul(x, out=out)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+
+
+def test_tc_large_layer_and_batch_dims() -> None:
+    rng = np.random.default_rng(3)
+    layer = R.random_gptq(rng, 4096, 1024, group_size=128, act_order=True)
+    x = random_x(rng, (2, 3, 4096))
+    with build(layer, "cuda") as q:
+        y = q.matmul(torch.from_numpy(x).cuda())
+        assert y.shape == (2, 3, 1024)
+        assert rel_err(y.reshape(6, 1024), expected(layer, x.reshape(6, 4096))) < TOL
