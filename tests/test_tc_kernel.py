@@ -36,7 +36,7 @@ def _layers():
     return {
         "exl2_mixed": R.random_exl2(rng, 1024, 256, bits=[(8, 64), (6, 64), (5, 96), (4, 416), (3, 256), (2, 128)],
                                     bias=True),
-        "exl2_n40_short_groups": R.random_exl2(rng, 200, 40, bits=[(4, 40), (3, 72), (5, 88)], bias=True),
+        "exl2_n40_short_groups": R.random_exl2(rng, 198, 40, bits=[(5, 96), (4, 40), (3, 62)], bias=True),
         "gptq_act_order": R.random_gptq(rng, 1024, 96, group_size=64, act_order=True, bias=True),
         "gptq_g40": R.random_gptq(rng, 320, 64, group_size=40),
         "gptq3_act_order": R.random_gptq(rng, 512, 96, group_size=128, act_order=True, bits=3),
