@@ -68,13 +68,14 @@ def emulate_cpu(layer: Dict[str, Any], x: np.ndarray, w: np.ndarray) -> np.ndarr
 
 
 def assert_within_bound(y: torch.Tensor, layer: Dict[str, Any], x: np.ndarray, w: np.ndarray,
-                        bias_term: float = 0.0) -> None:
-    """The float64 error bound of the module docstring (bias_term: extra multiple of |b|)."""
+                        bias_term: float = 0.0, mag_term: float = 0.0) -> None:
+    """The float64 error bound of the module docstring; bias_term and mag_term add that
+    multiple of |b| and of |x| @ |W| + |b| (paths with extra roundings: see the callers)."""
     b = np.asarray(layer["bias"]).astype(np.float64) if layer.get("bias") is not None else 0.0
     exact = x.astype(np.float64) @ w.astype(np.float64) + b
     mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)) + np.abs(b)
     K = w.shape[0]
-    bound = 2.0**-8 * np.abs(exact) + (K + 2) * 2.0**-23 * mag + bias_term * np.abs(b)
+    bound = 2.0**-8 * np.abs(exact) + ((K + 2) * 2.0**-23 + mag_term) * mag + bias_term * np.abs(b)
     err = np.abs(y.detach().cpu().double().numpy() - exact)
     assert np.isfinite(y.detach().cpu().double().numpy()).all()
     assert (err <= bound).all(), f"max excess {(err - bound).max()} (max error {err.max()})"
