@@ -20,13 +20,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--m", type=int, nargs="*", default=None, help="row counts (default 1 8 16 32 64 512 2048)")
     bench.add_argument("--quick", action="store_true", help="only the 4096x4096 layers")
+    bench.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                       help="activation/output dtype of matmul and of the dense baseline (default float16)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return cli.info()
     if args.command == "bench":
         from . import bench as bench_mod
 
-        bench_mod.run(args.m, args.json, args.quick)
+        bench_mod.run(args.m, args.json, args.quick, dtype=args.dtype)
         return 0
     return cli.demo(device=args.device, rows=args.rows)
 
