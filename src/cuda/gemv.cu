@@ -138,18 +138,27 @@ __device__ __forceinline__ void gemv_chunk(const std::uint32_t* __restrict__ qw,
     if constexpr (BF) sf = __low2float(s2);
     for_each_pair<B>(w[c], [&](int ra, int rb, std::uint32_t packed) {
       const __half2 q2 = u32_as_half2(packed | 0x64006400u);  // 1024 + q
-      float2 f;
       if constexpr (BF) {
         // q - z exactly (|q - z| <= 255), times the scale in fp32 (exact), one rounding.
         const float2 d = __half22float2(__hsub2(q2, z2));
-        f = __bfloat1622float2(__float22bfloat162_rn(make_float2(d.x * sf, d.y * sf)));
-      } else {
-        f = __half22float2(__hmul2(__hsub2(q2, z2), s2));
-      }
+        // Kept packed (one register per pair, like the fp16 half2) and widened at each use
+        // (bits << 16 / & 0xffff0000: exact): fewer live registers than a float2 per pair
+        // (ptxas: no spills for m <= 8 on sm_90; widening up front spilled at m = 11).
+        const __nv_bfloat162 wb = __float22bfloat162_rn(make_float2(d.x * sf, d.y * sf));
+        std::uint32_t wu;
+        memcpy(&wu, &wb, sizeof wu);  // low half: row ra, high half: row rb
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        acc[m][c] = fmaf(f.x, xs[m][ra], acc[m][c]);
-        acc[m][c] = fmaf(f.y, xs[m][rb], acc[m][c]);
+        for (int m = 0; m < M; ++m) {
+          acc[m][c] = fmaf(__uint_as_float(wu << 16), xs[m][ra], acc[m][c]);
+          acc[m][c] = fmaf(__uint_as_float(wu & 0xffff0000u), xs[m][rb], acc[m][c]);
+        }
+      } else {
+        const float2 f = __half22float2(__hmul2(__hsub2(q2, z2), s2));
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          acc[m][c] = fmaf(f.x, xs[m][ra], acc[m][c]);
+          acc[m][c] = fmaf(f.y, xs[m][rb], acc[m][c]);
+        }
       }
     });
   }
