@@ -126,6 +126,33 @@ def test_graph_capture_and_replay(layers, m: int) -> None:
             assert torch.equal(out, q.matmul(x))
 
 
+@pytest.mark.parametrize("m", [17, 40, 300])
+def test_gemv_slice_fallback(layers, monkeypatch, m: int) -> None:
+    """The path of GPUs without bfloat16 tensor cores (compute capability 7.5), forced with
+    EXL2_CUDA_BF16_NO_MMA=1 at construction: GEMV on slices of <= 16 rows."""
+    from exl2._convert import native_view, stream_handle
+
+    layer = layers["exl2"]
+    w = bf16_weight(layer)
+    x = random_bf16_x(np.random.default_rng(m + 1), m, 1024)
+    xt = torch.from_numpy(x).to(BF16).cuda()
+    monkeypatch.setenv("EXL2_CUDA_BF16_NO_MMA", "1")
+    with build(layer, "cuda") as q:
+        monkeypatch.delenv("EXL2_CUDA_BF16_NO_MMA")
+        out = torch.empty((m, 256), dtype=BF16, device="cuda")
+        q._native.gemm(native_view(xt), native_view(out), stream_handle(xt.device))
+        assert_within_bound(out, layer, x, w)
+        # the slices are GEMV launches of 16 rows (the last one shorter): row i of the
+        # result equals the 16-row (or remainder) GEMV of its slice
+        r0 = 16 * ((m - 1) // 16)
+        tail = torch.empty((m - r0, 256), dtype=BF16, device="cuda")
+        q._native.gemm(native_view(xt[r0:].contiguous()), native_view(tail), stream_handle(xt.device))
+        assert torch.equal(out[r0:], tail)
+        again = torch.empty_like(out)
+        q._native.gemm(native_view(xt), native_view(again), stream_handle(xt.device))
+        assert torch.equal(out, again)
+
+
 def test_dtype_errors(layers) -> None:
     with build(layers["gptq"], "cuda") as q:
         xb = torch.zeros((2, 1024), dtype=BF16, device="cuda")

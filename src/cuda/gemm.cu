@@ -23,6 +23,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "core/cuda_backend.hpp"
 #include "cuda/cuda_check.cuh"
@@ -350,6 +351,10 @@ void query_mma_occupancy(DeviceLayer& L) {
   // The bfloat16 instantiations share these occupancy numbers (same tiles and bounds).
   L.mma_bf16 = mma_bf16_runs(reinterpret_cast<const void*>(mma_kernel<64, 64, 32, 32, __nv_bfloat16>)) &&
                mma_bf16_runs(reinterpret_cast<const void*>(mma_kernel<128, 128, 64, 32, __nv_bfloat16>));
+  // Testing switch: EXL2_CUDA_BF16_NO_MMA=1 (read at construction) makes the layer use the
+  // compute-capability-7.5 fallback (GEMV slices) so that it can be tested on any GPU.
+  const char* no_mma = std::getenv("EXL2_CUDA_BF16_NO_MMA");
+  if (no_mma != nullptr && no_mma[0] != '\0' && no_mma[0] != '0') L.mma_bf16 = false;
 }
 
 void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out, bool bf16,
