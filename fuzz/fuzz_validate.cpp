@@ -529,17 +529,17 @@ void set_env(const char* k, const char* v) {
 }
 
 std::vector<std::uint16_t> run_gemm(const exl2::QMatrix& q, const std::vector<std::uint16_t>& x, int64_t M,
-                                    const char* scalar, const char* threads) {
+                                    const char* scalar, const char* threads, DType dtype = DType::Float16) {
   set_env("EXL2_CPU_SCALAR", scalar);
   set_env("EXL2_CPU_THREADS", threads);
   std::vector<std::uint16_t> out(static_cast<std::size_t>(M * q.out_features()), 0xdead);
   exl2::TensorView xv;
   xv.data = x.data();
-  xv.dtype = DType::Float16;
+  xv.dtype = dtype;
   xv.shape = {M, q.in_features()};
   exl2::MutableTensorView ov;
   ov.data = out.data();
-  ov.dtype = DType::Float16;
+  ov.dtype = dtype;
   ov.shape = {M, q.out_features()};
   q.gemm(xv, ov);
   set_env("EXL2_CPU_SCALAR", nullptr);
@@ -550,6 +550,37 @@ std::vector<std::uint16_t> run_gemm(const exl2::QMatrix& q, const std::vector<st
 EXL2_NO_COVERAGE bool same_bits_nan_aware(std::uint16_t a, std::uint16_t b) {
   if (!finite_h(a) && (a & 1023) && !finite_h(b) && (b & 1023)) return true;  // any NaN == any NaN
   return a == b;
+}
+
+EXL2_NO_COVERAGE bool same_bits_nan_aware_bf16(std::uint16_t a, std::uint16_t b) {
+  const auto is_nan = [](std::uint16_t v) { return (v & 0x7f80u) == 0x7f80u && (v & 0x7fu) != 0; };
+  if (is_nan(a) && is_nan(b)) return true;
+  return a == b;
+}
+
+/// bfloat16: dequantize and gemm agree bit for bit across the AVX2/scalar kernels and
+/// thread counts. x reuses the fp16 bit patterns as bfloat16 values (every pattern is a
+/// value, spanning fp32's exponent range: over- and underflow in the products).
+EXL2_NO_COVERAGE void check_bf16_paths(const exl2::QMatrix& q, const std::vector<std::uint16_t>& x, int64_t M) {
+  const int64_t K = q.in_features(), N = q.out_features();
+  std::vector<std::uint16_t> w(static_cast<std::size_t>(K * N), 0xdead), w_scalar(w);
+  exl2::MutableTensorView wv;
+  wv.data = w.data();
+  wv.dtype = DType::BFloat16;
+  wv.shape = {K, N};
+  q.dequantize(wv);
+  set_env("EXL2_CPU_SCALAR", "1");
+  wv.data = w_scalar.data();
+  q.dequantize(wv);
+  set_env("EXL2_CPU_SCALAR", nullptr);
+  if (w != w_scalar) finding("bf16 dequantize: AVX2 and scalar kernels differ");
+  const auto y_avx = run_gemm(q, x, M, nullptr, "1", DType::BFloat16);
+  const auto y_scalar = run_gemm(q, x, M, "1", "1", DType::BFloat16);
+  const auto y_threads = run_gemm(q, x, M, nullptr, "3", DType::BFloat16);
+  for (std::size_t i = 0; i < y_avx.size(); ++i) {
+    if (!same_bits_nan_aware_bf16(y_avx[i], y_scalar[i])) finding("bf16 gemm: AVX2 and scalar kernels differ");
+    if (!same_bits_nan_aware_bf16(y_avx[i], y_threads[i])) finding("bf16 gemm: 1 and 3 threads differ");
+  }
 }
 
 EXL2_NO_COVERAGE void check_accepted(const exl2::QMatrix& q, const RefLayer& ref, FuzzedDataProvider& fdp, Rng& rng) {
@@ -596,6 +627,7 @@ EXL2_NO_COVERAGE void check_accepted(const exl2::QMatrix& q, const RefLayer& ref
     if (!same_bits_nan_aware(y_avx[i], y_scalar[i])) finding("gemm: AVX2 and scalar kernels differ");
     if (!same_bits_nan_aware(y_avx[i], y_threads[i])) finding("gemm: 1 and 3 threads differ");
   }
+  check_bf16_paths(q, x, M);
   if (!finite_w) return;
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t n = 0; n < N; ++n) {

@@ -52,5 +52,7 @@ def test_bench_format_arguments(monkeypatch) -> None:
     monkeypatch.setattr(exl2.bench, "run", lambda *a, **k: calls.append((a, k)) or {})
     assert main.main(["bench", "--format", "gptq", "--bits", "3", "--quick"]) == 0
     assert main.main(["bench", "--format", "awq", "--m", "1", "8"]) == 0
-    assert calls[0][1] == {"fmt": "gptq", "bits": 3} and calls[0][0][2] is True
-    assert calls[1][1] == {"fmt": "awq", "bits": 4} and calls[1][0][0] == [1, 8]
+    assert main.main(["bench", "--format", "awq", "--dtype", "bfloat16"]) == 0
+    assert calls[0][1] == {"fmt": "gptq", "bits": 3, "dtype": "float16"} and calls[0][0][2] is True
+    assert calls[1][1] == {"fmt": "awq", "bits": 4, "dtype": "float16"} and calls[1][0][0] == [1, 8]
+    assert calls[2][1] == {"fmt": "awq", "bits": 4, "dtype": "bfloat16"}

@@ -1,7 +1,8 @@
 """The CPU backend's kernel families and thread counts give bit-identical results.
 
 The CPU backend has a portable scalar path and, on x86-64 CPUs with AVX2/FMA/F16C, a
-vectorised path (fused few-row GEMV, tiled GEMM, exact fallbacks for large scales); both
+vectorised path (fused few-row GEMV, tiled GEMM, exact fallbacks for large scales), each
+for float16 and for bfloat16 activations/outputs; both
 follow one summation contract (src/cpu/kernels.hpp), and columns are split across threads
 without changing any column's arithmetic. Two environment variables, read on every call,
 select them: ``EXL2_CPU_SCALAR=1`` forces the scalar kernels and ``EXL2_CPU_THREADS=n``
@@ -92,6 +93,7 @@ CHILD = textwrap.dedent(
         q = build(layer, opts)
         K = q.in_features
         results[f"{name}.dequant"] = q.dequantize().numpy().view(np.uint16)
+        results[f"{name}.bf16.dequant"] = q.dequantize(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         for m in ROWS:
             # a wide dynamic range makes fp32 rounding differences visible in fp16 outputs
             x = (rng.standard_normal((m, K)) * 2.0 ** rng.integers(-8, 9, size=(m, K))).astype(np.float16)
@@ -101,6 +103,12 @@ CHILD = textwrap.dedent(
                 x[3, 11] = np.nan
                 x[4, :] = 0.0
             results[f"{name}.m{m}"] = q.matmul(torch.from_numpy(x)).numpy().view(np.uint16)
+            # bfloat16: the same x widened (exact), plus values beyond fp16's range
+            xb = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+            if m == 70:
+                xb[::3] *= 2.0 ** 60
+            yb = q.matmul(xb)
+            results[f"{name}.bf16.m{m}"] = yb.view(torch.int16).numpy().view(np.uint16)
     np.savez(sys.argv[1], **results)
     '''
 )
@@ -174,3 +182,21 @@ def test_outputs_are_sane(outputs: dict) -> None:
     nan = np.isnan(y.view(np.float16))
     assert nan.any() and (y[nan] == 0x7E00).all()
     assert np.isfinite(base["exl2_b4.m1"].view(np.float16)).all()
+    yb = base["exl2_b4.bf16.m5"]
+    nan = (yb & 0x7FFF) > 0x7F80
+    assert nan.any() and (yb[nan] == 0x7FC0).all()
+    assert (base["exl2_inf.bf16.dequant"] & 0x7FFF == 0x7F80).any()  # infinite bf16 weights too
+    big = base["exl2_b4.bf16.m70"].view(np.int16).astype(np.int32) & 0x7FFF
+    assert (big < 0x7F80).all() and (big > 0x5C00).any()  # finite, far beyond fp16's range
+
+
+def test_bf16_dequantize_matches_reference(outputs: dict) -> None:
+    from exl2 import reference as R
+
+    rng = np.random.default_rng(1234)
+    for b in R.EXL2_BITS:
+        lay = R.random_exl2(rng, 320, 72, bits=b, group_size=64, bias=True)
+        w = R.dequantize_exl2(lay["q_weight"], lay["q_invperm"], lay["q_scale"], lay["q_scale_max"], lay["q_groups"],
+                              dtype="bfloat16")
+        for config in ("default", "scalar"):
+            assert np.array_equal(outputs[config][f"exl2_b{b}.bf16.dequant"], R.bf16_bits(w)), f"{config}: b{b}"

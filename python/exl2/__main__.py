@@ -26,6 +26,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--format", dest="fmt", choices=["exl2", "gptq", "awq"], default=None,
                        help="only layers of this format (default: the GPTQ-4 and EXL2 table)")
     bench.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4, help="GPTQ code width (default 4)")
+    bench.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                       help="activation/output dtype of matmul and of the dense baseline (default float16)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return cli.info()
@@ -34,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if args.fmt is None and args.bits != 4:
             parser.error("bench: --bits needs --format gptq")
-        bench_mod.run(args.m, args.json, args.quick, fmt=args.fmt, bits=args.bits)
+        bench_mod.run(args.m, args.json, args.quick, fmt=args.fmt, bits=args.bits, dtype=args.dtype)
         return 0
     return cli.demo(device=args.device, rows=args.rows, fmt=args.fmt, bits=args.bits)
 

@@ -1,5 +1,6 @@
-"""``python -m exl2 bench``: time QMatrix.matmul against dense fp16 ``torch.matmul`` and
-the memory-bandwidth floor, with CUDA graphs (replay time per call), in one run.
+"""``python -m exl2 bench``: time QMatrix.matmul against dense ``torch.matmul`` (in the
+same dtype, float16 or bfloat16: ``--dtype``) and the memory-bandwidth floor, with CUDA
+graphs (replay time per call), in one run.
 
 The floor is the layer's stored bytes (codes, scales, zeros) divided by the copy
 bandwidth measured in the same run (device-to-device copy, bytes read + written).
@@ -100,10 +101,17 @@ def _copy_bandwidth() -> float:
     return 2 * n / (us * 1e-6)
 
 
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def run(ms: Optional[List[int]] = None, json_path: Optional[str] = None, quick: bool = False,
-        fmt: Optional[str] = None, bits: int = 4) -> Dict[str, Any]:
+        fmt: Optional[str] = None, bits: int = 4, dtype: str = "float16") -> Dict[str, Any]:
     """Run the benchmark table and print it; optionally write JSON. ``fmt`` ("exl2",
-    "gptq" with ``bits``, or "awq") restricts it to layers of one format."""
+    "gptq" with ``bits``, or "awq") restricts it to layers of one format; ``dtype`` is the
+    activation/output dtype ("float16" or "bfloat16"), recorded in the output."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r}")
+    tdtype = _DTYPES[dtype]
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA device")
     ms = ms or [1, 8, 16, 32, 64, 512, 2048]
@@ -123,26 +131,32 @@ def run(ms: Optional[List[int]] = None, json_path: Optional[str] = None, quick: 
             for bpw in (2.5, 4.5, 6.0):
                 layers.append((f"exl2 {bpw}bpw {K}x{N}", lambda K=K, N=N, b=bpw: _random_exl2(K, N, _exl2_groups(K, b), g)))
     rows: List[Dict[str, Any]] = []
-    print(f"exl2 {__version__} bench on {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"exl2 {__version__} bench on {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"dtype {dtype}")
     print(f"{'layer':34s} {'m':>5s} {'exl2 us':>9s} {'dense us':>9s} {'floor us':>9s} {'x floor':>8s} {'x dense':>8s}")
     for name, make in layers:
         q = make()
         K, N = q.in_features, q.out_features
-        w = q.dequantize()
-        floor_us = q.nbytes / bw * 1e6
+        w = q.dequantize(tdtype)
+        # The floor: the layer's weight bytes as stored (codes, scales, zeros; bits_per_weight),
+        # which is what a kernel must read at least once. (q.nbytes, what the QMatrix holds on
+        # the device, also counts fp16 scales expanded per column and, with EXL2_CUDA_TC=1,
+        # the second copy of the codes.)
+        floor_us = q.bits_per_weight * K * N / 8 / bw * 1e6
         for m in ms:
-            x = torch.randn((m, K), dtype=torch.float16, device="cuda")
-            out = torch.empty((m, N), dtype=torch.float16, device="cuda")
+            x = torch.randn((m, K), dtype=tdtype, device="cuda")
+            out = torch.empty((m, N), dtype=tdtype, device="cuda")
             dense_out = torch.empty_like(out)
             t_q = _graph_time_us(lambda: q.matmul(x, out=out))
             t_d = _graph_time_us(lambda: torch.matmul(x, w, out=dense_out))
             row = dict(layer=name, K=K, N=N, m=m, bpw=q.bits_per_weight, exl2_us=t_q, dense_us=t_d,
-                       floor_us=floor_us, vs_floor=t_q / floor_us, vs_dense=t_q / t_d)
+                       floor_us=floor_us, vs_floor=t_q / floor_us, vs_dense=t_q / t_d, dtype=dtype)
             rows.append(row)
             print(f"{name:34s} {m:5d} {t_q:9.1f} {t_d:9.1f} {floor_us:9.1f} {t_q / floor_us:8.2f} {t_q / t_d:8.2f}")
         del w
         q.close()
-    result = dict(device=torch.cuda.get_device_name(), copy_bandwidth=bw, version=__version__, rows=rows)
+    result = dict(device=torch.cuda.get_device_name(), copy_bandwidth=bw, version=__version__, rows=rows,
+                  dtype=dtype)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)

@@ -47,7 +47,8 @@ def _cpu_copy(tensors: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 class QuantLinear(torch.nn.Module):
-    """``y = x @ W (+ bias)`` with a quantized ``W`` (EXL2 or GPTQ); x is float16 ``[..., K]``.
+    """``y = x @ W (+ bias)`` with a quantized ``W`` (EXL2 or GPTQ); x is float16 or bfloat16
+    ``[..., K]`` and y has x's dtype (see :meth:`exl2.QMatrix.matmul`).
 
     Build with ``QuantLinear(qmatrix)`` (the module does not close a QMatrix it was
     given), :meth:`from_tensors` or :meth:`from_state_dict`.
@@ -150,7 +151,7 @@ class QuantLinear(torch.nn.Module):
 
     # -------------------------------------------------------------------- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float16 ``[..., in_features]`` -> float16 ``[..., out_features]`` on :attr:`device`."""
+        """float16/bfloat16 ``[..., in_features]`` -> ``[..., out_features]`` of the same dtype on :attr:`device`."""
         return torch.ops.exl2.gemm(x, self.handle)
 
     def extra_repr(self) -> str:
@@ -162,8 +163,9 @@ class QuantLinear(torch.nn.Module):
     # -------------------------------------------------------- device moves, state
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantLinear":
         # Module.to/cuda/cpu reach us only as a tensor->tensor function. Applying it to an
-        # integer probe reveals the target device; dtype casts (.half(), .float()) leave
-        # integer tensors alone, and a quantized layer keeps its float16 interface anyway.
+        # integer probe reveals the target device; dtype casts (.half(), .bfloat16()) leave
+        # integer tensors alone: the layer has no dtype of its own, it computes in the dtype
+        # of each input (float16 or bfloat16).
         target = fn(torch.empty(0, dtype=torch.int32, device=self.device)).device
         target = parse_device(target)
         if target != self.device:

@@ -25,11 +25,12 @@ def gemm(x: torch.Tensor, handle: int) -> torch.Tensor:
     """``x @ W (+ bias)`` for the QMatrix registered under ``handle``.
 
     Args:
-        x: float16 ``[..., in_features]`` on the layer's device.
+        x: float16 or bfloat16 ``[..., in_features]`` on the layer's device.
         handle: a key of :data:`exl2.compat.registry`.
 
     Returns:
-        float16 ``[..., out_features]``.
+        ``[..., out_features]`` in x's dtype (float32 accumulation, see
+        :meth:`exl2.QMatrix.matmul`).
     """
     return get_qmatrix(handle).matmul(x)
 
@@ -39,9 +40,12 @@ def _gemm_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
     # Only the shape is needed; the registry knows N. The checks mirror QMatrix.matmul
     # so that tracing fails the same way eager execution would.
     q = get_qmatrix(handle)
-    torch._check(x.dtype == torch.float16, lambda: f"x: expected dtype torch.float16, got {x.dtype}")
+    torch._check(
+        x.dtype in (torch.float16, torch.bfloat16),
+        lambda: f"x: expected dtype torch.float16 or torch.bfloat16, got {x.dtype}",
+    )
     torch._check(
         x.dim() >= 1 and x.shape[-1] == q.in_features,
         lambda: f"x: expected shape [..., {q.in_features}] (in_features), got {list(x.shape)}",
     )
-    return x.new_empty((*x.shape[:-1], q.out_features))
+    return x.new_empty((*x.shape[:-1], q.out_features))  # x's dtype and device

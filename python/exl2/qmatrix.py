@@ -24,8 +24,8 @@ _ext = load_extension()
 
 __all__ = ["QMatrix"]
 
-# From this many rows on (above the GEMV kernel's range), matmul on CUDA dequantizes into a scratch tensor and runs a
-# dense fp16 GEMM (cuBLAS through torch, fp32 accumulation): at prefill sizes the GEMM
+# From this many rows on (above the GEMV kernel's range), matmul on CUDA dequantizes into a scratch tensor (in x's
+# dtype) and runs a dense GEMM in that dtype (cuBLAS through torch, fp32 accumulation): at prefill sizes the GEMM
 # is compute-bound and the library's own fused tensor-core kernel is slower than
 # cuBLAS. The C++ library keeps its own kernel for every m (no cuBLAS dependency).
 _DENSE_MIN_ROWS = 9
@@ -33,6 +33,15 @@ _DENSE_MIN_ROWS = 9
 # the tensor-core layout and its kernel serves m <= 32 (src/cuda/tc_gemm.cu).
 if os.environ.get("EXL2_CUDA_TC") == "1":
     _DENSE_MIN_ROWS = 33
+
+# The activation/output dtypes matmul and dequantize support.
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_dtype(dtype: Any, name: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise TypeError(f"{name}: expected torch.float16 or torch.bfloat16, got {dtype}")
+    return dtype
 
 
 @contextlib.contextmanager
@@ -63,11 +72,12 @@ def _place(t: Optional[torch.Tensor], device: torch.device) -> Any:
     return native_view(t)
 
 
-def _own_bias(bias: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    """A private copy of the bias on `device` (CUDA only: the dense large-m path)."""
+def _own_bias(bias: Optional[torch.Tensor], device: torch.device) -> Optional[dict]:
+    """Private copies of the bias on `device`, one per activation dtype (CUDA only: the
+    dense large-m path, whose torch.addmm needs the bias in x's dtype)."""
     if bias is None or device.type != "cuda":
         return None
-    return bias.to(device=device, dtype=torch.float16, copy=True).contiguous()
+    return {dt: bias.to(device=device, dtype=dt, copy=True).contiguous() for dt in _DTYPES}
 
 
 class QMatrix:
@@ -75,8 +85,9 @@ class QMatrix:
 
     Build one with :meth:`from_exl2`, :meth:`from_gptq` or :meth:`from_awq`; the tensors given are
     validated, copied and repacked into memory the QMatrix owns, so they may be
-    modified or freed right afterwards. ``matmul`` computes ``x @ W (+ bias)`` in
-    float16 with float32 accumulation; ``dequantize`` returns ``W``.
+    modified or freed right afterwards. ``matmul`` computes ``x @ W (+ bias)`` for
+    float16 or bfloat16 ``x`` (the result has x's dtype) with float32 accumulation;
+    ``dequantize`` returns ``W`` in float16 or bfloat16.
 
     Use ``close()`` (or a ``with`` block) to free the memory before the object is
     garbage collected.
@@ -84,9 +95,10 @@ class QMatrix:
 
     __slots__ = ("_native", "_device", "_bias", "_k", "_n")
 
-    def __init__(self, native: Any, device: torch.device, bias: Optional[torch.Tensor] = None) -> None:
-        # Internal: use from_exl2 / from_gptq / from_awq. `bias` is our own copy on `device`, used
-        # only by the large-m dense path (the native layer holds its own copy too).
+    def __init__(self, native: Any, device: torch.device, bias: Optional[dict] = None) -> None:
+        # Internal: use from_exl2 / from_gptq / from_awq. `bias` holds our own copies on
+        # `device` ({dtype: tensor}), used only by the large-m dense path (the native layer
+        # holds its own fp16 copy too).
         self._native = native
         self._device = device
         self._bias = bias
@@ -278,8 +290,8 @@ class QMatrix:
             x = as_tensor(x, "x")
             if host_array and x.device.type == "cpu" and self._device.type == "cuda":
                 x = x.to(self._device)  # numpy / host DLPack input: copied to the QMatrix's device
-        if x.dtype != torch.float16:
-            raise TypeError(f"x: expected dtype torch.float16, got {x.dtype}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"x: expected dtype torch.float16 or torch.bfloat16, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self._k:
             raise ValueError(f"x: expected shape [..., {self._k}] (in_features), got {list(x.shape)}")
         if x.device != self._device:
@@ -287,12 +299,18 @@ class QMatrix:
         return x
 
     def matmul(self, x: Any, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Return ``x @ W (+ bias)`` as float16, accumulated in float32.
+        """Return ``x @ W (+ bias)`` in x's dtype, accumulated in float32.
+
+        ``x`` is float16 or bfloat16; with dtype ``T`` the result is
+        ``round_T(sum_k x[k] * W_T[k, n] + bias[n])`` with ``W_T = dequantize(T)`` (the
+        weight rounded once to ``T``) and one final rounding. numpy has no bfloat16:
+        bfloat16 input must be a torch tensor (numpy / DLPack arrays are float16).
 
         Args:
-            x: float16 ``[..., in_features]`` on :attr:`device` (any leading batch dims).
-            out: optional preallocated contiguous float16 ``[..., out_features]`` on
-                :attr:`device`; it is fully overwritten and returned.
+            x: float16 or bfloat16 ``[..., in_features]`` on :attr:`device` (any
+                leading batch dims).
+            out: optional preallocated contiguous ``[..., out_features]`` tensor of x's
+                dtype on :attr:`device`; it is fully overwritten and returned.
         """
         x = self._check_input(x)
         x2 = x.reshape(-1, self._k)
@@ -300,12 +318,12 @@ class QMatrix:
             x2 = x2.contiguous()
         shape = tuple(x.shape[:-1]) + (self._n,)
         if out is None:
-            out = torch.empty(shape, dtype=torch.float16, device=self._device)
+            out = torch.empty(shape, dtype=x.dtype, device=self._device)
         else:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-            if out.dtype != torch.float16:
-                raise TypeError(f"out: expected dtype torch.float16, got {out.dtype}")
+            if out.dtype != x.dtype:
+                raise TypeError(f"out: expected dtype {x.dtype} (the dtype of x), got {out.dtype}")
             if tuple(out.shape) != shape:
                 raise ValueError(f"out: expected shape {list(shape)}, got {list(out.shape)}")
             if out.device != x.device:
@@ -315,6 +333,7 @@ class QMatrix:
         out2 = out.view(-1, self._n)
         rows = x2.shape[0]
         dev = self._device
+        bf16 = x.dtype == torch.bfloat16
         if dev.type == "cuda":
             if rows >= _DENSE_MIN_ROWS:
                 with _on_device(dev):
@@ -323,25 +342,35 @@ class QMatrix:
             # The hot decode path: raw pointers of the already-checked tensors (no DLPack
             # export), torch's current stream of the QMatrix's device, no device switch
             # when that device is already current (the native call guards it anyway).
-            self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+            self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), torch.cuda.current_stream(dev).cuda_stream,
+                                  bf16)
         else:
-            self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), 0)
+            self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), 0, bf16)
         return out
 
     def _dense_matmul(self, x2: torch.Tensor, out2: torch.Tensor) -> None:
-        """Large m on CUDA: W into a stream-ordered scratch (torch's allocator, so CUDA
-        graph capture works), then one dense GEMM with the bias in its epilogue."""
+        """Large m on CUDA: W in x's dtype into a stream-ordered scratch (torch's allocator,
+        so CUDA graph capture works), then one dense GEMM in that dtype with the bias in its
+        epilogue. For bfloat16 that bias is our bfloat16 copy (torch.addmm needs one dtype):
+        it is rounded to bfloat16 before the fp32 addition, unlike the native kernels,
+        which add the fp16 bias exactly."""
         if x2.data_ptr() < out2.data_ptr() + out2.numel() * 2 and out2.data_ptr() < x2.data_ptr() + x2.numel() * 2:
             raise ValueError("out: must not overlap x")
-        w = self.dequantize()
+        w = self.dequantize(x2.dtype)
         if self._bias is None:
             torch.mm(x2, w, out=out2)
         else:
-            torch.addmm(self._bias, x2, w, out=out2)
+            torch.addmm(self._bias[x2.dtype], x2, w, out=out2)
 
-    def dequantize(self) -> torch.Tensor:
-        """Return the dense weight ``W`` as float16 ``[in_features, out_features]``."""
-        out = torch.empty((self.in_features, self.out_features), dtype=torch.float16, device=self._device)
+    def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """Return the dense weight ``W`` as ``[in_features, out_features]`` in ``dtype``.
+
+        ``dtype`` is torch.float16 (bit-exact with the reference kernels) or
+        torch.bfloat16: ``W_T = round_T((q - z) * s)``, the exact float32 product of the
+        integer ``q - z`` and the fp16 scale, rounded once (to nearest even).
+        """
+        _check_dtype(dtype, "dtype")
+        out = torch.empty((self.in_features, self.out_features), dtype=dtype, device=self._device)
         with _on_device(self._device):
             self._native.dequantize(native_view(out), stream_handle(self._device))
         return out

@@ -53,6 +53,15 @@ holds column ``8*j + AWQ_ORDER[i]`` with ``AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)`
 ``(g+1)*K/G - 1``; the zero is used as stored::
 
     W[k,n] = f16(scales[g,n] * (q[k,n] - z[g,n])),   g = k // (K / G)
+
+bfloat16
+--------
+The dequantizers take ``dtype="bfloat16"`` for the weight in bfloat16:
+``bf16((q - z) * s)`` with the same fp16 scale ``s`` (for EXL2 the float16
+scale above), i.e. the exact float32 product rounded once, to nearest even.
+numpy has no bfloat16 type, so such weights are returned as float32 arrays
+whose values are all bfloat16 values (:func:`round_bf16`; :func:`bf16_bits`
+gives the 16-bit patterns).
 """
 
 from __future__ import annotations
@@ -83,6 +92,8 @@ __all__ = [
     "dequantize_awq",
     "pack_awq",
     "random_awq",
+    "round_bf16",
+    "bf16_bits",
     "random_exl2",
     "random_gptq",
     "gemm",
@@ -190,6 +201,35 @@ def _check_gptq_bits(bits: int) -> int:
     if isinstance(bits, bool) or int(bits) != bits or int(bits) not in GPTQ_BITS:
         raise ValueError(f"bits must be one of {GPTQ_BITS}, got {bits!r}")
     return int(bits)
+
+
+def round_bf16(a: Any) -> np.ndarray:
+    """Round float32 values to bfloat16 (nearest even), returned as float32.
+
+    Float64 input is first converted to float32 (exact for the products this
+    module forms). NaN stays NaN (as ``sign | 0x7fc0``); overflow gives +-inf.
+    """
+    f = np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+    u = f.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    nan = np.isnan(f)
+    if nan.any():
+        r = np.where(nan, (f.view(np.uint32) & np.uint32(0x80000000)) | np.uint32(0x7FC00000), r)
+    return r.view(np.float32).reshape(f.shape)
+
+
+def bf16_bits(a: Any) -> np.ndarray:
+    """The uint16 bfloat16 bit patterns of ``round_bf16(a)``."""
+    return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _round_weight(prod: np.ndarray, dtype: str) -> np.ndarray:
+    """The one rounding of the exact float32 weight products: float16 or bfloat16."""
+    if dtype == "float16":
+        return _f16(prod)
+    if dtype == "bfloat16":
+        return round_bf16(prod)
+    raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -337,6 +377,7 @@ def dequantize_exl2(
     q_groups: np.ndarray,
     *,
     prescaled: bool = False,
+    dtype: str = "float16",
 ) -> np.ndarray:
     """Dense EXL2 weight, float16 ``[K, N]``, bit exact with the reference kernels.
 
@@ -348,7 +389,10 @@ def dequantize_exl2(
         q_weight, q_invperm, q_scale, q_scale_max, q_groups: the checkpoint tensors.
         prescaled: ``q_scale_max`` was already divided by 256 (see
             :func:`f16_scale_exl2`).
+        dtype: ``"float16"`` or ``"bfloat16"`` (``bf16((q - 2**(b-1)) * scale)`` with
+            the same float16 scale, returned as float32 holding bfloat16 values).
     """
+    _round_weight(np.zeros(0, np.float32), dtype)  # validates dtype before any work
     invperm = np.asarray(q_invperm).astype(np.int64).reshape(-1)
     K = invperm.size
     if not np.array_equal(np.sort(invperm), np.arange(K)):
@@ -363,7 +407,7 @@ def dequantize_exl2(
         )
     scales = f16_scale_exl2(scale_codes, q_scale_max, prescaled)
     centred = (codes - (1 << (row_bits - 1))[:, None]).astype(np.float32)
-    wp = _f16(centred * scales[group].astype(np.float32))
+    wp = _round_weight(centred * scales[group].astype(np.float32), dtype)
     return wp[invperm]
 
 
@@ -514,12 +558,15 @@ def dequantize_gptq(
     g_idx: np.ndarray | None = None,
     zero_format: str = "v1",
     bits: int = 4,
+    dtype: str = "float16",
 ) -> np.ndarray:
     """Dense GPTQ weight, float16 ``[K, N]``, bit exact with the reference kernels.
 
     ``W[k, n] = f16(scales[g, n] * (q[k, n] - z[g, n]))`` with ``g = g_idx[k]``,
     or ``g = k // (K / G)`` without ``g_idx``. The product is exact in float32.
+    ``dtype="bfloat16"`` rounds it to bfloat16 instead (float32 array of bfloat16 values).
     """
+    _round_weight(np.zeros(0, np.float32), dtype)  # validates dtype before any work
     q = unpack_gptq_codes(qweight, bits)
     z = unpack_gptq_zeros(qzeros, zero_format, bits)
     s = np.asarray(scales).astype(np.float16)
@@ -527,7 +574,7 @@ def dequantize_gptq(
     if s.ndim != 2 or s.shape[1] != N or z.shape != s.shape:
         raise ValueError(f"shapes disagree: qweight -> {q.shape}, qzeros -> {z.shape}, scales {s.shape}")
     g = _gptq_groups(K, s.shape[0], g_idx)
-    return _f16(s[g].astype(np.float32) * (q - z[g]).astype(np.float32))
+    return _round_weight(s[g].astype(np.float32) * (q - z[g]).astype(np.float32), dtype)
 
 
 def pack_gptq(
@@ -633,9 +680,12 @@ def unpack_awq_zeros(qzeros: np.ndarray) -> np.ndarray:
     return _unpack_awq_along_last(w)
 
 
-def dequantize_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def dequantize_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
+                   dtype: str = "float16") -> np.ndarray:
     """Dense AWQ weight, float16 ``[K, N]``: ``W[k, n] = f16(scales[g, n] * (q[k, n] - z[g, n]))``
-    with ``g = k // (K / G)``. The product is exact in float32 (one rounding)."""
+    with ``g = k // (K / G)``. The product is exact in float32 (one rounding).
+    ``dtype="bfloat16"`` rounds it to bfloat16 instead (float32 array of bfloat16 values)."""
+    _round_weight(np.zeros(0, np.float32), dtype)  # validates dtype before any work
     q = unpack_awq_codes(qweight)
     z = unpack_awq_zeros(qzeros)
     s = np.asarray(scales).astype(np.float16)
@@ -643,7 +693,7 @@ def dequantize_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray) 
     if s.ndim != 2 or s.shape[1] != N or z.shape != s.shape:
         raise ValueError(f"shapes disagree: qweight -> {q.shape}, qzeros -> {z.shape}, scales {s.shape}")
     g = _gptq_groups(K, s.shape[0], None)
-    return _f16(s[g].astype(np.float32) * (q - z[g]).astype(np.float32))
+    return _round_weight(s[g].astype(np.float32) * (q - z[g]).astype(np.float32), dtype)
 
 
 def pack_awq(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
@@ -818,7 +868,12 @@ def random_awq(
 
 
 def gemm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """``x @ weight (+ bias)`` in float64: x ``[..., K]``, weight ``[K, N]`` -> float64 ``[..., N]``."""
+    """``x @ weight (+ bias)`` in float64: x ``[..., K]``, weight ``[K, N]`` -> float64 ``[..., N]``.
+
+    For bfloat16 semantics pass the bfloat16 weight (``dequantize_*(..., dtype="bfloat16")``)
+    and bfloat16-valued x; the exact result then still needs the one rounding to the
+    output dtype (:func:`round_bf16`), which the kernels apply after fp32 accumulation.
+    """
     y = np.asarray(x).astype(np.float64) @ np.asarray(weight).astype(np.float64)
     if bias is not None:
         y = y + np.asarray(bias).astype(np.float64)

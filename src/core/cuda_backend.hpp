@@ -51,12 +51,14 @@ std::size_t nbytes(const DeviceLayer& layer) noexcept;
 /// True if all `count` fp16 values at `p` (device memory of `device`) are finite.
 bool all_finite_f16(const void* p, std::size_t count, int device, cudaStream_t stream);
 
-/// out[K, N] fp16 (device memory) = W, un-permuted.
-void dequantize(const DeviceLayer& layer, const LayerMeta& meta, void* out, cudaStream_t stream);
+/// out[K, N] (device memory) = W, un-permuted: fp16, or bfloat16 when `bf16`
+/// (bf16((q - z) * s), one rounding of the exact fp32 product).
+void dequantize(const DeviceLayer& layer, const LayerMeta& meta, void* out, bool bf16, cudaStream_t stream);
 
-/// out[m, N] fp16 = x[m, K] fp16 @ W (+ bias); fp32 accumulation, deterministic,
-/// out fully written, no allocation or host synchronisation (graph-capture safe).
-void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out,
+/// out[m, N] = x[m, K] @ W (+ bias); x and out both fp16, or both bfloat16 when `bf16`
+/// (weights then rounded to bfloat16). fp32 accumulation, deterministic, out fully
+/// written, no allocation or host synchronisation (graph-capture safe).
+void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out, bool bf16,
           cudaStream_t stream);
 
 }  // namespace exl2::detail::cuda

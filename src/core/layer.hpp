@@ -17,6 +17,8 @@
 //   Wp[r, n] = f16( (q[r, n] - z[g, n]) * s[g, n] )
 // (q - z) is a small exact integer and s an fp16 value, so their product is exact in
 // fp32 and the one rounding to fp16 matches the reference's half-precision multiply.
+// For bfloat16 activations/outputs the backends round the same exact product once to
+// bfloat16 instead: Wp_bf16[r, n] = bf16( (q[r, n] - z[g, n]) * s[g, n] ).
 #pragma once
 
 #include <cstdint>

@@ -148,9 +148,18 @@ std::size_t QMatrix::nbytes() const {
 
 namespace {
 
+bool is_activation_dtype(DType t) { return t == DType::Float16 || t == DType::BFloat16; }
+
+/// `dtype`: the dtype out must have (gemm: x's), or DType::Other for "float16 or bfloat16".
 void check_output(const MutableTensorView& out, const char* name, const std::vector<std::int64_t>& shape,
-                  const char* symbolic, Device device) {
-  if (out.dtype != DType::Float16) fail_type(name, ": expected dtype float16, got ", dtype_name(out.dtype));
+                  const char* symbolic, Device device, DType dtype) {
+  if (dtype == DType::Other) {
+    if (!is_activation_dtype(out.dtype)) {
+      fail_type(name, ": expected dtype float16 or bfloat16, got ", dtype_name(out.dtype));
+    }
+  } else if (out.dtype != dtype) {
+    fail_type(name, ": expected dtype ", dtype_name(dtype), " (the dtype of x), got ", dtype_name(out.dtype));
+  }
   if (out.shape != shape) {
     TensorView e;
     e.shape = shape;
@@ -168,11 +177,12 @@ void check_output(const MutableTensorView& out, const char* name, const std::vec
 void QMatrix::dequantize(const MutableTensorView& out, cudaStream_t stream) const {
   const auto held = impl("dequantize");  // keeps the memory alive during the call
   const auto& im = *held;
-  check_output(out, "out", {im.meta.K, im.meta.N}, "[K, N]", im.device);
+  check_output(out, "out", {im.meta.K, im.meta.N}, "[K, N]", im.device, DType::Other);
+  const bool bf16 = out.dtype == DType::BFloat16;
   if (im.cuda) {
-    detail::cuda::dequantize(*im.cuda, im.meta, out.mutable_data(), stream);
+    detail::cuda::dequantize(*im.cuda, im.meta, out.mutable_data(), bf16, stream);
   } else {
-    detail::cpu::dequantize(im.meta, im.host, static_cast<std::uint16_t*>(out.mutable_data()));
+    detail::cpu::dequantize(im.meta, im.host, static_cast<std::uint16_t*>(out.mutable_data()), bf16);
   }
 }
 
@@ -180,7 +190,7 @@ void QMatrix::gemm(const TensorView& x, const MutableTensorView& out, cudaStream
   const auto held = impl("gemm");  // keeps the memory alive during the call
   const auto& im = *held;
   const auto& m = im.meta;
-  if (x.dtype != DType::Float16) fail_type("x: expected dtype float16, got ", dtype_name(x.dtype));
+  if (!is_activation_dtype(x.dtype)) fail_type("x: expected dtype float16 or bfloat16, got ", dtype_name(x.dtype));
   if (x.ndim() != 2 || x.shape[1] != m.K) {
     fail_value("x: expected shape [M, K] with K = ", m.K, " (in_features), got ", x.shape_str());
   }
@@ -190,7 +200,8 @@ void QMatrix::gemm(const TensorView& x, const MutableTensorView& out, cudaStream
   }
   const std::int64_t rows = x.shape[0];
   if (x.data == nullptr && rows > 0) fail_value("x: data pointer is null");
-  check_output(out, "out", {rows, m.N}, "[M, N]", im.device);
+  check_output(out, "out", {rows, m.N}, "[M, N]", im.device, x.dtype);
+  const bool bf16 = x.dtype == DType::BFloat16;
   if (rows == 0) return;
   // out must not overlap x: the kernels read x while writing out.
   const auto* xb = static_cast<const char*>(x.data);
@@ -198,10 +209,10 @@ void QMatrix::gemm(const TensorView& x, const MutableTensorView& out, cudaStream
   const std::size_t xbytes = static_cast<std::size_t>(rows * m.K) * 2, obytes = static_cast<std::size_t>(rows * m.N) * 2;
   if (xb < ob + obytes && ob < xb + xbytes) fail_value("out: must not overlap x");
   if (im.cuda) {
-    detail::cuda::gemm(*im.cuda, m, x.data, rows, out.mutable_data(), stream);
+    detail::cuda::gemm(*im.cuda, m, x.data, rows, out.mutable_data(), bf16, stream);
   } else {
     detail::cpu::gemm(m, im.host, static_cast<const std::uint16_t*>(x.data), rows,
-                      static_cast<std::uint16_t*>(out.mutable_data()));
+                      static_cast<std::uint16_t*>(out.mutable_data()), bf16);
   }
 }
 

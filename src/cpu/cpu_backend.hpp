@@ -19,10 +19,13 @@ HostArrays build_exl2(const ValidatedExl2& v);
 HostArrays build_gptq(const ValidatedGptq& v);  // any width; v's pointers must be host memory
 HostArrays build_awq(const ValidatedAwq& v);    // v's pointers must be host memory
 
-/// out[K, N] fp16 bits = W (un-permuted).
-void dequantize(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out);
+/// out[K, N] = W (un-permuted) as fp16 bits, or as bf16 bits when `bf16`
+/// (bf16((q - z) * s): the same exact product, one rounding to bfloat16).
+void dequantize(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, bool bf16);
 
-/// out[m, N] fp16 bits = x[m, K] @ W (+ bias), fp32 accumulation.
-void gemm(const LayerMeta& meta, const HostArrays& a, const std::uint16_t* x, std::int64_t m, std::uint16_t* out);
+/// out[m, N] = x[m, K] @ W (+ bias), fp32 accumulation; x and out are both fp16 bits, or
+/// both bf16 bits when `bf16` (the weights then rounded to bfloat16, see kernels.hpp).
+void gemm(const LayerMeta& meta, const HostArrays& a, const std::uint16_t* x, std::int64_t m, std::uint16_t* out,
+          bool bf16);
 
 }  // namespace exl2::detail::cpu

@@ -3,14 +3,26 @@
 
 #include <cstdint>
 
+#include "core/bfloat16.hpp"
 #include "core/half.hpp"
 #include "core/layer.hpp"
 
 namespace exl2::detail::cpu {
 
-/// dst[(r - r0) * ld + (n - n0)] = Wp[r, n] (the fp16-rounded weight as float) for the
-/// permuted rows r0 <= r < r1 of group g and columns n0 <= n < n1.
+/// The weight's one rounding: to fp16, or to bfloat16 when BF (NaN kept NaN).
+template <bool BF>
+inline float round_weight(float f) noexcept {
+  if constexpr (BF) {
+    return round_to_bf16(f);
+  } else {
+    return round_to_half(f);
+  }
+}
+
+/// dst[(r - r0) * ld + (n - n0)] = Wp[r, n] (the fp16- or, when BF, bf16-rounded weight
+/// as float) for the permuted rows r0 <= r < r1 of group g and columns n0 <= n < n1.
 /// scale_f32[n - n0] must hold the group's scales of those columns as float.
+template <bool BF>
 inline void decode_tile(const LayerMeta& meta, const HostArrays& a, std::int64_t g, std::int64_t r0, std::int64_t r1,
                         std::int64_t n0, std::int64_t n1, const float* scale_f32, float* dst, std::int64_t ld) {
   const std::int64_t N = meta.N;
@@ -27,14 +39,14 @@ inline void decode_tile(const LayerMeta& meta, const HostArrays& a, std::int64_t
     if (shift + bits <= 32) {
       for (std::int64_t n = n0; n < n1; ++n) {
         const std::int32_t code = static_cast<std::int32_t>((w0[n] >> shift) & mask);
-        out[n] = round_to_half(static_cast<float>(code - zeros[n]) * scale_f32[n - n0]);
+        out[n] = round_weight<BF>(static_cast<float>(code - zeros[n]) * scale_f32[n - n0]);
       }
     } else {  // 3/5/6-bit code straddling two words
       const std::uint32_t* w1 = w0 + N;
       for (std::int64_t n = n0; n < n1; ++n) {
         const std::uint32_t bitsv = (w0[n] >> shift) | (w1[n] << (32 - shift));
         const std::int32_t code = static_cast<std::int32_t>(bitsv & mask);
-        out[n] = round_to_half(static_cast<float>(code - zeros[n]) * scale_f32[n - n0]);
+        out[n] = round_weight<BF>(static_cast<float>(code - zeros[n]) * scale_f32[n - n0]);
       }
     }
   }

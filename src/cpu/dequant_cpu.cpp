@@ -7,8 +7,9 @@
 namespace exl2::detail::cpu {
 
 // Columns are split across threads in units of 64; each weight is decoded exactly as
-// in the GEMM (bit-exact fp16 f16((q - z) * s)) and written to its checkpoint row.
-void dequantize(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out) {
+// in the GEMM (bit-exact f16((q - z) * s), or bf16((q - z) * s)) and written to its
+// checkpoint row.
+void dequantize(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, bool bf16) {
   const std::int64_t N = meta.N;
   constexpr std::int64_t unit = 64;
   const std::int64_t units = (N + unit - 1) / unit;
@@ -17,9 +18,9 @@ void dequantize(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out) 
   parallel_for(units, work, [&](std::int64_t u0, std::int64_t u1) {
     const std::int64_t n0 = u0 * unit, n1 = std::min(N, u1 * unit);
 #if EXL2_CPU_HAVE_AVX2_KERNELS
-    if (avx2) return dequant_cols_avx2(meta, a, out, n0, n1);
+    if (avx2) return dequant_cols_avx2(meta, a, out, n0, n1, bf16);
 #endif
-    dequant_cols_scalar(meta, a, out, n0, n1);
+    dequant_cols_scalar(meta, a, out, n0, n1, bf16);
   });
 }
 

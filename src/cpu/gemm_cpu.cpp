@@ -23,18 +23,19 @@ bool use_avx2() noexcept {
 // kernel, one tile width for the tiled kernel). Each output column is computed entirely
 // by one thread in the fixed order of the contract (kernels.hpp), so the result does not
 // depend on the split, the thread count or the kernel family.
-void gemm(const LayerMeta& meta, const HostArrays& a, const std::uint16_t* x, std::int64_t m, std::uint16_t* out) {
+void gemm(const LayerMeta& meta, const HostArrays& a, const std::uint16_t* x, std::int64_t m, std::uint16_t* out,
+          bool bf16) {
   if (m == 0) return;
   const std::int64_t N = meta.N, K = meta.K;
   const bool avx2 = use_avx2();
   std::unique_ptr<float[]> xp(new float[static_cast<std::size_t>(m * K)]);
   parallel_for(m, static_cast<double>(m) * static_cast<double>(K) * 4.0, [&](std::int64_t i0, std::int64_t i1) {
 #if EXL2_CPU_HAVE_AVX2_KERNELS
-    if (avx2) return convert_x_avx2(meta, x, xp.get(), i0, i1);
+    if (avx2) return convert_x_avx2(meta, x, xp.get(), i0, i1, bf16);
 #endif
-    convert_x_scalar(meta, x, xp.get(), i0, i1);
+    convert_x_scalar(meta, x, xp.get(), i0, i1, bf16);
   });
-  const GemmArgs args{&meta, &a, xp.get(), m, out};
+  const GemmArgs args{&meta, &a, xp.get(), m, out, bf16};
   const std::int64_t unit = m <= kFusedMaxRows ? 8 : 64;
   const std::int64_t units = (N + unit - 1) / unit;
   const double work = static_cast<double>(K) * static_cast<double>(N) * (avx2 ? 1.0 + 0.25 * m : 10.0 + 2.0 * m);

@@ -24,6 +24,16 @@
 //   * out[i, n] = f16(acc + float(bias[n])) (round to nearest even), bias 0 when absent;
 //     a NaN result is stored as the canonical fp16 NaN 0x7e00 (which NaN an FMA propagates
 //     depends on its operand order, which differs between the kernels).
+// bfloat16 activations and outputs (the same kernels, templated on the 16-bit type):
+//   * the weight is w = bf16((q - z) * s) as float: the same exact fp32 product, rounded
+//     once to bfloat16 (round to nearest even; NaN stays NaN, core/bfloat16.hpp);
+//   * x is converted exactly (bfloat16 bits << 16) and gathered like fp16;
+//   * acc = acc + fl(xp[i, r] * w[r, n]), rows ascending, one accumulator per output.
+//     A bfloat16 x bfloat16 product has at most 16 significant bits but fp32's exponent
+//     range, so it can overflow or underflow in fp32 and then fma != multiply-and-add:
+//     for bfloat16 both kernel families multiply and add separately (no FMA, no
+//     contraction), which keeps them bit-identical;
+//   * out[i, n] = bf16(acc + float(bias[n])), NaN stored as 0x7fc0 (kCanonicalNaNBf16).
 // Threads split the columns, and a column's result never depends on how the columns are
 // split, so the results are also independent of the thread count.
 //
@@ -54,24 +64,28 @@ struct GemmArgs {
   const HostArrays* a;
   const float* xp;     // [m, K] fp32, xp[i, r] = x[i, perm[r]]
   std::int64_t m;
-  std::uint16_t* out;  // [m, N] fp16 bits
+  std::uint16_t* out;  // [m, N] fp16 or bf16 bits
+  bool bf16;           // activations/outputs are bfloat16 (else float16)
 };
 
 /// Column-range kernels: compute out[:, n0:n1] (gemm) or out[:, n0:n1] of the dense
 /// un-permuted weight (dequantize). n0 and n1 are multiples of 8 or n1 == N.
 void gemm_cols_scalar(const GemmArgs& g, std::int64_t n0, std::int64_t n1);
+/// `bf16` selects the 16-bit type of out (dequantize) or of x (convert_x).
 void dequant_cols_scalar(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0,
-                         std::int64_t n1);
+                         std::int64_t n1, bool bf16);
 /// xp[i, r] = float(x[i, perm[r]]) for rows i0 <= i < i1.
-void convert_x_scalar(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0, std::int64_t i1);
+void convert_x_scalar(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0, std::int64_t i1,
+                      bool bf16);
 
 #if EXL2_CPU_HAVE_AVX2_KERNELS
 /// True when this CPU (and OS) supports AVX2, FMA and F16C.
 bool avx2_supported() noexcept;
 void gemm_cols_avx2(const GemmArgs& g, std::int64_t n0, std::int64_t n1);
 void dequant_cols_avx2(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0,
-                       std::int64_t n1);
-void convert_x_avx2(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0, std::int64_t i1);
+                       std::int64_t n1, bool bf16);
+void convert_x_avx2(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0, std::int64_t i1,
+                    bool bf16);
 #endif
 
 /// Which kernels this call uses: AVX2 when supported and EXL2_CPU_SCALAR is not set.

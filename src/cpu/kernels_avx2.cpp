@@ -40,6 +40,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "core/bfloat16.hpp"
 #include "core/half.hpp"
 
 // No FP contraction in this file (round_half_fast / decode_tile_fast must not fuse; GCC
@@ -133,6 +134,81 @@ EXL2_AVX2_INLINE __m256 round_half_fast(__m256 f) {
   return _mm256_sub_ps(c, _mm256_sub_ps(c, f));
 }
 
+// ------------------------------------------------------------- bfloat16 (BF = true)
+//
+// The same kernels run for bfloat16 activations/outputs with a template flag BF:
+//   * w = bf16((code - z) * s): the same exact fp32 product, rounded to bfloat16 on the
+//     float's bits (round_bf16_fast: add 0x7fff + lowest kept bit, clear the low 16 bits;
+//     exact nearest-even for every finite value, core/bfloat16.hpp), NaN kept NaN where a
+//     scale may be non-finite (round_bf16_exact);
+//   * x = bits << 16 (exact); out = bf16(acc + bias), NaN stored as 0x7fc0;
+//   * products: bfloat16 x bfloat16 is exact in fp32 only while it neither overflows nor
+//     underflows (bfloat16 has fp32's exponent range), so the bf16 contract is
+//     acc = acc + fl(x * w) with a separate multiply and add, which the scalar kernels
+//     (compiled without contraction) compute the same way: madd<true>.
+
+/// bf16(f) as a float for finite f (NaN may come out as inf: callers exclude NaN).
+EXL2_AVX2_INLINE __m256 round_bf16_fast(__m256 f) {
+  const __m256i x = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+/// bf16(f) as a float for any f: a NaN becomes sign | 0x7fc00000 (float_to_bf16).
+EXL2_AVX2_INLINE __m256 round_bf16_exact(__m256 f) {
+  const __m256 nan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+  const __m256 qnan = _mm256_or_ps(_mm256_and_ps(f, _mm256_set1_ps(-0.0f)),
+                                   _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)));
+  return _mm256_blendv_ps(round_bf16_fast(f), qnan, nan);
+}
+
+/// The bfloat16 bits of 8 floats whose low 16 bits are zero.
+EXL2_AVX2_INLINE __m128i pack_bf16(__m256 r) {
+  const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(r), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/// The GEMM's fast weight rounding: fp16 (Veltkamp) or bfloat16 (bit rounding).
+template <bool BF>
+EXL2_AVX2_INLINE __m256 round_w_fast(__m256 f) {
+  if constexpr (BF) {
+    return round_bf16_fast(f);
+  } else {
+    return round_half_fast(f);
+  }
+}
+
+/// The exact weight as a float (any scale, NaN kept): F16C round trip or round_bf16_exact.
+template <bool BF>
+EXL2_AVX2_INLINE __m256 dq_exact(__m256i code, const ScaleZero& sz) {
+  if constexpr (BF) {
+    return round_bf16_exact(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(code, sz.z)), sz.s));
+  } else {
+    return _mm256_cvtph_ps(dq_half_exact(code, sz));
+  }
+}
+
+/// The exact weight's 16-bit pattern (dequantize).
+template <bool BF>
+EXL2_AVX2_INLINE __m128i dq_bits(__m256i code, const ScaleZero& sz) {
+  if constexpr (BF) {
+    return pack_bf16(dq_exact<true>(code, sz));
+  } else {
+    return dq_half_exact(code, sz);
+  }
+}
+
+/// acc + x * w: one FMA for fp16 (the product is exact), multiply then add for bf16.
+template <bool BF>
+EXL2_AVX2_INLINE __m256 madd(__m256 x, __m256 w, __m256 acc) {
+  if constexpr (BF) {
+    return _mm256_add_ps(acc, _mm256_mul_ps(x, w));
+  } else {
+    return _mm256_fmadd_ps(x, w, acc);
+  }
+}
+
 /// Row J of a b-bit period: its word, shift and how its code is extracted.
 template <int B, int J>
 struct Row {
@@ -168,7 +244,7 @@ EXL2_AVX2_INLINE FastScale<B> make_fast_scale(const ScaleZero& sz) {
 }
 
 /// The fast decode of row J of a period, with the in-place extraction where it applies.
-template <int B, int J>
+template <int B, int J, bool BF>
 EXL2_AVX2_INLINE __m256 dq_fast_row(const __m256i* w, const FastScale<B>& fs) {
   using R = Row<B, J>;
   __m256i code;
@@ -177,13 +253,13 @@ EXL2_AVX2_INLINE __m256 dq_fast_row(const __m256i* w, const FastScale<B>& fs) {
   } else {
     code = code_of<B, J>(w);
   }
-  return round_half_fast(_mm256_fmsub_ps(_mm256_cvtepi32_ps(code), fs.s[J], fs.zs));
+  return round_w_fast<BF>(_mm256_fmsub_ps(_mm256_cvtepi32_ps(code), fs.s[J], fs.zs));
 }
 
 /// The fast path's weight of a code extracted at run time (partial periods): row 0's s.
-template <int B>
+template <int B, bool BF>
 EXL2_AVX2_INLINE __m256 dq_fast_code(__m256i code, const FastScale<B>& fs) {
-  return round_half_fast(_mm256_fmsub_ps(_mm256_cvtepi32_ps(code), fs.s[0], fs.zs));
+  return round_w_fast<BF>(_mm256_fmsub_ps(_mm256_cvtepi32_ps(code), fs.s[0], fs.zs));
 }
 
 /// The codes of row i of a group (any i, run-time shifts); base: the group's first word row.
@@ -210,7 +286,7 @@ EXL2_AVX2_INLINE __m256i load_words(const std::uint32_t* p) {
 // registers and multiplied into MR x CB accumulators that stay in registers for all the
 // group's rows (CB >= 2 keeps several independent FMA chains in flight).
 
-template <int B, int J, int MR, int CB>
+template <int B, int J, int MR, int CB, bool BF>
 EXL2_AVX2_INLINE void gemv_row(const __m256i (&w)[CB][Period<B>::W], const FastScale<B> (&sz)[CB],
                                __m256 (&acc)[MR][CB], const float* x, std::int64_t ldx) {
   __m256 xb[MR];
@@ -218,24 +294,24 @@ EXL2_AVX2_INLINE void gemv_row(const __m256i (&w)[CB][Period<B>::W], const FastS
   for (int i = 0; i < MR; ++i) xb[i] = _mm256_broadcast_ss(x + i * ldx + J);
 #pragma GCC unroll 8
   for (int c = 0; c < CB; ++c) {
-    const __m256 wv = dq_fast_row<B, J>(w[c], sz[c]);
+    const __m256 wv = dq_fast_row<B, J, BF>(w[c], sz[c]);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) acc[i][c] = _mm256_fmadd_ps(xb[i], wv, acc[i][c]);
+    for (int i = 0; i < MR; ++i) acc[i][c] = madd<BF>(xb[i], wv, acc[i][c]);
   }
 }
 
-template <int B, int MR, int CB, int... J>
+template <int B, int MR, int CB, bool BF, int... J>
 EXL2_AVX2_INLINE void gemv_period(const __m256i (&w)[CB][Period<B>::W], const FastScale<B> (&sz)[CB],
                                   __m256 (&acc)[MR][CB], const float* x, std::int64_t ldx,
                                   std::integer_sequence<int, J...>) {
-  (gemv_row<B, J, MR, CB>(w, sz, acc, x, ldx), ...);
+  (gemv_row<B, J, MR, CB, BF>(w, sz, acc, x, ldx), ...);
 }
 
 /// acc[i, 8c + l] = fma chain over the group's rows (ascending) for columns col .. col + 8 CB.
 /// wq: the group's first word row at column col; x: xp + row_start[g] (row stride ldx);
 /// sc, zc: the group's scales and zeros at column col (all passing fast_ok); acc row
 /// stride ldacc.
-template <int B, int MR, int CB>
+template <int B, int MR, int CB, bool BF>
 EXL2_AVX2 void gemv_block(const std::uint32_t* wq, std::int64_t N, std::int64_t rows, const float* x,
                           std::int64_t ldx, const std::uint16_t* sc, const std::uint8_t* zc, float* acc_mem,
                           std::int64_t ldacc) {
@@ -257,12 +333,12 @@ EXL2_AVX2 void gemv_block(const std::uint32_t* wq, std::int64_t N, std::int64_t 
 #pragma GCC unroll 8
       for (int k = 0; k < W; ++k) w[c][k] = load_words(wp + k * N + 8 * c);
     }
-    gemv_period<B, MR, CB>(w, sz, acc, x + p * P, ldx, std::make_integer_sequence<int, P>{});
+    gemv_period<B, MR, CB, BF>(w, sz, acc, x + p * P, ldx, std::make_integer_sequence<int, P>{});
   }
   for (std::int64_t r = periods * P; r < rows; ++r) {  // partial last period
     for (int c = 0; c < CB; ++c) {
-      const __m256 wv = dq_fast_code<B>(code_var(wq + 8 * c, N, B, r), sz[c]);
-      for (int i = 0; i < MR; ++i) acc[i][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * ldx + r), wv, acc[i][c]);
+      const __m256 wv = dq_fast_code<B, BF>(code_var(wq + 8 * c, N, B, r), sz[c]);
+      for (int i = 0; i < MR; ++i) acc[i][c] = madd<BF>(_mm256_broadcast_ss(x + i * ldx + r), wv, acc[i][c]);
     }
   }
 #pragma GCC unroll 8
@@ -272,22 +348,23 @@ EXL2_AVX2 void gemv_block(const std::uint32_t* wq, std::int64_t N, std::int64_t 
   }
 }
 
-template <int MR, int CB>
+template <int MR, int CB, bool BF>
 EXL2_AVX2 void gemv_block_bits(int bits, const std::uint32_t* wq, std::int64_t N, std::int64_t rows, const float* x,
                                std::int64_t ldx, const std::uint16_t* sc, const std::uint8_t* zc, float* acc,
                                std::int64_t ldacc) {
   switch (bits) {
-    case 2: gemv_block<2, MR, CB>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    case 3: gemv_block<3, MR, CB>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    case 4: gemv_block<4, MR, CB>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    case 5: gemv_block<5, MR, CB>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    case 6: gemv_block<6, MR, CB>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    default: gemv_block<8, MR, CB>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 2: gemv_block<2, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 3: gemv_block<3, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 4: gemv_block<4, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 5: gemv_block<5, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 6: gemv_block<6, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    default: gemv_block<8, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
   }
 }
 
 /// The exact (F16C) fallback of gemv_block for 8 columns whose scales fail fast_ok (|s| >=
 /// 256 or inf): same operations and order, run-time shifts, any bit width and row count.
+template <bool BF>
 EXL2_AVX2 void gemv_vec_exact(int bits, const std::uint32_t* wq, std::int64_t N, std::int64_t rows, const float* x,
                               std::int64_t ldx, std::int64_t m, const std::uint16_t* sc, const std::uint8_t* zc,
                               float* acc, std::int64_t ldacc) {
@@ -295,8 +372,8 @@ EXL2_AVX2 void gemv_vec_exact(int bits, const std::uint32_t* wq, std::int64_t N,
   for (std::int64_t i = 0; i < m; ++i) {
     __m256 a = _mm256_loadu_ps(acc + i * ldacc);
     for (std::int64_t r = 0; r < rows; ++r) {
-      const __m256 wv = _mm256_cvtph_ps(dq_half_exact(code_var(wq, N, bits, r), sz));
-      a = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * ldx + r), wv, a);
+      const __m256 wv = dq_exact<BF>(code_var(wq, N, bits, r), sz);
+      a = madd<BF>(_mm256_broadcast_ss(x + i * ldx + r), wv, a);
     }
     _mm256_storeu_ps(acc + i * ldacc, a);
   }
@@ -306,7 +383,8 @@ EXL2_AVX2_INLINE bool fast_ok_at(const std::uint16_t* sc, const std::uint8_t* zc
   return fast_ok(load_scale_zero(sc, zc));
 }
 
-/// out[i, n] = f16(acc[i, n - n0] + bias[n]) for nvec vectors of 8 columns.
+/// out[i, n] = f16/bf16(acc[i, n - n0] + bias[n]) for nvec vectors of 8 columns.
+template <bool BF>
 EXL2_AVX2 void store_output(const LayerMeta& meta, const float* acc, std::int64_t ldacc, std::int64_t m,
                             std::uint16_t* out, std::int64_t n0, std::int64_t nvec) {
   const std::int64_t N = meta.N;
@@ -317,30 +395,36 @@ EXL2_AVX2 void store_output(const LayerMeta& meta, const float* acc, std::int64_
         const auto* b = reinterpret_cast<const __m128i*>(meta.bias.data() + n0 + 8 * v);
         y = _mm256_add_ps(y, _mm256_cvtph_ps(_mm_loadu_si128(b)));
       }
-      __m128i h = _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT);
+      __m128i h;
+      if constexpr (BF) {
+        h = pack_bf16(round_bf16_fast(y));  // a NaN lane may come out as inf: replaced below
+      } else {
+        h = _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT);
+      }
       const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
       if (_mm256_movemask_ps(nan) != 0) {  // canonical NaN, as the scalar kernels store
         const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(nan)),
                                               _mm256_extracti128_si256(_mm256_castps_si256(nan), 1));
-        h = _mm_blendv_epi8(h, _mm_set1_epi16(static_cast<short>(kCanonicalNaN)), nan16);
+        const std::uint16_t canon = BF ? kCanonicalNaNBf16 : kCanonicalNaN;
+        h = _mm_blendv_epi8(h, _mm_set1_epi16(static_cast<short>(canon)), nan16);
       }
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * N + n0 + 8 * v), h);
     }
   }
 }
 
-template <int MR>
+template <int MR, bool BF>
 EXL2_AVX2_INLINE void gemv_vec(int bits, const std::uint32_t* wq, std::int64_t N, std::int64_t rows, const float* x,
                                std::int64_t ldx, const std::uint16_t* sc, const std::uint8_t* zc, float* acc,
                                std::int64_t ld, std::int64_t v) {
   if (fast_ok_at(sc + 8 * v, zc + 8 * v)) {
-    gemv_block_bits<MR, 1>(bits, wq + 8 * v, N, rows, x, ldx, sc + 8 * v, zc + 8 * v, acc + 8 * v, ld);
+    gemv_block_bits<MR, 1, BF>(bits, wq + 8 * v, N, rows, x, ldx, sc + 8 * v, zc + 8 * v, acc + 8 * v, ld);
   } else {
-    gemv_vec_exact(bits, wq + 8 * v, N, rows, x, ldx, MR, sc + 8 * v, zc + 8 * v, acc + 8 * v, ld);
+    gemv_vec_exact<BF>(bits, wq + 8 * v, N, rows, x, ldx, MR, sc + 8 * v, zc + 8 * v, acc + 8 * v, ld);
   }
 }
 
-template <int MR>
+template <int MR, bool BF>
 EXL2_AVX2 void gemv_cols(const GemmArgs& args, std::int64_t n0, std::int64_t nvec) {
   constexpr int CB = MR == 1 ? 4 : 2;  // MR x CB independent FMA chains
   const LayerMeta& meta = *args.meta;
@@ -364,14 +448,14 @@ EXL2_AVX2 void gemv_cols(const GemmArgs& args, std::int64_t n0, std::int64_t nve
       bool ok = true;
       for (int c = 0; c < CB; ++c) ok = ok && fast_ok_at(sc + 8 * (v + c), zc + 8 * (v + c));
       if (ok) {
-        gemv_block_bits<MR, CB>(bits, wq + 8 * v, N, rows, x + r0, K, sc + 8 * v, zc + 8 * v, accp + 8 * v, ld);
+        gemv_block_bits<MR, CB, BF>(bits, wq + 8 * v, N, rows, x + r0, K, sc + 8 * v, zc + 8 * v, accp + 8 * v, ld);
       } else {
-        for (int c = 0; c < CB; ++c) gemv_vec<MR>(bits, wq, N, rows, x + r0, K, sc, zc, accp, ld, v + c);
+        for (int c = 0; c < CB; ++c) gemv_vec<MR, BF>(bits, wq, N, rows, x + r0, K, sc, zc, accp, ld, v + c);
       }
     }
-    for (; v < nvec; ++v) gemv_vec<MR>(bits, wq, N, rows, x + r0, K, sc, zc, accp, ld, v);
+    for (; v < nvec; ++v) gemv_vec<MR, BF>(bits, wq, N, rows, x + r0, K, sc, zc, accp, ld, v);
   }
-  store_output(meta, acc.get(), ld, MR, args.out, n0, nvec);
+  store_output<BF>(meta, acc.get(), ld, MR, args.out, n0, nvec);
 }
 
 // ------------------------------------------------- tiled GEMM (many x rows)
@@ -382,15 +466,15 @@ EXL2_AVX2 void gemv_cols(const GemmArgs& args, std::int64_t n0, std::int64_t nve
 
 constexpr std::int64_t kTileRows = 64;  // KC: a multiple of every period length (<= 32)
 
-template <int B, int... J>
+template <int B, bool BF, int... J>
 EXL2_AVX2_INLINE void tile_period(const __m256i* w, const FastScale<B>& fs, float* dst, std::int64_t ldd,
                                   std::integer_sequence<int, J...>) {
-  (_mm256_storeu_ps(dst + J * ldd, dq_fast_row<B, J>(w, fs)), ...);
+  (_mm256_storeu_ps(dst + J * ldd, dq_fast_row<B, J, BF>(w, fs)), ...);
 }
 
 /// dst[(r - r0) * ldd + 8 v + l] = Wp for rows r0 <= r < r0 + kr of a group (r0 relative
 /// to the group, a multiple of the period), nvec vectors of 8 columns.
-template <int B>
+template <int B, bool BF>
 EXL2_AVX2 void decode_tile_avx2(const std::uint32_t* wq, std::int64_t N, std::int64_t r0, std::int64_t kr,
                                 const std::uint16_t* sc, const std::uint8_t* zc, std::int64_t nvec, float* dst,
                                 std::int64_t ldd) {
@@ -400,9 +484,9 @@ EXL2_AVX2 void decode_tile_avx2(const std::uint32_t* wq, std::int64_t N, std::in
     const std::uint32_t* wv = wq + 8 * v;
     float* d = dst + 8 * v;
     const ScaleZero sz = load_scale_zero(sc + 8 * v, zc + 8 * v);
-    if (!fast_ok(sz)) {  // exact F16C fallback (|s| >= 256 or inf)
+    if (!fast_ok(sz)) {  // exact fallback (|s| >= 256 or inf)
       for (std::int64_t r = 0; r < kr; ++r) {
-        _mm256_storeu_ps(d + r * ldd, _mm256_cvtph_ps(dq_half_exact(code_var(wv, N, B, r0 + r), sz)));
+        _mm256_storeu_ps(d + r * ldd, dq_exact<BF>(code_var(wv, N, B, r0 + r), sz));
       }
       continue;
     }
@@ -411,29 +495,30 @@ EXL2_AVX2 void decode_tile_avx2(const std::uint32_t* wq, std::int64_t N, std::in
     for (std::int64_t p = 0; p < periods; ++p) {
       __m256i w[W];
       for (int k = 0; k < W; ++k) w[k] = load_words(wbase + (p * W + k) * N);
-      tile_period<B>(w, fs, d + p * P * ldd, ldd, std::make_integer_sequence<int, P>{});
+      tile_period<B, BF>(w, fs, d + p * P * ldd, ldd, std::make_integer_sequence<int, P>{});
     }
     for (std::int64_t r = periods * P; r < kr; ++r) {
-      _mm256_storeu_ps(d + r * ldd, dq_fast_code<B>(code_var(wv, N, B, r0 + r), fs));
+      _mm256_storeu_ps(d + r * ldd, dq_fast_code<B, BF>(code_var(wv, N, B, r0 + r), fs));
     }
   }
 }
 
+template <bool BF>
 EXL2_AVX2 void decode_tile_bits(int bits, const std::uint32_t* wq, std::int64_t N, std::int64_t r0, std::int64_t kr,
                                 const std::uint16_t* sc, const std::uint8_t* zc, std::int64_t nvec, float* dst,
                                 std::int64_t ldd) {
   switch (bits) {
-    case 2: decode_tile_avx2<2>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
-    case 3: decode_tile_avx2<3>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
-    case 4: decode_tile_avx2<4>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
-    case 5: decode_tile_avx2<5>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
-    case 6: decode_tile_avx2<6>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
-    default: decode_tile_avx2<8>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
+    case 2: decode_tile_avx2<2, BF>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
+    case 3: decode_tile_avx2<3, BF>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
+    case 4: decode_tile_avx2<4, BF>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
+    case 5: decode_tile_avx2<5, BF>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
+    case 6: decode_tile_avx2<6, BF>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
+    default: decode_tile_avx2<8, BF>(wq, N, r0, kr, sc, zc, nvec, dst, ldd); break;
   }
 }
 
 /// C[i, 8 v + l] = fma chain over r < kr of A[i, r] * Bt[r, 8 v + l], for MR rows, NV vectors.
-template <int MR, int NV>
+template <int MR, int NV, bool BF>
 EXL2_AVX2 void micro(const float* A, std::int64_t lda, const float* Bt, std::int64_t ldb, std::int64_t kr, float* C,
                      std::int64_t ldc) {
   __m256 c[MR][NV];
@@ -450,7 +535,7 @@ EXL2_AVX2 void micro(const float* A, std::int64_t lda, const float* Bt, std::int
     for (int i = 0; i < MR; ++i) {
       const __m256 av = _mm256_broadcast_ss(A + i * lda + r);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) c[i][v] = _mm256_fmadd_ps(av, b[v], c[i][v]);
+      for (int v = 0; v < NV; ++v) c[i][v] = madd<BF>(av, b[v], c[i][v]);
     }
   }
 #pragma GCC unroll 8
@@ -463,26 +548,28 @@ EXL2_AVX2 void micro(const float* A, std::int64_t lda, const float* Bt, std::int
 /// One row block (mr <= 6 rows of x) against the whole tile (nvec vectors): the widest
 /// micro-kernel that keeps >= 8 independent accumulators (FMA latency x 2 ports), then
 /// single vectors for what is left.
-template <int MR, int NV>
+template <int MR, int NV, bool BF>
 EXL2_AVX2_INLINE void micro_sweep(const float* A, std::int64_t lda, const float* Bt, std::int64_t ldb, std::int64_t kr,
                                   float* C, std::int64_t ldc, std::int64_t nvec) {
   std::int64_t v = 0;
-  for (; v + NV <= nvec; v += NV) micro<MR, NV>(A, lda, Bt + 8 * v, ldb, kr, C + 8 * v, ldc);
-  for (; v < nvec; ++v) micro<MR, 1>(A, lda, Bt + 8 * v, ldb, kr, C + 8 * v, ldc);
+  for (; v + NV <= nvec; v += NV) micro<MR, NV, BF>(A, lda, Bt + 8 * v, ldb, kr, C + 8 * v, ldc);
+  for (; v < nvec; ++v) micro<MR, 1, BF>(A, lda, Bt + 8 * v, ldb, kr, C + 8 * v, ldc);
 }
 
+template <bool BF>
 EXL2_AVX2 void micro_block(int mr, const float* A, std::int64_t lda, const float* Bt, std::int64_t ldb, std::int64_t kr,
                            float* C, std::int64_t ldc, std::int64_t nvec) {
   switch (mr) {
-    case 1: micro_sweep<1, 8>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
-    case 2: micro_sweep<2, 4>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
-    case 3: micro_sweep<3, 4>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
-    case 4: micro_sweep<4, 2>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
-    case 5: micro_sweep<5, 2>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
-    default: micro_sweep<6, 2>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
+    case 1: micro_sweep<1, 8, BF>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
+    case 2: micro_sweep<2, 4, BF>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
+    case 3: micro_sweep<3, 4, BF>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
+    case 4: micro_sweep<4, 2, BF>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
+    case 5: micro_sweep<5, 2, BF>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
+    default: micro_sweep<6, 2, BF>(A, lda, Bt, ldb, kr, C, ldc, nvec); break;
   }
 }
 
+template <bool BF>
 EXL2_AVX2 void tiled_cols(const GemmArgs& args, std::int64_t n0_all, std::int64_t nvec_all, std::int64_t NC) {
   constexpr std::int64_t MR = 6;
   const LayerMeta& meta = *args.meta;
@@ -501,27 +588,27 @@ EXL2_AVX2 void tiled_cols(const GemmArgs& args, std::int64_t n0_all, std::int64_
       const std::uint8_t* zc = a.zeros.data() + g * N + n0;
       for (std::int64_t rb = 0; rb < rows; rb += kTileRows) {
         const std::int64_t kr = std::min(kTileRows, rows - rb);
-        decode_tile_bits(bits, wq, N, rb, kr, sc, zc, nvec, tile.get(), NC);
+        decode_tile_bits<BF>(bits, wq, N, rb, kr, sc, zc, nvec, tile.get(), NC);
         const float* xk = args.xp + gr0 + rb;
         for (std::int64_t i = 0; i < m; i += MR) {
           const int mr = static_cast<int>(std::min(MR, m - i));
-          micro_block(mr, xk + i * K, K, tile.get(), NC, kr, C.get() + i * NC, NC, nvec);
+          micro_block<BF>(mr, xk + i * K, K, tile.get(), NC, kr, C.get() + i * NC, NC, nvec);
         }
       }
     }
-    store_output(meta, C.get(), NC, m, args.out, n0, nvec);
+    store_output<BF>(meta, C.get(), NC, m, args.out, n0, nvec);
   }
 }
 
 // ---------------------------------------------------------------- dequantize (exact F16C)
 
-template <int B, int... J>
+template <int B, bool BF, int... J>
 EXL2_AVX2_INLINE void dequant_period(const __m256i* w, const ScaleZero& sz, std::uint16_t* const* rows_out,
                                      std::integer_sequence<int, J...>) {
-  (_mm_storeu_si128(reinterpret_cast<__m128i*>(rows_out[J]), dq_half_exact(code_of<B, J>(w), sz)), ...);
+  (_mm_storeu_si128(reinterpret_cast<__m128i*>(rows_out[J]), dq_bits<BF>(code_of<B, J>(w), sz)), ...);
 }
 
-template <int B>
+template <int B, bool BF>
 EXL2_AVX2 void dequant_group(const LayerMeta& meta, const HostArrays& a, std::int64_t g, std::uint16_t* out,
                              std::int64_t n0, std::int64_t nvec) {
   constexpr int P = Period<B>::P, W = Period<B>::W;
@@ -540,14 +627,14 @@ EXL2_AVX2 void dequant_group(const LayerMeta& meta, const HostArrays& a, std::in
       for (int k = 0; k < W; ++k) w[k] = load_words(wq + (p * W + k) * N + 8 * v);
       std::uint16_t* d[P];
       for (int j = 0; j < P; ++j) d[j] = dst[j] + 8 * v;
-      dequant_period<B>(w, load_scale_zero(sc + 8 * v, zc + 8 * v), d, std::make_integer_sequence<int, P>{});
+      dequant_period<B, BF>(w, load_scale_zero(sc + 8 * v, zc + 8 * v), d, std::make_integer_sequence<int, P>{});
     }
   }
   for (std::int64_t r = periods * P; r < rows; ++r) {
     std::uint16_t* row = out + static_cast<std::int64_t>(meta.perm[gr0 + r]) * N + n0;
     for (std::int64_t v = 0; v < nvec; ++v) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 8 * v),
-                       dq_half_exact(code_var(wq + 8 * v, N, B, r), load_scale_zero(sc + 8 * v, zc + 8 * v)));
+                       dq_bits<BF>(code_var(wq + 8 * v, N, B, r), load_scale_zero(sc + 8 * v, zc + 8 * v)));
     }
   }
 }
@@ -559,7 +646,10 @@ bool avx2_supported() noexcept {
   return supported;
 }
 
-EXL2_AVX2 void convert_x_avx2(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0,
+namespace {
+
+template <bool BF>
+EXL2_AVX2 void convert_x_impl(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0,
                               std::int64_t i1) {
   const std::int64_t K = meta.K;
   const std::int32_t* perm = meta.perm.data();
@@ -567,58 +657,94 @@ EXL2_AVX2 void convert_x_avx2(const LayerMeta& meta, const std::uint16_t* x, flo
     const std::uint16_t* src = x + i * K;
     float* dst = xp + i * K;
     std::int64_t r = 0;
-    if (meta.identity_perm) {
-      for (; r + 8 <= K; r += 8) {
-        _mm256_storeu_ps(dst + r, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + r))));
-      }
-    } else {
-      for (; r + 8 <= K; r += 8) {
+    for (; r + 8 <= K; r += 8) {
+      __m128i h;
+      if (meta.identity_perm) {
+        h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + r));
+      } else {
         const std::int32_t* p = perm + r;
-        const __m128i h = _mm_setr_epi16(static_cast<short>(src[p[0]]), static_cast<short>(src[p[1]]),
-                                         static_cast<short>(src[p[2]]), static_cast<short>(src[p[3]]),
-                                         static_cast<short>(src[p[4]]), static_cast<short>(src[p[5]]),
-                                         static_cast<short>(src[p[6]]), static_cast<short>(src[p[7]]));
+        h = _mm_setr_epi16(static_cast<short>(src[p[0]]), static_cast<short>(src[p[1]]),
+                           static_cast<short>(src[p[2]]), static_cast<short>(src[p[3]]),
+                           static_cast<short>(src[p[4]]), static_cast<short>(src[p[5]]),
+                           static_cast<short>(src[p[6]]), static_cast<short>(src[p[7]]));
+      }
+      if constexpr (BF) {  // bfloat16 -> float is exact: the bits shifted into the upper half
+        _mm256_storeu_ps(dst + r, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+      } else {
         _mm256_storeu_ps(dst + r, _mm256_cvtph_ps(h));
       }
     }
-    for (; r < K; ++r) dst[r] = half_to_float(src[perm[r]]);
+    for (; r < K; ++r) {
+      const std::uint16_t v = src[meta.identity_perm ? r : perm[r]];
+      dst[r] = BF ? bf16_to_float(v) : half_to_float(v);
+    }
+  }
+}
+
+template <bool BF>
+EXL2_AVX2 void gemm_cols_impl(const GemmArgs& args, std::int64_t n0, std::int64_t nvec) {
+  const std::int64_t m = args.m;
+  if (m <= kFusedMaxRows) {
+    switch (m) {
+      case 1: gemv_cols<1, BF>(args, n0, nvec); break;
+      case 2: gemv_cols<2, BF>(args, n0, nvec); break;
+      case 3: gemv_cols<3, BF>(args, n0, nvec); break;
+      default: gemv_cols<4, BF>(args, n0, nvec); break;
+    }
+  } else {
+    tiled_cols<BF>(args, n0, nvec, m <= 64 ? 64 : 128);
+  }
+}
+
+template <bool BF>
+EXL2_AVX2 void dequant_cols_impl(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0,
+                                 std::int64_t nvec) {
+  for (std::int64_t g = 0; g < meta.G; ++g) {
+    switch (meta.bits[g]) {
+      case 2: dequant_group<2, BF>(meta, a, g, out, n0, nvec); break;
+      case 3: dequant_group<3, BF>(meta, a, g, out, n0, nvec); break;
+      case 4: dequant_group<4, BF>(meta, a, g, out, n0, nvec); break;
+      case 5: dequant_group<5, BF>(meta, a, g, out, n0, nvec); break;
+      case 6: dequant_group<6, BF>(meta, a, g, out, n0, nvec); break;
+      default: dequant_group<8, BF>(meta, a, g, out, n0, nvec); break;
+    }
+  }
+}
+
+}  // namespace
+
+EXL2_AVX2 void convert_x_avx2(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0,
+                              std::int64_t i1, bool bf16) {
+  if (bf16) {
+    convert_x_impl<true>(meta, x, xp, i0, i1);
+  } else {
+    convert_x_impl<false>(meta, x, xp, i0, i1);
   }
 }
 
 EXL2_AVX2 void gemm_cols_avx2(const GemmArgs& args, std::int64_t n0, std::int64_t n1) {
   const std::int64_t nvec = (n1 - n0) / 8;
   if (nvec > 0) {
-    const std::int64_t m = args.m;
-    if (m <= kFusedMaxRows) {
-      switch (m) {
-        case 1: gemv_cols<1>(args, n0, nvec); break;
-        case 2: gemv_cols<2>(args, n0, nvec); break;
-        case 3: gemv_cols<3>(args, n0, nvec); break;
-        default: gemv_cols<4>(args, n0, nvec); break;
-      }
+    if (args.bf16) {
+      gemm_cols_impl<true>(args, n0, nvec);
     } else {
-      tiled_cols(args, n0, nvec, m <= 64 ? 64 : 128);
+      gemm_cols_impl<false>(args, n0, nvec);
     }
   }
   if (n0 + 8 * nvec < n1) gemm_cols_scalar(args, n0 + 8 * nvec, n1);  // never for validated layers (N % 8 == 0)
 }
 
 EXL2_AVX2 void dequant_cols_avx2(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0,
-                                 std::int64_t n1) {
+                                 std::int64_t n1, bool bf16) {
   const std::int64_t nvec = (n1 - n0) / 8;
   if (nvec > 0) {
-    for (std::int64_t g = 0; g < meta.G; ++g) {
-      switch (meta.bits[g]) {
-        case 2: dequant_group<2>(meta, a, g, out, n0, nvec); break;
-        case 3: dequant_group<3>(meta, a, g, out, n0, nvec); break;
-        case 4: dequant_group<4>(meta, a, g, out, n0, nvec); break;
-        case 5: dequant_group<5>(meta, a, g, out, n0, nvec); break;
-        case 6: dequant_group<6>(meta, a, g, out, n0, nvec); break;
-        default: dequant_group<8>(meta, a, g, out, n0, nvec); break;
-      }
+    if (bf16) {
+      dequant_cols_impl<true>(meta, a, out, n0, nvec);
+    } else {
+      dequant_cols_impl<false>(meta, a, out, n0, nvec);
     }
   }
-  if (n0 + 8 * nvec < n1) dequant_cols_scalar(meta, a, out, n0 + 8 * nvec, n1);
+  if (n0 + 8 * nvec < n1) dequant_cols_scalar(meta, a, out, n0 + 8 * nvec, n1, bf16);
 }
 
 }  // namespace exl2::detail::cpu

@@ -3,8 +3,10 @@
 // must match bit for bit: see kernels.hpp for the summation contract).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
+#include "core/bfloat16.hpp"
 #include "core/half.hpp"
 #include "cpu/decode.hpp"
 #include "cpu/kernels.hpp"
@@ -30,6 +32,9 @@ constexpr std::int64_t kRows = 32;  // weight rows decoded per tile
 /// multiple of s's fp16 quantum (>= 2^-24) and |f| < 65504 (verified exhaustively for every
 /// fp16 s and code - z in [-255, 255]; kernels_avx2.cpp uses the same rounding). Needs
 /// this file compiled without FP contraction (src/CMakeLists.txt): c - f must not fuse.
+/// With BF the rounding is to bfloat16 instead, on the float's bits (add 0x7fff + the
+/// lowest kept bit, clear the low 16 bits): exact nearest-even for the finite f here.
+template <bool BF>
 void decode_tile_fast(const LayerMeta& meta, const HostArrays& a, std::int64_t g, std::int64_t r0, std::int64_t r1,
                       std::int64_t n0, std::int64_t n1, const float* scale_f32, float* dst, std::int64_t ld) {
   const std::int64_t N = meta.N;
@@ -50,29 +55,41 @@ void decode_tile_fast(const LayerMeta& meta, const HostArrays& a, std::int64_t g
       if (spill != 0) v |= w1[n] << spill;
       const float f = static_cast<float>(static_cast<std::int32_t>(v & mask) - static_cast<std::int32_t>(zeros[n])) *
                       scale_f32[n];
-      const float c = f * 8193.0f;
-      out[n] = c - (c - f);
+      if constexpr (BF) {
+        std::uint32_t u;
+        std::memcpy(&u, &f, sizeof u);
+        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        std::memcpy(&out[n], &u, sizeof u);
+      } else {
+        const float c = f * 8193.0f;
+        out[n] = c - (c - f);
+      }
     }
   }
 }
 }  // namespace
 
-void convert_x_scalar(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0, std::int64_t i1) {
+void convert_x_scalar(const LayerMeta& meta, const std::uint16_t* x, float* xp, std::int64_t i0, std::int64_t i1,
+                      bool bf16) {
   const std::int64_t K = meta.K;
+  float (*const cvt)(std::uint16_t) noexcept = bf16 ? bf16_to_float : half_to_float;
   for (std::int64_t i = i0; i < i1; ++i) {
     const std::uint16_t* src = x + i * K;
     float* dst = xp + i * K;
     if (meta.identity_perm) {
-      for (std::int64_t r = 0; r < K; ++r) dst[r] = half_to_float(src[r]);
+      for (std::int64_t r = 0; r < K; ++r) dst[r] = cvt(src[r]);
     } else {
-      for (std::int64_t r = 0; r < K; ++r) dst[r] = half_to_float(src[meta.perm[r]]);
+      for (std::int64_t r = 0; r < K; ++r) dst[r] = cvt(src[meta.perm[r]]);
     }
   }
 }
 
+namespace {
+
 // For each column block: decode a [kRows x kCols] weight tile once, then apply it to all
 // m rows of x, accumulating each output over the rows in ascending order (the contract).
-void gemm_cols_scalar(const GemmArgs& args, std::int64_t n0_all, std::int64_t n1_all) {
+template <bool BF>
+void gemm_cols_impl(const GemmArgs& args, std::int64_t n0_all, std::int64_t n1_all) {
   const LayerMeta& meta = *args.meta;
   const HostArrays& a = *args.a;
   const std::int64_t N = meta.N, K = meta.K, m = args.m;
@@ -86,9 +103,9 @@ void gemm_cols_scalar(const GemmArgs& args, std::int64_t n0_all, std::int64_t n1
       for (std::int64_t r0 = meta.row_start[g]; r0 < meta.row_start[g + 1]; r0 += kRows) {
         const std::int64_t r1 = std::min<std::int64_t>(meta.row_start[g + 1], r0 + kRows), kr = r1 - r0;
         if (fast) {
-          decode_tile_fast(meta, a, g, r0, r1, n0, n1, scale.data(), tile.data(), kCols);
+          decode_tile_fast<BF>(meta, a, g, r0, r1, n0, n1, scale.data(), tile.data(), kCols);
         } else {
-          decode_tile(meta, a, g, r0, r1, n0, n1, scale.data(), tile.data(), kCols);
+          decode_tile<BF>(meta, a, g, r0, r1, n0, n1, scale.data(), tile.data(), kCols);
         }
         for (std::int64_t i = 0; i < m; ++i) {
           float* acc_row = acc.data() + i * kCols;
@@ -96,8 +113,9 @@ void gemm_cols_scalar(const GemmArgs& args, std::int64_t n0_all, std::int64_t n1
           for (std::int64_t r = 0; r < kr; ++r) {
             const float xv = x_row[r];
             const float* w = tile.data() + r * kCols;
-            // x and w are fp16 values, so xv * w[n] is exact in fp32 and this equals the
-            // contract's fma(xv, w[n], acc) whether or not the compiler fuses it.
+            // fp16: x and w are fp16 values, so xv * w[n] is exact in fp32 and this equals
+            // the contract's fma(xv, w[n], acc). bf16: the contract is this multiply and
+            // add, unfused (no FP contraction in this file).
             for (std::int64_t n = 0; n < nc; ++n) acc_row[n] += xv * w[n];
           }
         }
@@ -109,14 +127,19 @@ void gemm_cols_scalar(const GemmArgs& args, std::int64_t n0_all, std::int64_t n1
       for (std::int64_t n = 0; n < nc; ++n) {
         const float b = meta.bias.empty() ? 0.0f : half_to_float(meta.bias[n0 + n]);
         const float y = acc_row[n] + b;
-        dst[n] = y != y ? kCanonicalNaN : float_to_half(y);
+        if constexpr (BF) {
+          dst[n] = y != y ? kCanonicalNaNBf16 : float_to_bf16_finite(y);
+        } else {
+          dst[n] = y != y ? kCanonicalNaN : float_to_half(y);
+        }
       }
     }
   }
 }
 
-void dequant_cols_scalar(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0_all,
-                         std::int64_t n1_all) {
+template <bool BF>
+void dequant_cols_impl(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0_all,
+                       std::int64_t n1_all) {
   constexpr std::int64_t kDqCols = 256;
   const std::int64_t N = meta.N;
   std::vector<float> scale(kDqCols), tile(kRows * kDqCols);
@@ -126,15 +149,34 @@ void dequant_cols_scalar(const LayerMeta& meta, const HostArrays& a, std::uint16
       load_scales(meta, a, g, n0, n1, scale.data());
       for (std::int64_t r0 = meta.row_start[g]; r0 < meta.row_start[g + 1]; r0 += kRows) {
         const std::int64_t r1 = std::min<std::int64_t>(meta.row_start[g + 1], r0 + kRows);
-        decode_tile(meta, a, g, r0, r1, n0, n1, scale.data(), tile.data(), kDqCols);
+        decode_tile<BF>(meta, a, g, r0, r1, n0, n1, scale.data(), tile.data(), kDqCols);
         for (std::int64_t r = r0; r < r1; ++r) {
           // W[perm[r]] = Wp[r]: write the row back to its checkpoint position.
           std::uint16_t* dst = out + static_cast<std::int64_t>(meta.perm[r]) * N;
           const float* src = tile.data() + (r - r0) * kDqCols - n0;
-          for (std::int64_t n = n0; n < n1; ++n) dst[n] = float_to_half(src[n]);
+          for (std::int64_t n = n0; n < n1; ++n) dst[n] = BF ? float_to_bf16(src[n]) : float_to_half(src[n]);
         }
       }
     }
+  }
+}
+
+}  // namespace
+
+void gemm_cols_scalar(const GemmArgs& args, std::int64_t n0, std::int64_t n1) {
+  if (args.bf16) {
+    gemm_cols_impl<true>(args, n0, n1);
+  } else {
+    gemm_cols_impl<false>(args, n0, n1);
+  }
+}
+
+void dequant_cols_scalar(const LayerMeta& meta, const HostArrays& a, std::uint16_t* out, std::int64_t n0,
+                         std::int64_t n1, bool bf16) {
+  if (bf16) {
+    dequant_cols_impl<true>(meta, a, out, n0, n1);
+  } else {
+    dequant_cols_impl<false>(meta, a, out, n0, n1);
   }
 }
 

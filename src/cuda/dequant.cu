@@ -1,4 +1,6 @@
-// CUDA backend: dequantize the whole layer to a dense fp16 [K, N] matrix (un-permuted).
+// CUDA backend: dequantize the whole layer to a dense [K, N] matrix (un-permuted), fp16
+// or bfloat16: T((q - z) * s), the exact fp32 product rounded once (dq_value_as).
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -14,25 +16,26 @@ namespace {
 
 constexpr int kDequantThreads = 128;
 
-template <int B>
+template <int B, class T>
 __device__ __forceinline__ void dequant_chunk(const std::uint32_t* __restrict__ qw, const ChunkInfo& ci,
                                               std::int64_t N, std::int64_t n, int z, float s,
-                                              const int* __restrict__ perm, __half* __restrict__ out) {
+                                              const int* __restrict__ perm, T* __restrict__ out) {
   decode_rows<B, 0, kChunkRows>(qw + static_cast<std::int64_t>(ci.word0) * N + n, N, ci.nwords,
                                 [&](int i, std::uint32_t q) {
                                   if (i < ci.rows) {
                                     const int r = ci.row0 + i;
                                     const std::int64_t k = perm ? __ldg(perm + r) : r;
-                                    out[k * N + n] = dq_value(q, z, s);
+                                    out[k * N + n] = dq_value_as<T>(q, z, s);
                                   }
                                 });
 }
 
 // Thread = one column of one chunk (32 permuted rows). out[perm[r], n] = Wp[r, n].
+template <class T>
 __global__ void __launch_bounds__(kDequantThreads)
     dequant_kernel(const std::uint32_t* __restrict__ qw, const __half* __restrict__ scales,
                    const std::uint8_t* __restrict__ zeros, const int* __restrict__ perm,
-                   const int4* __restrict__ chunks, int num_chunks, std::int64_t N, __half* __restrict__ out) {
+                   const int4* __restrict__ chunks, int num_chunks, std::int64_t N, T* __restrict__ out) {
   const std::int64_t n = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;
   for (int c = blockIdx.y; c < num_chunks; c += gridDim.y) {
@@ -41,12 +44,12 @@ __global__ void __launch_bounds__(kDequantThreads)
     const float s = __half2float(scales[gi]);
     const int z = zeros[gi];
     switch (ci.bits) {
-      case 2: dequant_chunk<2>(qw, ci, N, n, z, s, perm, out); break;
-      case 3: dequant_chunk<3>(qw, ci, N, n, z, s, perm, out); break;
-      case 4: dequant_chunk<4>(qw, ci, N, n, z, s, perm, out); break;
-      case 5: dequant_chunk<5>(qw, ci, N, n, z, s, perm, out); break;
-      case 6: dequant_chunk<6>(qw, ci, N, n, z, s, perm, out); break;
-      case 8: dequant_chunk<8>(qw, ci, N, n, z, s, perm, out); break;
+      case 2: dequant_chunk<2, T>(qw, ci, N, n, z, s, perm, out); break;
+      case 3: dequant_chunk<3, T>(qw, ci, N, n, z, s, perm, out); break;
+      case 4: dequant_chunk<4, T>(qw, ci, N, n, z, s, perm, out); break;
+      case 5: dequant_chunk<5, T>(qw, ci, N, n, z, s, perm, out); break;
+      case 6: dequant_chunk<6, T>(qw, ci, N, n, z, s, perm, out); break;
+      case 8: dequant_chunk<8, T>(qw, ci, N, n, z, s, perm, out); break;
       default: break;  // rejected at construction
     }
   }
@@ -54,15 +57,21 @@ __global__ void __launch_bounds__(kDequantThreads)
 
 }  // namespace
 
-void dequantize(const DeviceLayer& layer, const LayerMeta& meta, void* out, cudaStream_t stream) {
+void dequantize(const DeviceLayer& layer, const LayerMeta& meta, void* out, bool bf16, cudaStream_t stream) {
   check_layer_meta(layer, meta, "dequantize");
   if (layer.K == 0 || layer.N == 0 || layer.num_chunks == 0) return;
   DeviceGuard guard(layer.device);
   const unsigned gx = static_cast<unsigned>((layer.N + kDequantThreads - 1) / kDequantThreads);
   const unsigned gy = static_cast<unsigned>(layer.num_chunks < 65535 ? layer.num_chunks : 65535);
-  dequant_kernel<<<dim3(gx, gy), kDequantThreads, 0, stream>>>(
-      layer.qweight.get(), layer.scales.get(), layer.zeros.get(), layer.kernel_perm(), layer.chunks.get(),
-      layer.num_chunks, layer.N, static_cast<__half*>(out));
+  if (bf16) {
+    dequant_kernel<__nv_bfloat16><<<dim3(gx, gy), kDequantThreads, 0, stream>>>(
+        layer.qweight.get(), layer.scales.get(), layer.zeros.get(), layer.kernel_perm(), layer.chunks.get(),
+        layer.num_chunks, layer.N, static_cast<__nv_bfloat16*>(out));
+  } else {
+    dequant_kernel<__half><<<dim3(gx, gy), kDequantThreads, 0, stream>>>(
+        layer.qweight.get(), layer.scales.get(), layer.zeros.get(), layer.kernel_perm(), layer.chunks.get(),
+        layer.num_chunks, layer.N, static_cast<__half*>(out));
+  }
   EXL2_CUDA_CHECK_LAUNCH("dequant_kernel");
 }
 

@@ -2,12 +2,14 @@
 // the dequantization and GEMM kernels. See src/cuda/README.md.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/cuda_backend.hpp"
@@ -96,6 +98,37 @@ __host__ __device__ __forceinline__ __half dq_value(std::uint32_t q, int z, floa
 }
 
 // ---------------------------------------------------------------------------------
+// Activation/output types. Kernels are templated on T = __half or __nv_bfloat16 (x, out
+// and the weights as the GEMM multiplies them); scales and bias stay fp16 in memory.
+// ---------------------------------------------------------------------------------
+template <class T>
+inline constexpr bool kIsBf16 = std::is_same_v<T, __nv_bfloat16>;
+
+__host__ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+/// float -> T, round to nearest even.
+template <class T>
+__host__ __device__ __forceinline__ T from_float(float v) {
+  if constexpr (kIsBf16<T>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return __float2half_rn(v);
+  }
+}
+
+/// The canonical dequantized value in T: T((q - z) * s), exact product in fp32, one
+/// rounding (for __half exactly dq_value).
+template <class T>
+__host__ __device__ __forceinline__ T dq_value_as(std::uint32_t q, int z, float s) {
+  if constexpr (kIsBf16<T>) {
+    return __float2bfloat16_rn(static_cast<float>(static_cast<int>(q) - z) * s);
+  } else {
+    return dq_value(q, z, s);
+  }
+}
+
+// ---------------------------------------------------------------------------------
 // Host side: validation of the group tables and the chunk table.
 // ---------------------------------------------------------------------------------
 [[noreturn]] inline void internal_error(const std::string& what) {
@@ -165,6 +198,9 @@ struct DeviceLayer {
   int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)
   int mma_blocks_per_sm[2] = {};    // small tile, large tile
   int tc_blocks_per_sm[3] = {};     // index: m tiles of 16 rows (1, 2); tc layout only
+  // The bfloat16 mma_kernel runs code compiled for compute capability 8.0+ on this
+  // device (wmma bfloat16); false: bfloat16 with m > 16 uses GEMV slices (gemm.cu).
+  bool mma_bf16 = false;
 
   DeviceBuffer<std::uint32_t> qweight;  // [Q, N]
   DeviceBuffer<__half> scales;          // [G, N]

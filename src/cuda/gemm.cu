@@ -1,4 +1,5 @@
-// CUDA backend: out[m, N] = x[m, K] @ W (+ bias), fp16 in/out, fp32 accumulation.
+// CUDA backend: out[m, N] = x[m, K] @ W (+ bias), fp16 or bfloat16 in/out (both the same),
+// fp32 accumulation.
 //
 // Two kernels, chosen by m inside gemm():
 //   m <= kGemvMaxRows : gemv_kernel<M> (gemv.cu; CUDA cores, weight streaming)
@@ -8,12 +9,21 @@
 // across the blocks of one thread-block cluster through distributed shared memory on
 // compute capability 9.0+) and write every output element once: deterministic, no
 // atomics, no workspace, no allocation, no host synchronisation (graph-capture safe).
+//
+// bfloat16: the same kernels templated on T = __nv_bfloat16 (weights decoded as
+// bf16((q - z) * s)). wmma has bfloat16 fragments only from compute capability 8.0, so
+// the bfloat16 mma_kernel is compiled only for __CUDA_ARCH__ >= 800 (a trap elsewhere)
+// and launched only when the code the device runs was compiled for 8.0+ (checked once
+// at construction: DeviceLayer::mma_bf16). Otherwise (Turing) bfloat16 with m > 16 runs
+// the GEMV kernel on slices of at most 16 rows: correct and deterministic, slower.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cooperative_groups.h>
 #include <mma.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "core/cuda_backend.hpp"
 #include "cuda/cuda_check.cuh"
@@ -41,26 +51,26 @@ namespace {
 // =================================================================================
 constexpr int kBK = kChunkRows;  // 32
 
-template <int B, int R0, int LDW>
+template <int B, int R0, int LDW, class T>
 __device__ __forceinline__ void mma_decode(const std::uint32_t* __restrict__ qw_col, std::int64_t N,
-                                           const ChunkInfo& ci, int z, float s, __half* __restrict__ ws_col) {
+                                           const ChunkInfo& ci, int z, float s, T* __restrict__ ws_col) {
   decode_rows<B, R0, 16>(qw_col, N, ci.nwords, [&](int i, std::uint32_t q) {
-    const __half h = dq_value(q, z, s);
-    ws_col[i * LDW] = (i < ci.rows) ? h : __float2half_rn(0.0f);
+    const T h = dq_value_as<T>(q, z, s);
+    ws_col[i * LDW] = (i < ci.rows) ? h : from_float<T>(0.0f);
   });
 }
 
-template <int H, int LDW>
+template <int H, int LDW, class T>
 __device__ __forceinline__ void mma_decode_dispatch(const std::uint32_t* __restrict__ qw_col, std::int64_t N,
                                                     const ChunkInfo& ci, int z, float s,
-                                                    __half* __restrict__ ws_col) {
+                                                    T* __restrict__ ws_col) {
   switch (ci.bits) {
-    case 2: mma_decode<2, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
-    case 3: mma_decode<3, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
-    case 4: mma_decode<4, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
-    case 5: mma_decode<5, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
-    case 6: mma_decode<6, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
-    case 8: mma_decode<8, H * 16, LDW>(qw_col, N, ci, z, s, ws_col); break;
+    case 2: mma_decode<2, H * 16, LDW, T>(qw_col, N, ci, z, s, ws_col); break;
+    case 3: mma_decode<3, H * 16, LDW, T>(qw_col, N, ci, z, s, ws_col); break;
+    case 4: mma_decode<4, H * 16, LDW, T>(qw_col, N, ci, z, s, ws_col); break;
+    case 5: mma_decode<5, H * 16, LDW, T>(qw_col, N, ci, z, s, ws_col); break;
+    case 6: mma_decode<6, H * 16, LDW, T>(qw_col, N, ci, z, s, ws_col); break;
+    case 8: mma_decode<8, H * 16, LDW, T>(qw_col, N, ci, z, s, ws_col); break;
     default: break;  // rejected at construction
   }
 }
@@ -85,24 +95,36 @@ struct MmaConfig {
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "bad thread count");
 };
 
-template <int BM, int BN, int WM, int WN>
+// True where wmma has no bfloat16 fragments (device code for compute capability < 8.0).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kNoBf16Mma = true;
+#else
+constexpr bool kNoBf16Mma = false;
+#endif
+
+template <int BM, int BN, int WM, int WN, class T>
 __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig<BM, BN, WM, WN>::kMinBlocks)
-    mma_kernel(const __half* __restrict__ x, std::int64_t M, std::int64_t K, const std::uint32_t* __restrict__ qw,
+    mma_kernel(const T* __restrict__ x, std::int64_t M, std::int64_t K, const std::uint32_t* __restrict__ qw,
                const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
                const int* __restrict__ perm, const int4* __restrict__ chunks, int num_chunks,
-               const __half* __restrict__ bias, __half* __restrict__ out, std::int64_t N, int out_aligned16,
+               const __half* __restrict__ bias, T* __restrict__ out, std::int64_t N, int out_aligned16,
                int split) {
+  // The bfloat16 body is discarded (never instantiated) below compute capability 8.0;
+  // gemm() does not launch this instantiation there (DeviceLayer::mma_bf16).
+  if constexpr (kNoBf16Mma && kIsBf16<T>) {
+    __trap();
+  } else {
   using namespace nvcuda;
   using Cfg = MmaConfig<BM, BN, WM, WN>;
-  constexpr int T = Cfg::kThreads;
+  constexpr int NT = Cfg::kThreads;  // threads per block
   constexpr int LDX = Cfg::kLDX;
   constexpr int LDW = Cfg::kLDW;
   constexpr int LDE = Cfg::kLDE;
   constexpr int FM = Cfg::kFM;
   constexpr int FN = Cfg::kFN;
 
-  __shared__ __align__(128) __half Xs[BM * LDX];
-  __shared__ __align__(128) __half Ws[kBK * LDW];
+  __shared__ __align__(128) T Xs[BM * LDX];
+  __shared__ __align__(128) T Ws[kBK * LDW];
   __shared__ __align__(128) float Es[Cfg::kWarps][16 * LDE];
   // Split-K (clusters): the block's fp32 partial tile, read by the other ranks.
   constexpr int LDC = BN + 4;
@@ -148,9 +170,9 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
           p = perm ? __ldg(perm + r) : r;
         }
 #pragma unroll 4
-        for (int i = xr; i < BM; i += T / 32) {
+        for (int i = xr; i < BM; i += NT / 32) {
           const std::int64_t gm = m0 + i;
-          __half v = __float2half_rn(0.0f);
+          T v = from_float<T>(0.0f);
           if (p >= 0 && gm < M) v = x[gm * K + p];
           Xs[i * LDX + xk] = v;
         }
@@ -170,8 +192,8 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
 
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[FM];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b[FN];
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[FM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[FN];
 #pragma unroll
         for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], Xs + (wm * WM + i * 16) * LDX + kk, LDX);
 #pragma unroll
@@ -196,7 +218,7 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
                                     wmma::mem_row_major);
         cg::cluster_group cluster = cg::this_cluster();
         cluster.sync();
-        for (int g = tid; g < BM * (BN / 8); g += T) {
+        for (int g = tid; g < BM * (BN / 8); g += NT) {
           const int row = g / (BN / 8), col = (g % (BN / 8)) * 8;
           if (row % split != rank) continue;
           const std::int64_t gm = m0 + row, gn = n0 + col;
@@ -207,10 +229,10 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
 #pragma unroll
             for (int e = 0; e < 8; ++e) v[e] += src[e];
           }
-          __half* dst = out + gm * N + gn;
+          T* dst = out + gm * N + gn;
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            if (gn + e < N) dst[e] = __float2half_rn(v[e] + (bias ? __half2float(bias[gn + e]) : 0.0f));
+            if (gn + e < N) dst[e] = from_float<T>(v[e] + (bias ? __half2float(bias[gn + e]) : 0.0f));
           }
         }
         cluster.sync();  // partial tiles stay alive until every rank has read them
@@ -237,29 +259,40 @@ __global__ void __launch_bounds__(MmaConfig<BM, BN, WM, WN>::kThreads, MmaConfig
             v[e] = es[er * LDE + ec + e];
             if (bias && gn + e < N) v[e] += __half2float(bias[gn + e]);
           }
-          __half* dst = out + gm * N + gn;
+          T* dst = out + gm * N + gn;
           if (out_aligned16 && gn + 8 <= N) {
-            union {
-              uint4 u;
-              __half2 h[4];
-            } pack;
+            if constexpr (kIsBf16<T>) {
+              union {
+                uint4 u;
+                __nv_bfloat162 h[4];
+              } pack;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) pack.h[e] = __floats2half2_rn(v[2 * e], v[2 * e + 1]);
-            *reinterpret_cast<uint4*>(dst) = pack.u;
+              for (int e = 0; e < 4; ++e) pack.h[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
+              *reinterpret_cast<uint4*>(dst) = pack.u;
+            } else {
+              union {
+                uint4 u;
+                __half2 h[4];
+              } pack;
+#pragma unroll
+              for (int e = 0; e < 4; ++e) pack.h[e] = __floats2half2_rn(v[2 * e], v[2 * e + 1]);
+              *reinterpret_cast<uint4*>(dst) = pack.u;
+            }
           } else {
 #pragma unroll
             for (int e = 0; e < 8; ++e)
-              if (gn + e < N) dst[e] = __float2half_rn(v[e]);
+              if (gn + e < N) dst[e] = from_float<T>(v[e]);
           }
         }
         __syncwarp();  // es is rewritten by the next fragment
       }
     }
   }
+  }  // if constexpr (kNoBf16Mma && kIsBf16<T>) else
 }
 
-template <int BM, int BN, int WM, int WN>
-void launch_mma(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
+template <int BM, int BN, int WM, int WN, class T>
+void launch_mma(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
   using Cfg = MmaConfig<BM, BN, WM, WN>;
   const std::int64_t m_tiles = (m + BM - 1) / BM;
   const std::int64_t n_tiles = (L.N + BN - 1) / BN;
@@ -268,7 +301,7 @@ void launch_mma(const DeviceLayer& L, const __half* x, std::int64_t m, __half* o
   const int per_sm = L.mma_blocks_per_sm[Cfg::kSplitK ? 0 : 1];
   const int split = (Cfg::kSplitK && n_tiles <= 65535) ? cluster_split(L, m_tiles * n_tiles, 8, per_sm) : 1;
   const int aligned16 = (reinterpret_cast<std::uintptr_t>(out) % 16) == 0 ? 1 : 0;
-  launch_clustered(mma_kernel<BM, BN, WM, WN>, dim3(static_cast<unsigned>(m_tiles), grid_n, split),
+  launch_clustered(mma_kernel<BM, BN, WM, WN, T>, dim3(static_cast<unsigned>(m_tiles), grid_n, split),
                    dim3(Cfg::kThreads), split, 2, stream, "mma_kernel launch", x, m, L.K,
                    static_cast<const std::uint32_t*>(L.qweight.get()), static_cast<const __half*>(L.scales.get()),
                    static_cast<const std::uint8_t*>(L.zeros.get()), L.kernel_perm(),
@@ -276,37 +309,71 @@ void launch_mma(const DeviceLayer& L, const __half* x, std::int64_t m, __half* o
                    out, L.N, aligned16, split);
 }
 
-}  // namespace
-
-void query_mma_occupancy(DeviceLayer& L) {
-  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &L.mma_blocks_per_sm[0], mma_kernel<64, 64, 32, 32>, MmaConfig<64, 64, 32, 32>::kThreads, 0));
-  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &L.mma_blocks_per_sm[1], mma_kernel<128, 128, 64, 32>, MmaConfig<128, 128, 64, 32>::kThreads, 0));
+/// True when the device runs bfloat16 mma_kernel code compiled for compute capability
+/// 8.0+ (its PTX version; a cubin or PTX JIT-compiled from an older virtual
+/// architecture would hold only the trap).
+bool mma_bf16_runs(const void* kernel) {
+  cudaFuncAttributes attr{};
+  EXL2_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.ptxVersion >= 80;
 }
 
-void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out,
-          cudaStream_t stream) {
-  check_layer_meta(layer, meta, "gemm");
-  if (m <= 0 || layer.N == 0) return;
-  DeviceGuard guard(layer.device);
-  const __half* xh = static_cast<const __half*>(x);
-  __half* oh = static_cast<__half*>(out);
-
-  if (tc_usable(layer, m)) {  // experimental, opt-in (EXL2_CUDA_TC=1 at construction)
-    launch_tc(layer, xh, m, oh, stream);
-    return;
+template <class T>
+void gemm_rows(const DeviceLayer& layer, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
+  if constexpr (!kIsBf16<T>) {
+    if (tc_usable(layer, m)) {  // experimental, opt-in (EXL2_CUDA_TC=1 at construction), fp16 only
+      launch_tc(layer, x, m, out, stream);
+      return;
+    }
   }
   if (m <= kGemvMaxRows) {
-    launch_gemv(layer, xh, m, oh, stream);
+    launch_gemv(layer, x, m, out, stream);
     return;
+  }
+  if constexpr (kIsBf16<T>) {
+    if (!layer.mma_bf16) {
+      // No bfloat16 tensor-core code for this device: GEMV on slices of <= 16 rows.
+      for (std::int64_t r = 0; r < m; r += kGemvMaxRows) {
+        const std::int64_t rows = m - r < kGemvMaxRows ? m - r : kGemvMaxRows;
+        launch_gemv(layer, x + r * layer.K, rows, out + r * layer.N, stream);
+      }
+      return;
+    }
   }
   // Large tiles only when they still give enough blocks to fill a large GPU.
   const std::int64_t big_blocks = ((m + 127) / 128) * ((layer.N + 127) / 128);
   if (m >= 256 && big_blocks >= 256)
-    launch_mma<128, 128, 64, 32>(layer, xh, m, oh, stream);
+    launch_mma<128, 128, 64, 32>(layer, x, m, out, stream);
   else
-    launch_mma<64, 64, 32, 32>(layer, xh, m, oh, stream);
+    launch_mma<64, 64, 32, 32>(layer, x, m, out, stream);
+}
+
+}  // namespace
+
+void query_mma_occupancy(DeviceLayer& L) {
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &L.mma_blocks_per_sm[0], mma_kernel<64, 64, 32, 32, __half>, MmaConfig<64, 64, 32, 32>::kThreads, 0));
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &L.mma_blocks_per_sm[1], mma_kernel<128, 128, 64, 32, __half>, MmaConfig<128, 128, 64, 32>::kThreads, 0));
+  // The bfloat16 instantiations share these occupancy numbers (same tiles and bounds).
+  L.mma_bf16 = mma_bf16_runs(reinterpret_cast<const void*>(mma_kernel<64, 64, 32, 32, __nv_bfloat16>)) &&
+               mma_bf16_runs(reinterpret_cast<const void*>(mma_kernel<128, 128, 64, 32, __nv_bfloat16>));
+  // Testing switch: EXL2_CUDA_BF16_NO_MMA=1 (read at construction) makes the layer use the
+  // compute-capability-7.5 fallback (GEMV slices) so that it can be tested on any GPU.
+  const char* no_mma = std::getenv("EXL2_CUDA_BF16_NO_MMA");
+  if (no_mma != nullptr && no_mma[0] != '\0' && no_mma[0] != '0') L.mma_bf16 = false;
+}
+
+void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out, bool bf16,
+          cudaStream_t stream) {
+  check_layer_meta(layer, meta, "gemm");
+  if (m <= 0 || layer.N == 0) return;
+  DeviceGuard guard(layer.device);
+  if (bf16) {
+    gemm_rows(layer, static_cast<const __nv_bfloat16*>(x), m, static_cast<__nv_bfloat16*>(out), stream);
+  } else {
+    gemm_rows(layer, static_cast<const __half*>(x), m, static_cast<__half*>(out), stream);
+  }
 }
 
 }  // namespace exl2::detail::cuda

@@ -16,7 +16,15 @@
 // (0x6400), then (1024 + q) - (1024 + z) is the exact integer q - z and one __hmul2
 // by the scale rounds exactly like the reference: f16((q - z) * s). The fp16 weights
 // are widened to fp32 and accumulated with fp32 FMAs.
+//
+// bfloat16 (T = __nv_bfloat16; x and out bfloat16, bias and scales still fp16): the same
+// exact q - z from the half2 trick is widened to fp32, multiplied by the fp32 scale
+// (exact) and rounded once to bfloat16 (__float22bfloat162_rn), then widened back and
+// accumulated with the same fp32 FMAs: w = bf16((q - z) * s). x loads use
+// __bfloat162float, the result __float2bfloat16_rn. The fp16 instantiations are
+// unchanged (if constexpr).
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -90,7 +98,7 @@ __device__ __forceinline__ __half2 u32_as_half2(std::uint32_t u) {
   return h;
 }
 
-template <int M, int C, int B>
+template <int M, int C, int B, bool BF>
 __device__ __forceinline__ void gemv_chunk(const std::uint32_t* __restrict__ qw, std::int64_t N, const ChunkInfo& ci,
                                            std::int64_t n0, const __half* __restrict__ scales,
                                            const std::uint8_t* __restrict__ zeros, const float (*xs)[32],
@@ -126,26 +134,45 @@ __device__ __forceinline__ void gemv_chunk(const std::uint32_t* __restrict__ qw,
     const std::uint32_t zb = 0x6400u + ((z4 >> (8 * c)) & 0xffu);  // 1024 + z, exact in fp16
     const __half2 s2 = u32_as_half2(s_h | (static_cast<std::uint32_t>(s_h) << 16));
     const __half2 z2 = u32_as_half2(zb | (zb << 16));
+    float sf = 0.0f;  // the scale as fp32 (bfloat16 path only)
+    if constexpr (BF) sf = __low2float(s2);
     for_each_pair<B>(w[c], [&](int ra, int rb, std::uint32_t packed) {
       const __half2 q2 = u32_as_half2(packed | 0x64006400u);  // 1024 + q
-      const float2 f = __half22float2(__hmul2(__hsub2(q2, z2), s2));
+      if constexpr (BF) {
+        // q - z exactly (|q - z| <= 255), times the scale in fp32 (exact), one rounding.
+        const float2 d = __half22float2(__hsub2(q2, z2));
+        // Kept packed (one register per pair, like the fp16 half2) and widened at each use
+        // (bits << 16 / & 0xffff0000: exact): fewer live registers than a float2 per pair
+        // (ptxas: no spills for m <= 8 on sm_90; widening up front spilled at m = 11).
+        const __nv_bfloat162 wb = __float22bfloat162_rn(make_float2(d.x * sf, d.y * sf));
+        std::uint32_t wu;
+        memcpy(&wu, &wb, sizeof wu);  // low half: row ra, high half: row rb
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        acc[m][c] = fmaf(f.x, xs[m][ra], acc[m][c]);
-        acc[m][c] = fmaf(f.y, xs[m][rb], acc[m][c]);
+        for (int m = 0; m < M; ++m) {
+          acc[m][c] = fmaf(__uint_as_float(wu << 16), xs[m][ra], acc[m][c]);
+          acc[m][c] = fmaf(__uint_as_float(wu & 0xffff0000u), xs[m][rb], acc[m][c]);
+        }
+      } else {
+        const float2 f = __half22float2(__hmul2(__hsub2(q2, z2), s2));
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          acc[m][c] = fmaf(f.x, xs[m][ra], acc[m][c]);
+          acc[m][c] = fmaf(f.y, xs[m][rb], acc[m][c]);
+        }
       }
     });
   }
 }
 
-template <int M>
+template <int M, class T>
 // m = 1 at 3 blocks per SM (a few bytes of spill) measured 79-80 us on 8192x28672 on the
 // H100; 2 blocks per SM with the chunk's activations held in registers measured 108 us.
 __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
-    gemv_kernel(const __half* __restrict__ x, std::int64_t K, const std::uint32_t* __restrict__ qw,
+    gemv_kernel(const T* __restrict__ x, std::int64_t K, const std::uint32_t* __restrict__ qw,
                 const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
                 const int* __restrict__ perm, const int4* __restrict__ chunks, int num_chunks,
-                const __half* __restrict__ bias, __half* __restrict__ out, std::int64_t N, int split) {
+                const __half* __restrict__ bias, T* __restrict__ out, std::int64_t N, int split) {
+  constexpr bool BF = kIsBf16<T>;
   constexpr int C = GemvShape<M>::kCols;
   constexpr int kTileCols = GemvShape<M>::kTileCols;
   __shared__ __align__(16) float xs[kWarps][M][32];
@@ -173,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
       const int r = ci.row0 + lane;
       const std::int64_t p = perm ? __ldg(perm + r) : r;
 #pragma unroll
-      for (int m = 0; m < M; ++m) v[m] = __half2float(x[m * K + p]);
+      for (int m = 0; m < M; ++m) v[m] = to_float(x[m * K + p]);
     } else {
 #pragma unroll
       for (int m = 0; m < M; ++m) v[m] = 0.0f;  // rows past the chunk's end contribute 0
@@ -206,12 +233,12 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
     }
     if (!active) continue;
     switch (ci.bits) {
-      case 2: gemv_chunk<M, C, 2>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
-      case 3: gemv_chunk<M, C, 3>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
-      case 4: gemv_chunk<M, C, 4>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
-      case 5: gemv_chunk<M, C, 5>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
-      case 6: gemv_chunk<M, C, 6>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
-      case 8: gemv_chunk<M, C, 8>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 2: gemv_chunk<M, C, 2, BF>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 3: gemv_chunk<M, C, 3, BF>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 4: gemv_chunk<M, C, 4, BF>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 5: gemv_chunk<M, C, 5, BF>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 6: gemv_chunk<M, C, 6, BF>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
+      case 8: gemv_chunk<M, C, 8, BF>(qw, N, ci, n0, scales, zeros, xs[warp], acc); break;
       default: break;  // rejected at construction
     }
   }
@@ -262,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
 #endif
     if (n < N) {
       if (bias) sum += __half2float(bias[n]);
-      out[m * N + n] = __float2half_rn(sum);
+      out[m * N + n] = from_float<T>(sum);
     }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -270,12 +297,14 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
 #endif
 }
 
-template <int M>
-void launch_rows(const DeviceLayer& L, const __half* x, __half* out, cudaStream_t stream) {
+// The bfloat16 instantiations use the fp16 kernels' occupancy (queried at construction)
+// for the split choice: same shape, block size and launch bounds.
+template <int M, class T>
+void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) {
   constexpr int kTileCols = GemvShape<M>::kTileCols;
   const std::int64_t tiles = (L.N + kTileCols - 1) / kTileCols;
   const int split = cluster_split(L, tiles, 2 * kWarps, L.gemv_blocks_per_sm[M]);
-  launch_clustered(gemv_kernel<M>, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split)),
+  launch_clustered(gemv_kernel<M, T>, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split)),
                    dim3(kThreads), split, 1, stream, "gemv_kernel launch", x, L.K,
                    static_cast<const std::uint32_t*>(L.qweight.get()), static_cast<const __half*>(L.scales.get()),
                    static_cast<const std::uint8_t*>(L.zeros.get()), L.kernel_perm(),
@@ -309,7 +338,7 @@ int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_b
 template <int... Ms>
 void occupancy_for(DeviceLayer& L, std::integer_sequence<int, Ms...>) {
   ((EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.gemv_blocks_per_sm[Ms + 1],
-                                                                  gemv_kernel<Ms + 1>, kThreads, 0))),
+                                                                  gemv_kernel<Ms + 1, __half>, kThreads, 0))),
    ...);
 }
 
@@ -318,13 +347,18 @@ void query_gemv_occupancy(DeviceLayer& L) {
   occupancy_for(L, std::make_integer_sequence<int, kGemvMaxRows>{});
 }
 
-template <int... Ms>
-void launch_for(std::int64_t m, const DeviceLayer& L, const __half* x, __half* out, cudaStream_t stream,
+template <class T, int... Ms>
+void launch_for(std::int64_t m, const DeviceLayer& L, const T* x, T* out, cudaStream_t stream,
                 std::integer_sequence<int, Ms...>) {
-  ((m == Ms + 1 ? (launch_rows<Ms + 1>(L, x, out, stream), 0) : 0), ...);
+  ((m == Ms + 1 ? (launch_rows<Ms + 1, T>(L, x, out, stream), 0) : 0), ...);
 }
 
 void launch_gemv(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
+  launch_for(m, L, x, out, stream, std::make_integer_sequence<int, kGemvMaxRows>{});
+}
+
+void launch_gemv(const DeviceLayer& L, const __nv_bfloat16* x, std::int64_t m, __nv_bfloat16* out,
+                 cudaStream_t stream) {
   launch_for(m, L, x, out, stream, std::make_integer_sequence<int, kGemvMaxRows>{});
 }
 

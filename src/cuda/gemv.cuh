@@ -1,6 +1,7 @@
 // Internal: the small-m kernel (declared here, defined in gemv.cu, dispatched by gemm.cu).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -13,8 +14,11 @@ namespace exl2::detail::cuda {
 /// Largest m the GEMV kernel handles.
 constexpr int kGemvMaxRows = 16;
 
-/// out[m, N] = x[m, K] @ W (+ bias) for 1 <= m <= kGemvMaxRows.
+/// out[m, N] = x[m, K] @ W (+ bias) for 1 <= m <= kGemvMaxRows; x and out fp16, or both
+/// bfloat16 (weights then rounded to bfloat16, see gemv.cu).
 void launch_gemv(const DeviceLayer& layer, const __half* x, std::int64_t m, __half* out, cudaStream_t stream);
+void launch_gemv(const DeviceLayer& layer, const __nv_bfloat16* x, std::int64_t m, __nv_bfloat16* out,
+                 cudaStream_t stream);
 
 /// Fill layer.gemv_blocks_per_sm (at construction, on the layer's device).
 void query_gemv_occupancy(DeviceLayer& layer);

@@ -173,23 +173,25 @@ NB_MODULE(_ext, m) {
       .def(
           "gemm_ptr",
           // Fast path for the Python layer, which has already checked x [rows, K] and
-          // out [rows, N] (contiguous float16 on the QMatrix's device): raw addresses,
-          // no DLPack export/import per call. The C++ gemm validates shapes again.
+          // out [rows, N] (contiguous, both float16 or both bfloat16 as `bfloat16` says, on
+          // the QMatrix's device): raw addresses, no DLPack export/import per call. The
+          // C++ gemm validates shapes again.
           [](const exl2::QMatrix& q, std::uintptr_t x, std::int64_t rows, std::uintptr_t out,
-             std::uintptr_t stream) {
+             std::uintptr_t stream, bool bfloat16) {
+            const exl2::DType dtype = bfloat16 ? exl2::DType::BFloat16 : exl2::DType::Float16;
             exl2::TensorView xv;
             xv.data = reinterpret_cast<const void*>(x);
-            xv.dtype = exl2::DType::Float16;
+            xv.dtype = dtype;
             xv.shape = {rows, q.in_features()};
             xv.device = q.device();
             exl2::MutableTensorView ov;
             ov.data = reinterpret_cast<void*>(out);
-            ov.dtype = exl2::DType::Float16;
+            ov.dtype = dtype;
             ov.shape = {rows, q.out_features()};
             ov.device = q.device();
             nb::gil_scoped_release release;
             q.gemm(xv, ov, to_stream(stream));
           },
-          "x_ptr"_a, "rows"_a, "out_ptr"_a, "stream"_a)
+          "x_ptr"_a, "rows"_a, "out_ptr"_a, "stream"_a, "bfloat16"_a = false)
       .def("close", &exl2::QMatrix::close);
 }

@@ -10,9 +10,12 @@
 #include <type_traits>
 #include <vector>
 
-#include "core/half.hpp"  // test-only: fp16 conversions
+#include "core/bfloat16.hpp"  // test-only: bf16 conversions
+#include "core/half.hpp"      // test-only: fp16 conversions
 #include "exl2/exl2.hpp"
 
+using exl2::detail::bf16_to_float;
+using exl2::detail::float_to_bf16;
 using exl2::detail::float_to_half;
 using exl2::detail::half_to_float;
 
@@ -129,6 +132,48 @@ static void test_gptq_gemm_and_dequantize(bool act_order) {
     }
 }
 
+// bfloat16 x and out: out = bf16(sum in fp32). The weights (powers of two times integers
+// below 16) are exact in bfloat16, x = small integers times 2^20 (beyond float16's range),
+// so every fp32 product and partial sum is exact and the only rounding is the last one.
+static void test_gptq_gemm_bfloat16() {
+  Gptq L(64, 16, 4, true);
+  exl2::QMatrix q = exl2::QMatrix::from_gptq(L.weights(true), exl2::Device::cpu());
+  std::vector<std::uint16_t> w(64 * 16);
+  exl2::MutableTensorView wo;
+  wo.data = w.data();
+  wo.dtype = exl2::DType::BFloat16;
+  wo.shape = {64, 16};
+  q.dequantize(wo);
+  for (int i = 0; i < 64 * 16; ++i) CHECK(bf16_to_float(w[i]) == static_cast<float>(L.W[i]));
+  const std::int64_t M = 5;  // the tiled kernel (more than 4 rows)
+  for (const std::int64_t rows : {std::int64_t{1}, M}) {
+    std::vector<std::uint16_t> x(rows * 64), y(rows * 16);
+    for (int i = 0; i < rows * 64; ++i) x[i] = float_to_bf16(std::ldexp(static_cast<float>((i * 7) % 5 - 2), 20));
+    exl2::MutableTensorView yo;
+    yo.data = y.data();
+    yo.dtype = exl2::DType::BFloat16;
+    yo.shape = {rows, 16};
+    q.gemm(view(x, {rows, 64}, exl2::DType::BFloat16), yo);
+    bool beyond_fp16 = false;
+    for (int i = 0; i < rows; ++i)
+      for (int n = 0; n < 16; ++n) {
+        double ref = 0;
+        for (int k = 0; k < 64; ++k) ref += bf16_to_float(x[i * 64 + k]) * L.W[k * 16 + n];
+        CHECK(y[i * 16 + n] == float_to_bf16(static_cast<float>(ref)));
+        beyond_fp16 = beyond_fp16 || std::fabs(ref) > 65504.0;
+      }
+    CHECK(beyond_fp16);
+    // out must have x's dtype; x must be float16 or bfloat16
+    yo.dtype = exl2::DType::Float16;
+    EXPECT_THROW(exl2::TypeMismatch, q.gemm(view(x, {rows, 64}, exl2::DType::BFloat16), yo),
+                 "out: expected dtype bfloat16 (the dtype of x), got float16");
+    EXPECT_THROW(exl2::TypeMismatch, q.gemm(view(x, {rows, 64}, exl2::DType::Float32), yo),
+                 "x: expected dtype float16 or bfloat16, got float32");
+  }
+  wo.dtype = exl2::DType::Float32;
+  EXPECT_THROW(exl2::TypeMismatch, q.dequantize(wo), "out: expected dtype float16 or bfloat16, got float32");
+}
+
 static void test_exl2_gemm() {
   // One 4-bit group of 32 rows and one 8-bit group of 32 rows, identity permutation.
   const std::int64_t K = 64, N = 8;
@@ -243,6 +288,7 @@ static void test_raii_and_move() {
 int main() {
   test_gptq_gemm_and_dequantize(false);
   test_gptq_gemm_and_dequantize(true);
+  test_gptq_gemm_bfloat16();
   test_exl2_gemm();
   test_validation();
   test_raii_and_move();

@@ -62,11 +62,16 @@ class QMatrix {
   /// Bytes this QMatrix owns on its device.
   std::size_t nbytes() const;
 
-  /// out[K, N] (float16, contiguous, on device()) = the dequantized weight W.
+  /// out[K, N] (contiguous, on device()) = the dequantized weight W in out's dtype,
+  /// Float16 or BFloat16: W_T[k, n] = round_T((q - z) * s), where (q - z) is a small exact
+  /// integer and s the fp16 scale, so the fp32 product is exact and rounded once (to
+  /// nearest even). Float16 output is bit-exact with the reference kernels.
   void dequantize(const MutableTensorView& out, cudaStream_t stream = nullptr) const;
 
-  /// out[M, N] = x[M, K] @ W (+ bias); float16 in and out, float32 accumulation.
-  /// x and out are contiguous float16 on device(); out is fully written.
+  /// out[M, N] = x[M, K] @ W (+ bias) with float32 accumulation. x and out are contiguous,
+  /// on device(), and have the same dtype T, Float16 or BFloat16:
+  ///   out = round_T(sum_k x[k] * W_T[k, n] (+ float(bias[n]))), one rounding at the end;
+  /// W_T is the weight dequantize() returns in T. out is fully written.
   void gemm(const TensorView& x, const MutableTensorView& out, cudaStream_t stream = nullptr) const;
 
   /// Release the owned memory. Any later call except closed() throws InvalidArgument.
