@@ -39,15 +39,18 @@ def bf16_weight(layer: Dict[str, Any], zero_format: str = "v1") -> np.ndarray:
     if "q_weight" in layer:
         return R.dequantize_exl2(layer["q_weight"], layer["q_invperm"], layer["q_scale"], layer["q_scale_max"],
                                  layer["q_groups"], dtype="bfloat16")
+    if exl2.loaders.detect_format(layer) == "awq":
+        return R.dequantize_awq(layer["qweight"], layer["qzeros"], layer["scales"], dtype="bfloat16")
+    gptq_bits = 32 * layer["qzeros"].shape[1] // layer["scales"].shape[1]
     return R.dequantize_gptq(layer["qweight"], layer["qzeros"], layer["scales"], layer.get("g_idx"), zero_format,
-                             dtype="bfloat16")
+                             bits=gptq_bits, dtype="bfloat16")
 
 
 def storage_perm(layer: Dict[str, Any]) -> np.ndarray:
     """The row order the CPU kernels sum in (src/core/layer.hpp: x[:, perm] @ Wp)."""
     if "q_weight" in layer:
         return np.argsort(np.asarray(layer["q_invperm"]).astype(np.int64), kind="stable")
-    K = np.asarray(layer["qweight"]).shape[0] * 8
+    K = np.asarray(layer["weight"]).shape[0]
     g_idx = layer.get("g_idx")
     return np.arange(K) if g_idx is None else np.argsort(np.asarray(g_idx), kind="stable")
 
@@ -93,6 +96,11 @@ LAYERS: Dict[str, Dict[str, Any]] = {
                                 bias=True),
     "gptq_act": R.random_gptq(RNG, 256, 104, group_size=32, act_order=True, bias=True),
     "gptq_plain": R.random_gptq(RNG, 384, 64, group_size=128),
+    # the other GPTQ widths and AWQ run the same kernels on the canonical layout
+    "gptq3_act": R.random_gptq(RNG, 256, 64, group_size=64, act_order=True, bits=3, bias=True),
+    "gptq2": R.random_gptq(RNG, 256, 64, group_size=128, bits=2),
+    "gptq8": R.random_gptq(RNG, 128, 40, group_size=32, bits=8, bias=True),
+    "awq": R.random_awq(RNG, 256, 64, group_size=64, bias=True),
 }
 
 
@@ -167,7 +175,8 @@ def test_golden_cases_in_bf16(fmt: str) -> None:
 
 
 # ------------------------------------------------------------------------ matmul
-@pytest.mark.parametrize("name", ["exl2_b3", "exl2_b6", "exl2_mixed", "gptq_act", "gptq_plain"])
+@pytest.mark.parametrize("name", ["exl2_b3", "exl2_b6", "exl2_mixed", "gptq_act", "gptq_plain", "gptq3_act",
+                                  "gptq8", "awq"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 70])
 def test_matmul_exact_contract_and_bound(name: str, m: int) -> None:
     layer = LAYERS[name]

@@ -38,10 +38,12 @@ def layers():
         "exl2": R.random_exl2(rng, 1024, 256, bits=[(8, 64), (6, 64), (5, 96), (4, 416), (3, 256), (2, 128)],
                               bias=True),
         "gptq": R.random_gptq(rng, 1024, 256, group_size=64, act_order=True, bias=True),
+        "gptq3": R.random_gptq(rng, 1024, 256, group_size=128, act_order=True, bits=3, bias=True),
+        "awq": R.random_awq(rng, 1024, 256, group_size=128, bias=True),
     }
 
 
-@pytest.mark.parametrize("fmt", ["exl2", "gptq"])
+@pytest.mark.parametrize("fmt", ["exl2", "gptq", "gptq3", "awq"])
 def test_dequantize_matches_cpu_and_reference(layers, fmt: str) -> None:
     layer = layers[fmt]
     with build(layer, "cpu") as qc, build(layer, "cuda") as qg:
@@ -52,7 +54,7 @@ def test_dequantize_matches_cpu_and_reference(layers, fmt: str) -> None:
         assert torch.equal(qg.dequantize().cpu(), qc.dequantize())  # fp16 unchanged
 
 
-@pytest.mark.parametrize("fmt", ["exl2", "gptq"])
+@pytest.mark.parametrize("fmt", ["exl2", "gptq", "gptq3", "awq"])
 @pytest.mark.parametrize("m", ROWS)
 def test_matmul_within_bound(layers, fmt: str, m: int) -> None:
     """Python API (m >= 9: dequantize to bfloat16 + torch.addmm, see dense_slack) and the
