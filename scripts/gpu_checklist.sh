@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# What a GPU session should run, in stages that each fit one device call (<= 10 minutes on
+# an H100 with 16 cores). Logs and JSON go to $OUT (the device tool's output folder) or
+# /tmp/exl2-gpu. Usage:
+#   scripts/gpu_checklist.sh build test        # install (sm_90 only, fast) + every cuda test
+#   scripts/gpu_checklist.sh tc bench          # the experimental tc kernel: tests + bench vs default
+#   scripts/gpu_checklist.sh mgpu              # multi-GPU tests (a 2-GPU machine)
+#   scripts/gpu_checklist.sh sanitize          # compute-sanitizer memcheck/racecheck/synccheck
+# Stages: build, test, tc, bench, bf16bench, mgpu, sanitize. Exit status: the first failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+LOG="${OUT:-/tmp/exl2-gpu}"
+mkdir -p "${LOG}"
+status=0
+
+run() {  # run NAME CMD...: log to $LOG/NAME.log, keep the first failure's status
+  local name=$1; shift
+  local t0=$(date +%s)
+  "$@" >"${LOG}/${name}.log" 2>&1
+  local rc=$?
+  echo "== ${name}: rc ${rc}, $(( $(date +%s) - t0 )) s"
+  tail -n 5 "${LOG}/${name}.log"
+  if [[ ${rc} -ne 0 && ${status} -eq 0 ]]; then status=${rc}; fi
+}
+
+for stage in "$@"; do
+  case "${stage}" in
+    build) run build env EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90-real CMAKE_BUILD_PARALLEL_LEVEL=16 \
+             "${PY}" -m pip install --no-build-isolation --no-deps -q . ;;
+    test) run test "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests --ignore=tests/test_tc_kernel.py ;;
+    tc) run tc env EXL2_CUDA_TC=1 "${PY}" -m pytest -q -p no:cacheprovider tests/test_tc_kernel.py ;;
+    bench)
+      run bench_default "${PY}" -m exl2 bench --m 1 8 16 32 64 --json "${LOG}/bench_default.json"
+      run bench_tc env EXL2_CUDA_TC=1 "${PY}" -m exl2 bench --m 1 8 16 32 --json "${LOG}/bench_tc.json" ;;
+    bf16bench) run bench_bf16 "${PY}" -m exl2 bench --dtype bfloat16 --m 1 8 16 64 512 --json "${LOG}/bench_bf16.json" ;;
+    mgpu) run mgpu "${PY}" -m pytest -q -p no:cacheprovider tests/test_multi_gpu.py ;;
+    sanitize) run sanitize env EXL2_SANITIZE_LOGDIR="${LOG}" scripts/sanitize_cuda.sh memcheck racecheck synccheck ;;
+    *) echo "unknown stage ${stage}"; exit 2 ;;
+  esac
+done
+exit ${status}
