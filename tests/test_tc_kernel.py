@@ -28,7 +28,7 @@ def _tc_on(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("the tc kernel needs compute capability 8.0+")
     monkeypatch.setenv("EXL2_CUDA_TC", "1")
     # Route every m the tc kernel serves to it (not to the dense path of the Python API).
-    monkeypatch.setattr(qmatrix_module, "_DENSE_MIN_ROWS", TC_MAX_ROWS + 1)
+    monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", TC_MAX_ROWS)
 
 
 def _layers():

@@ -30,9 +30,9 @@ __all__ = ["QMatrix"]
 # cuBLAS. The C++ library keeps its own kernel for every m (no cuBLAS dependency).
 _DENSE_MIN_ROWS = 9
 # Experimental: with EXL2_CUDA_TC=1 set before import (and at construction), layers get
-# the tensor-core layout and its kernel serves m <= 32 (src/cuda/tc_gemm.cu).
-if os.environ.get("EXL2_CUDA_TC") == "1":
-    _DENSE_MIN_ROWS = 33
+# the tensor-core layout and its kernel serves float16 m <= 32 (src/cuda/tc_gemm.cu), so
+# float16 calls up to that size stay native.
+_TC_MAX_ROWS = 32 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
 
 # The activation/output dtypes matmul and dequantize support.
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -335,7 +335,7 @@ class QMatrix:
         dev = self._device
         bf16 = x.dtype == torch.bfloat16
         if dev.type == "cuda":
-            if rows >= _DENSE_MIN_ROWS:
+            if rows >= (_DENSE_MIN_ROWS if bf16 else max(_DENSE_MIN_ROWS, _TC_MAX_ROWS + 1)):
                 with _on_device(dev):
                     self._dense_matmul(x2, out2)
                 return out

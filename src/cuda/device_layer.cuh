@@ -193,6 +193,7 @@ struct DeviceLayer {
   int num_chunks = 0;
   int sm_count = 1;   // multiprocessors of `device` (work partitioning)
   int cc_major = 0;   // compute capability major of `device` (9+: thread-block clusters)
+  bool clusters = false;  // cc 9.0+ and the kernels' sm_90 code runs (cluster split-K usable)
   // Resident blocks per multiprocessor of each kernel instantiation, queried once at
   // construction (work partitioning without a host query per call).
   int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)

@@ -315,7 +315,7 @@ void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) 
 }  // namespace
 
 int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm) {
-  if (L.cc_major < 9) return 1;
+  if (!L.clusters) return 1;
   // Among the splits that leave each block enough chunks to amortise its reduction,
   // take the smallest whose last wave of blocks is within 5% as full as the best one:
   // a larger split only adds reduction work once the waves are balanced.
@@ -345,6 +345,14 @@ void occupancy_for(DeviceLayer& L, std::integer_sequence<int, Ms...>) {
 void query_gemv_occupancy(DeviceLayer& L) {
   static_assert(kGemvMaxRows < 17, "DeviceLayer::gemv_blocks_per_sm is too small");
   occupancy_for(L, std::make_integer_sequence<int, kGemvMaxRows>{});
+  // Cluster split-K needs the kernels' sm_90 code paths (the distributed-shared-memory
+  // epilogues are compiled only for __CUDA_ARCH__ >= 900). A build for an older virtual
+  // architecture JIT-compiled on a 9.0 device lacks them: every rank would then write its
+  // own partial sums. All kernels come from one compilation, so one kernel's PTX version
+  // stands for all of them.
+  cudaFuncAttributes attr{};
+  EXL2_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(gemv_kernel<1, __half>)));
+  L.clusters = L.cc_major >= 9 && attr.ptxVersion >= 90;
 }
 
 template <class T, int... Ms>

@@ -394,6 +394,13 @@ bool tc_requested() noexcept {
 
 void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaStream_t stream) {
   if (L.cc_major < 8 || L.num_chunks == 0 || L.N == 0) return;
+  {
+    // The kernel's mma.sync needs code for sm_80+: a build for an older virtual architecture
+    // (JIT-compiled here) holds only the trap, so such a layer gets no tc layout.
+    cudaFuncAttributes attr{};
+    EXL2_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(tc_gemm_kernel<1>)));
+    if (attr.ptxVersion < 80) return;
+  }
   std::vector<std::int32_t> row0(chunks_host.size());
   std::int64_t rows = 0;  // word rows of the tc layout: sum of the chunks' bit widths
   for (std::size_t c = 0; c < chunks_host.size(); ++c) {
