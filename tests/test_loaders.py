@@ -392,3 +392,53 @@ def test_layer_format_and_from_tensors() -> None:
 if __name__ == "__main__":
     write_tiny_checkpoints(DATA)
     print("wrote", TINY_EXL2, TINY_GPTQ)
+
+
+# ------------------------------------------------- an explicit format is honoured
+def _awq_and_gptq_dicts():
+    rng = np.random.default_rng(11)
+    awq = R.random_awq(rng, 128, 64, group_size=32, bias=True)
+    gptq = R.random_gptq(rng, 128, 64, group_size=32, bits=4)
+    strip = lambda d: {k: v for k, v in d.items() if k in _FORMAT_KEYS}  # noqa: E731
+    return strip(awq), strip(gptq)
+
+
+def test_load_gptq_rejects_awq_tensors(tmp_path: Path) -> None:
+    awq, _ = _awq_and_gptq_dicts()
+    sd = {f"p.{k}": torch.from_numpy(v) for k, v in awq.items()}
+    for kwargs in ({}, {"group_size": 32}, {"bits": 4}, {"desc_act": True}, {"zero_format": "v2"}):
+        with pytest.raises(ValueError, match=r"p\.qweight: shape \[128, 8\] with scales \[4, 64\] is AWQ packing"):
+            exl2.load_gptq(sd, "p", **kwargs)
+    with pytest.raises(ValueError, match=r"p\.qweight: .* is AWQ packing"):
+        exl2.loaders.read_gptq_tensors(sd, "p")
+    f = tmp_path / "awq.safetensors"
+    save_file({f"m.l.{k}": v for k, v in awq.items()}, str(f))
+    with pytest.raises(ValueError, match=r"m\.l\.qweight: .* is AWQ packing"):
+        exl2.load_gptq(f, "m.l")
+
+
+def test_load_awq_rejects_gptq_tensors() -> None:
+    _, gptq = _awq_and_gptq_dicts()
+    sd = {f"p.{k}": torch.from_numpy(v) for k, v in gptq.items() if k != "g_idx"}
+    with pytest.raises(ValueError, match=r"p\.qweight: shape \[16, 64\] with scales \[4, 64\] is GPTQ packing"):
+        exl2.load_awq(sd, "p")
+    with pytest.raises(ValueError, match=r"p\.qweight: .* is GPTQ packing"):
+        exl2.load_awq(sd, "p", group_size=32)
+
+
+def test_qmatrix_from_tensors_format_argument() -> None:
+    awq, gptq = _awq_and_gptq_dicts()
+    with exl2.loaders.qmatrix_from_tensors(awq, format="awq") as q:
+        assert q.format == "awq"
+        _check(q, awq)
+    with exl2.loaders.qmatrix_from_tensors(gptq, format="gptq", bits=4) as q:
+        assert q.format == "gptq"
+        _check(q, gptq)
+    with pytest.raises(ValueError, match="qweight: .* is AWQ packing"):
+        exl2.loaders.qmatrix_from_tensors(awq, format="gptq")
+    with pytest.raises(ValueError, match="qweight: .* is GPTQ packing"):
+        exl2.loaders.qmatrix_from_tensors(gptq, format="awq")
+    with pytest.raises(ValueError, match="format 'exl2' needs 'q_weight'"):
+        exl2.loaders.qmatrix_from_tensors(gptq, format="exl2")
+    with pytest.raises(ValueError, match="format: expected 'exl2', 'gptq', 'awq' or None"):
+        exl2.loaders.qmatrix_from_tensors(gptq, format="marlin")

@@ -303,6 +303,50 @@ def test_state_dict_roundtrip() -> None:
         dst.load_state_dict(bad)
 
 
+def test_from_state_dict_honours_format() -> None:
+    rng = np.random.default_rng(12)
+    awq = {f"p.{k}": torch.from_numpy(v) for k, v in R.random_awq(rng, 128, 64, group_size=32).items()
+           if k != "weight"}
+    gptq = {f"p.{k}": torch.from_numpy(v) for k, v in R.random_gptq(rng, 128, 64, group_size=32).items()
+            if k not in ("weight", "g_idx")}
+    with pytest.raises(ValueError, match=r"p\.qweight: .* is AWQ packing"):
+        QuantLinear.from_state_dict(awq, "p", format="gptq")
+    with pytest.raises(ValueError, match=r"p\.qweight: .* is GPTQ packing"):
+        QuantLinear.from_state_dict(gptq, "p", format="awq")
+    assert QuantLinear.from_state_dict(awq, "p", format="awq").format == "awq"
+    assert QuantLinear.from_state_dict(gptq, "p", format="gptq").format == "gptq"
+    with pytest.raises(ValueError, match="qweight: .* is AWQ packing"):
+        QuantLinear.from_tensors({k[2:]: v for k, v in awq.items()}, format="gptq")
+
+
+def test_load_state_dict_checks_format() -> None:
+    rng = np.random.default_rng(13)
+    awq_t = {k: v for k, v in R.random_awq(rng, 128, 64, group_size=32, bias=True).items() if k != "weight"}
+    gptq_t = {k: v for k, v in R.random_gptq(rng, 128, 64, group_size=32, act_order=True, bias=True).items()
+              if k != "weight"}
+    m_awq, m_gptq = QuantLinear.from_tensors(awq_t), QuantLinear.from_tensors(gptq_t)
+    assert m_awq.format == "awq" and m_gptq.format == "gptq"
+    assert set(m_awq.state_dict()) == {"qweight", "qzeros", "scales", "bias"}
+    # An AWQ module does not turn into GPTQ (nor the other way round).
+    gsd, asd = m_gptq.state_dict(), m_awq.state_dict()
+    for m, sd, fmt in ((m_awq, gsd, "gptq"), (m_gptq, asd, "awq")):
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=f"holds {fmt} tensors, but this QuantLinear is {m.format}"):
+                m.load_state_dict(sd, strict=strict)
+    assert m_awq.format == "awq" and m_gptq.format == "gptq"
+    # AWQ has no g_idx: strict loading rejects it, non-strict reports it and loads the rest.
+    with pytest.raises(RuntimeError, match="Unexpected key.*g_idx"):
+        m_awq.load_state_dict({**asd, "g_idx": torch.zeros(128, dtype=torch.int32)})
+    r = m_awq.load_state_dict({**asd, "g_idx": torch.zeros(128, dtype=torch.int32)}, strict=False)
+    assert r.unexpected_keys == ["g_idx"] and r.missing_keys == [] and m_awq.format == "awq"
+    assert set(m_awq.state_dict()) == {"qweight", "qzeros", "scales", "bias"}
+    # An AWQ source passed to the constructor keeps AWQ's names only.
+    q = exl2.loaders.qmatrix_from_tensors(awq_t)
+    m = QuantLinear(q, source={**awq_t, "g_idx": np.zeros(128, dtype=np.int32)})
+    assert set(m.state_dict()) == {"qweight", "qzeros", "scales", "bias"}
+    q.close()
+
+
 def test_without_source() -> None:
     m = make("exl2", keep_source=False)
     assert m.state_dict() == {}

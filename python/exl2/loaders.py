@@ -43,6 +43,7 @@ __all__ = [
     "EXL2_TENSORS",
     "GPTQ_TENSORS",
     "AWQ_TENSORS",
+    "TENSOR_NAMES",
     "GPTQConfig",
     "AWQConfig",
     "read_gptq_config",
@@ -64,6 +65,8 @@ Source = Union[str, os.PathLike, Mapping[str, Any]]
 EXL2_TENSORS = (("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups"), ("q_perm", "bias"))
 GPTQ_TENSORS = (("qweight", "qzeros", "scales"), ("g_idx", "bias"))
 AWQ_TENSORS = (("qweight", "qzeros", "scales"), ("bias",))
+#: format -> its (required, optional) tensor names.
+TENSOR_NAMES = {"exl2": EXL2_TENSORS, "gptq": GPTQ_TENSORS, "awq": AWQ_TENSORS}
 _GPTQ_BITS = (2, 3, 4, 8)
 
 _FLOAT16_NAMES = ("scales", "q_scale_max", "bias")
@@ -324,7 +327,8 @@ def read_gptq_tensors(
 
     Raises:
         KeyError: a required tensor is missing.
-        ValueError: ``bits`` is not 2, 3, 4 or 8, or the settings do not match the tensors.
+        ValueError: ``bits`` is not 2, 3, 4 or 8, the settings do not match the tensors, or
+            the tensors are AWQ-packed (``qweight`` ``[K, N/8]``).
     """
     if bits is not None:
         _check_bits(bits, "argument")
@@ -342,6 +346,7 @@ def read_gptq_tensors(
     if zero_format not in ("v1", "v2"):
         raise ValueError(f"zero_format: expected 'v1' or 'v2', got {zero_format!r}")
     t = _read(_Source(source), prefix, GPTQ_TENSORS)
+    _check_packing("gptq", t, _key(prefix, "qweight"))
     implied = _implied_gptq_bits(tuple(t["qzeros"].shape), tuple(t["scales"].shape))
     if bits is not None and implied is not None and implied != bits:
         raise ValueError(
@@ -366,7 +371,8 @@ def read_awq_tensors(source: Source, prefix: str, *, group_size: Optional[int] =
 
     Raises:
         KeyError: a required tensor is missing.
-        ValueError: the config is not a supported AWQ one, or the settings do not match.
+        ValueError: the config is not a supported AWQ one, the settings do not match, or
+            the tensors are GPTQ-packed (``qweight`` with as many columns as ``scales``).
     """
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         try:
@@ -376,6 +382,7 @@ def read_awq_tensors(source: Source, prefix: str, *, group_size: Optional[int] =
         if cfg is not None and group_size is None:
             group_size = cfg.group_size
     t = _read(_Source(source), prefix, AWQ_TENSORS)
+    _check_packing("awq", t, _key(prefix, "qweight"))
     _check_group_size(group_size, int(t["qweight"].shape[0]), int(t["qzeros"].shape[0]), prefix)
     return t
 
@@ -392,6 +399,27 @@ def _format_by_shape(qweight_shape: Tuple[int, ...], scales_shape: Optional[Tupl
         if scales_shape[1] != qweight_shape[1] and scales_shape[1] == 8 * qweight_shape[1]:
             return "awq"
     return "gptq"
+
+
+def _check_packing(fmt: str, tensors: Mapping[str, Any], where: str) -> None:
+    """Reject GPTQ tensors read as AWQ and vice versa (they share tensor names; the
+    packing tells them apart: GPTQ ``qweight`` ``[K*bits/32, N]``, AWQ ``[K, N/8]``)."""
+    qw, sc = tensors.get("qweight"), tensors.get("scales")
+    if qw is None or sc is None:
+        return
+    qs, ss = _shape(qw), _shape(sc)
+    if len(qs) != 2 or len(ss) != 2:
+        return
+    if fmt == "gptq" and _format_by_shape(qs, ss) == "awq":
+        raise ValueError(
+            f"{where}: shape {list(qs)} with scales {list(ss)} is AWQ packing (qweight [K, N/8]), not GPTQ "
+            "(qweight [K*bits/32, N]); load this layer as AWQ (exl2.load_awq, format='awq')"
+        )
+    if fmt == "awq" and qs[1] == ss[1]:
+        raise ValueError(
+            f"{where}: shape {list(qs)} with scales {list(ss)} is GPTQ packing (qweight [K*bits/32, N]), not AWQ "
+            "(qweight [K, N/8]); load this layer as GPTQ (exl2.load_gptq, format='gptq')"
+        )
 
 
 def detect_format(tensors: Mapping[str, Any]) -> str:
@@ -423,14 +451,35 @@ def layer_format(source: Source, prefix: str) -> str:
 
 
 def qmatrix_from_tensors(
-    tensors: Mapping[str, Any], *, zero_format: str = "v1", bits: Optional[int] = None, device: DeviceLike = None
+    tensors: Mapping[str, Any],
+    *,
+    format: Optional[str] = None,  # noqa: A002
+    zero_format: str = "v1",
+    bits: Optional[int] = None,
+    device: DeviceLike = None,
 ) -> QMatrix:
     """Build a QMatrix from a format-tensor dict (the layout of
     ``exl2.reference.random_*`` and of :func:`read_exl2_tensors`; extra keys such as
-    ``weight`` or ``rows`` are ignored). ``zero_format`` and ``bits`` apply to GPTQ only;
-    ``bits=None`` takes the width the shapes imply (``qzeros`` ``[G, N*bits/32]``)."""
+    ``weight`` or ``rows`` are ignored). ``format`` (``"exl2"``, ``"gptq"`` or ``"awq"``)
+    is detected from the keys and shapes (:func:`detect_format`) when ``None``; an explicit
+    format is honoured, and GPTQ/AWQ tensors packed the other format's way are rejected.
+    ``zero_format`` and ``bits`` apply to GPTQ only; ``bits=None`` takes the width the
+    shapes imply (``qzeros`` ``[G, N*bits/32]``).
+
+    Raises:
+        ValueError: an unknown ``format``, or tensors of another format than ``format``.
+    """
     t = tensors
-    fmt = detect_format(t)
+    if format is None:
+        fmt = detect_format(t)
+    elif format in TENSOR_NAMES:
+        fmt = format
+        key = "q_weight" if fmt == "exl2" else "qweight"
+        if key not in t:
+            raise ValueError(f"tensors: format {fmt!r} needs {key!r}, got keys {sorted(t)}")
+        _check_packing(fmt, t, "qweight")
+    else:
+        raise ValueError(f"format: expected 'exl2', 'gptq', 'awq' or None, got {format!r}")
     if fmt == "exl2":
         return QMatrix.from_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"],
                                  q_perm=t.get("q_perm"), bias=t.get("bias"), device=device)
@@ -446,7 +495,7 @@ def qmatrix_from_tensors(
 def load_exl2(path_or_dict: Source, prefix: str, *, device: DeviceLike = None) -> QMatrix:
     """Load the EXL2 layer ``prefix``. ``device=None`` keeps the tensors' device
     (the CPU for files)."""
-    return qmatrix_from_tensors(read_exl2_tensors(path_or_dict, prefix), device=device)
+    return qmatrix_from_tensors(read_exl2_tensors(path_or_dict, prefix), format="exl2", device=device)
 
 
 def load_gptq(
@@ -468,7 +517,7 @@ def load_gptq(
     """
     tensors, zf = read_gptq_tensors(path_or_dict, prefix, bits=bits, group_size=group_size,
                                     desc_act=desc_act, zero_format=zero_format)
-    return qmatrix_from_tensors(tensors, zero_format=zf, bits=bits, device=device)
+    return qmatrix_from_tensors(tensors, format="gptq", zero_format=zf, bits=bits, device=device)
 
 
 def load_awq(
@@ -476,5 +525,5 @@ def load_awq(
 ) -> QMatrix:
     """Load the AWQ 4-bit layer ``prefix`` (see :func:`read_awq_tensors`). ``device=None``
     keeps the tensors' device (the CPU for files)."""
-    t = read_awq_tensors(path_or_dict, prefix, group_size=group_size)
-    return QMatrix.from_awq(t["qweight"], t["qzeros"], t["scales"], bias=t.get("bias"), device=device)
+    return qmatrix_from_tensors(read_awq_tensors(path_or_dict, prefix, group_size=group_size), format="awq",
+                                device=device)

@@ -24,8 +24,8 @@ import torch
 from . import ops as _ops  # noqa: F401  (registers torch.ops.exl2.gemm)
 from ._convert import DeviceLike, as_tensor, parse_device
 from .compat import register_qmatrix, unregister_qmatrix
-from .loaders import (EXL2_TENSORS, GPTQ_TENSORS, Source, detect_format, layer_format, qmatrix_from_tensors,
-                      read_awq_tensors, read_exl2_tensors, read_gptq_tensors)
+from .loaders import (TENSOR_NAMES, Source, detect_format, layer_format, qmatrix_from_tensors, read_awq_tensors,
+                      read_exl2_tensors, read_gptq_tensors)
 from .qmatrix import QMatrix
 
 __all__ = ["QuantLinear"]
@@ -47,7 +47,7 @@ def _cpu_copy(tensors: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 class QuantLinear(torch.nn.Module):
-    """``y = x @ W (+ bias)`` with a quantized ``W`` (EXL2 or GPTQ); x is float16 or bfloat16
+    """``y = x @ W (+ bias)`` with a quantized ``W`` (EXL2, GPTQ or AWQ); x is float16 or bfloat16
     ``[..., K]`` and y has x's dtype (see :meth:`exl2.QMatrix.matmul`).
 
     Build with ``QuantLinear(qmatrix)`` (the module does not close a QMatrix it was
@@ -73,17 +73,18 @@ class QuantLinear(torch.nn.Module):
         if source is not None:
             if detect_format(source) != qmatrix.format:
                 raise ValueError(f"source: holds {detect_format(source)} tensors, qmatrix is {qmatrix.format}")
-            names = EXL2_TENSORS if qmatrix.format == "exl2" else GPTQ_TENSORS
+            names = TENSOR_NAMES[qmatrix.format]
             self._source = _cpu_copy({k: source[k] for k in names[0] + names[1] if source.get(k) is not None})
         self._finalizer: Optional[Callable[[], None]] = None
         self._attach(qmatrix, owned=False)
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Any], *, zero_format: str = "v1", device: DeviceLike = None,
-                     keep_source: bool = True) -> "QuantLinear":
-        """From a format-tensor dict (extra keys ignored); ``device=None`` keeps the tensors' device."""
-        q = qmatrix_from_tensors(tensors, zero_format=zero_format, device=device)
+    def from_tensors(cls, tensors: Mapping[str, Any], *, format: Optional[str] = None,  # noqa: A002
+                     zero_format: str = "v1", device: DeviceLike = None, keep_source: bool = True) -> "QuantLinear":
+        """From a format-tensor dict (extra keys ignored); ``format`` is detected when ``None``
+        (see :func:`exl2.loaders.qmatrix_from_tensors`); ``device=None`` keeps the tensors' device."""
+        q = qmatrix_from_tensors(tensors, format=format, zero_format=zero_format, device=device)
         m = cls(q, source=tensors if keep_source else None, zero_format=zero_format)
         m._take_ownership()
         return m
@@ -95,7 +96,8 @@ class QuantLinear(torch.nn.Module):
                         zero_format: Optional[str] = None) -> "QuantLinear":
         """From the tensors ``<prefix>.<name>`` of a state dict, safetensors file or model
         directory (see :mod:`exl2.loaders`). ``format`` (``"exl2"``/``"gptq"``/``"awq"``) is
-        detected when ``None``; the GPTQ settings are those of :func:`exl2.load_gptq`
+        detected when ``None`` and honoured otherwise (GPTQ tensors requested as AWQ, or AWQ
+        as GPTQ, are rejected); the GPTQ settings are those of :func:`exl2.load_gptq`
         (``group_size`` also applies to AWQ)."""
         fmt = layer_format(sd, prefix) if format is None else format
         if fmt == "exl2":
@@ -107,7 +109,7 @@ class QuantLinear(torch.nn.Module):
             tensors, zf = read_awq_tensors(sd, prefix, group_size=group_size), "v1"
         else:
             raise ValueError(f"format: expected 'exl2', 'gptq', 'awq' or None, got {format!r}")
-        return cls.from_tensors(tensors, zero_format=zf, device=device, keep_source=keep_source)
+        return cls.from_tensors(tensors, format=fmt, zero_format=zf, device=device, keep_source=keep_source)
 
     def _attach(self, qmatrix: QMatrix, owned: bool) -> None:
         """Make ``qmatrix`` the weight, releasing the previous one."""
@@ -174,7 +176,8 @@ class QuantLinear(torch.nn.Module):
                     f"QuantLinear: cannot move from {self.device} to {target}: built without its source "
                     "tensors (keep_source=False or QuantLinear(qmatrix) without source=)"
                 )
-            self._attach(qmatrix_from_tensors(self._source, zero_format=self.zero_format, device=target), True)
+            q = qmatrix_from_tensors(self._source, format=self.format, zero_format=self.zero_format, device=target)
+            self._attach(q, True)
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
@@ -183,7 +186,7 @@ class QuantLinear(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        required, optional = EXL2_TENSORS if self.format == "exl2" else GPTQ_TENSORS
+        required, optional = TENSOR_NAMES[self.format]
         ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         missing = [prefix + n for n in required if n not in ours]
         if strict:
@@ -192,10 +195,20 @@ class QuantLinear(torch.nn.Module):
             missing_keys.extend(missing)
             return
         tensors = {n: ours[n] for n in required + optional if n in ours}
+        where = prefix.rstrip(".") or "QuantLinear"
         try:
-            q = qmatrix_from_tensors(tensors, zero_format=self.zero_format, device=self.device)
+            fmt = detect_format(tensors)
+        except ValueError as exc:
+            error_msgs.append(f"While loading {where}: {exc}")
+            return
+        if fmt != self.format:
+            error_msgs.append(f"While loading {where}: the state dict holds {fmt} tensors, but this QuantLinear is "
+                              f"{self.format}; build a new module (QuantLinear.from_state_dict) to change format")
+            return
+        try:
+            q = qmatrix_from_tensors(tensors, format=self.format, zero_format=self.zero_format, device=self.device)
         except (TypeError, ValueError) as exc:
-            error_msgs.append(f"While loading {prefix.rstrip('.') or 'QuantLinear'}: {exc}")
+            error_msgs.append(f"While loading {where}: {exc}")
             return
         self._source = _cpu_copy(tensors)
         self._attach(q, True)
