@@ -56,3 +56,27 @@ def test_bench_format_arguments(monkeypatch) -> None:
     assert calls[0][1] == {"fmt": "gptq", "bits": 3, "dtype": "float16"} and calls[0][0][2] is True
     assert calls[1][1] == {"fmt": "awq", "bits": 4, "dtype": "float16"} and calls[1][0][0] == [1, 8]
     assert calls[2][1] == {"fmt": "awq", "bits": 4, "dtype": "bfloat16"}
+
+
+def test_bits_needs_format_gptq(monkeypatch, capsys) -> None:
+    import pytest
+
+    import exl2.__main__ as main
+    import exl2.bench
+    import exl2.cli
+
+    calls = []
+    monkeypatch.setattr(exl2.bench, "run", lambda *a, **k: calls.append((a, k)) or {})
+    monkeypatch.setattr(exl2.cli, "demo", lambda **k: calls.append(((), k)) or 0)
+    for argv in (["demo", "--format", "exl2", "--bits", "3"], ["demo", "--format", "awq", "--bits", "8"],
+                 ["demo", "--bits", "2"], ["bench", "--format", "awq", "--bits", "8"],
+                 ["bench", "--format", "exl2", "--bits", "3"], ["bench", "--bits", "3"]):
+        with pytest.raises(SystemExit) as e:
+            main.main(argv)
+        assert e.value.code == 2, argv
+        assert "needs --format gptq" in capsys.readouterr().err, argv
+    assert calls == []
+    assert main.main(["demo", "--format", "gptq", "--bits", "3"]) == 0
+    assert main.main(["demo", "--format", "awq", "--bits", "4"]) == 0
+    assert main.main(["bench", "--format", "gptq", "--bits", "8"]) == 0
+    assert [c[1]["bits"] for c in calls] == [3, 4, 8]
