@@ -382,3 +382,15 @@ def test_exl2_property_round_trip(layout):
     assert np.array_equal(R.exl2_group_layout(p["q_groups"], p["q_weight"].shape[0], K)[2], [r for _, r in groups])
     gm = R.exl2_group_map(p["q_groups"], p["q_weight"].shape[0], K).reshape(-1, 2)
     assert np.array_equal(gm[:, 1], np.concatenate([np.arange(r, 0, -1) for _, r in groups]))
+
+
+def test_gptq_bits_must_be_an_integer():
+    # Like QMatrix.from_gptq: 4.0 or True is not a width; numpy integers are.
+    layer = R.random_gptq(np.random.default_rng(3), 64, 32, group_size=32, bits=4)
+    for bad in (4.0, 3.0, True, "4", 5):
+        with pytest.raises(ValueError, match="bits must be one of"):
+            R.unpack_gptq_codes(layer["qweight"], bits=bad)
+        with pytest.raises(ValueError, match="bits must be one of"):
+            R.unpack_gptq_zeros(layer["qzeros"], bits=bad)
+    assert np.array_equal(R.unpack_gptq_codes(layer["qweight"], bits=np.int64(4)),
+                          R.unpack_gptq_codes(layer["qweight"], bits=4))

@@ -66,6 +66,7 @@ gives the 16-bit patterns).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -198,9 +199,15 @@ def _pack_stream_rows(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _check_gptq_bits(bits: int) -> int:
-    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in GPTQ_BITS:
+    # An integer (int, numpy integer: anything with __index__), like QMatrix.from_gptq:
+    # not a bool, not a float such as 4.0.
+    try:
+        b = None if isinstance(bits, bool) else operator.index(bits)
+    except TypeError:
+        b = None
+    if b not in GPTQ_BITS:
         raise ValueError(f"bits must be one of {GPTQ_BITS}, got {bits!r}")
-    return int(bits)
+    return b
 
 
 def round_bf16(a: Any) -> np.ndarray:
