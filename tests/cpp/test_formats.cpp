@@ -1,6 +1,6 @@
 // C++ API tests of the formats built through the generic repack (CPU backend): GPTQ 3-bit
-// with act-order and v1 zeros that wrap, GPTQ 8-bit v2, AWQ 4-bit with groups that do not
-// fill whole words; dequantize exact, GEMM exact (integer activations, power-of-two
+// with act-order and v1 zeros that wrap, GPTQ 8-bit v2, AWQ 4-bit with whole-word (8-row)
+// groups and with groups that do not fill whole words (5 and 3 rows); dequantize exact, GEMM exact (integer activations, power-of-two
 // scales), and validation errors that name the argument.
 #include <cmath>
 #include <cstdint>
@@ -161,38 +161,62 @@ static void test_gptq_widths() {
   EXPECT_INVALID(exl2::QMatrix::from_gptq(w, exl2::Device::cpu()), "g_idx: expected group indices in 0..2");
 }
 
-// AWQ 4-bit, K x N, G groups of K/G consecutive rows (here 8 rows: 32-bit streams that the
-// canonical layout keeps word-aligned) in AWQ's interleaved nibble order.
-static void test_awq() {
-  const std::int64_t K = 40, N = 16, G = 5;
-  const int nibble_of_column[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-  std::vector<std::int32_t> qweight(K * N / 8, 0), qzeros(G * N / 8, 0);
-  std::vector<std::uint16_t> scales(G * N);
-  std::vector<double> W(K * N);
-  std::vector<int> zeros(G * N);
-  for (std::int64_t g = 0; g < G; ++g)
-    for (std::int64_t n = 0; n < N; ++n) {
-      zeros[g * N + n] = static_cast<int>((g * 3 + n * 5) % 16);
-      put_bits(qzeros, g * (N / 8) + n / 8, 1, 4 * nibble_of_column[n % 8], 4,
-               static_cast<std::uint32_t>(zeros[g * N + n]));
-      scales[g * N + n] = float_to_half(-std::ldexp(1.0f, -5 - static_cast<int>((g + 2 * n) % 3)));
-    }
-  for (std::int64_t k = 0; k < K; ++k)
-    for (std::int64_t n = 0; n < N; ++n) {
-      const int q = static_cast<int>((k * 13 + n * 3) % 16);
-      put_bits(qweight, k * (N / 8) + n / 8, 1, 4 * nibble_of_column[n % 8], 4, static_cast<std::uint32_t>(q));
-      const std::int64_t g = k / (K / G);
-      W[k * N + n] = half_to_float(scales[g * N + n]) * (q - zeros[g * N + n]);
-    }
-  exl2::AwqWeights w;
-  w.qweight = view(qweight, {K, N / 8}, exl2::DType::Int32);
-  w.qzeros = view(qzeros, {G, N / 8}, exl2::DType::Int32);
-  w.scales = view(scales, {G, N}, exl2::DType::Float16);
-  exl2::QMatrix q = exl2::QMatrix::from_awq(w, exl2::Device::cpu());
-  CHECK(q.format() == exl2::Format::AWQ && std::string(exl2::format_name(q.format())) == "awq");
-  CHECK(q.in_features() == K && q.out_features() == N && !q.has_bias());
-  check_exact(q, W, K, N);
+// AWQ 4-bit, K x N, G groups of K/G consecutive rows in AWQ's interleaved nibble order.
+// 8-row groups are 32-bit streams that the canonical layout keeps word-aligned; groups of
+// any other size (5 rows: 20 bits) start and end inside words.
+struct Awq {
+  std::int64_t K, N, G;
+  std::vector<std::int32_t> qweight, qzeros;
+  std::vector<std::uint16_t> scales;
+  std::vector<double> W;
 
+  Awq(std::int64_t K_, std::int64_t N_, std::int64_t G_) : K(K_), N(N_), G(G_) {
+    const int nibble_of_column[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+    qweight.assign(K * N / 8, 0);
+    qzeros.assign(G * N / 8, 0);
+    scales.resize(G * N);
+    W.resize(K * N);
+    std::vector<int> zeros(G * N);
+    for (std::int64_t g = 0; g < G; ++g)
+      for (std::int64_t n = 0; n < N; ++n) {
+        zeros[g * N + n] = static_cast<int>((g * 3 + n * 5) % 16);
+        put_bits(qzeros, g * (N / 8) + n / 8, 1, 4 * nibble_of_column[n % 8], 4,
+                 static_cast<std::uint32_t>(zeros[g * N + n]));
+        scales[g * N + n] = float_to_half(-std::ldexp(1.0f, -5 - static_cast<int>((g + 2 * n) % 3)));
+      }
+    for (std::int64_t k = 0; k < K; ++k)
+      for (std::int64_t n = 0; n < N; ++n) {
+        const int q = static_cast<int>((k * 13 + n * 3) % 16);
+        put_bits(qweight, k * (N / 8) + n / 8, 1, 4 * nibble_of_column[n % 8], 4, static_cast<std::uint32_t>(q));
+        const std::int64_t g = k / (K / G);
+        W[k * N + n] = half_to_float(scales[g * N + n]) * (q - zeros[g * N + n]);
+      }
+  }
+
+  exl2::AwqWeights weights() const {
+    exl2::AwqWeights w;
+    w.qweight = view(qweight, {K, N / 8}, exl2::DType::Int32);
+    w.qzeros = view(qzeros, {G, N / 8}, exl2::DType::Int32);
+    w.scales = view(scales, {G, N}, exl2::DType::Float16);
+    return w;
+  }
+};
+
+static void test_awq() {
+  // 8-row groups (whole words), 5-row groups (K = 40, G = 8: 20-bit streams, unaligned),
+  // 3-row groups (K = 24, G = 8) and one 40-row group (160 bits: five words).
+  for (const auto& c : {Awq(40, 16, 5), Awq(40, 16, 8), Awq(24, 16, 8), Awq(40, 8, 1)}) {
+    exl2::QMatrix q = exl2::QMatrix::from_awq(c.weights(), exl2::Device::cpu());
+    CHECK(q.format() == exl2::Format::AWQ && std::string(exl2::format_name(q.format())) == "awq");
+    CHECK(q.in_features() == c.K && q.out_features() == c.N && !q.has_bias());
+    check_exact(q, c.W, c.K, c.N);
+  }
+
+  const Awq c(40, 16, 5);
+  const std::int64_t N = c.N, G = c.G;
+  const auto& qzeros = c.qzeros;
+  const auto& scales = c.scales;
+  const exl2::AwqWeights w = c.weights();
   exl2::AwqWeights bad = w;
   bad.scales = view(scales, {G, N / 2}, exl2::DType::Float16);
   EXPECT_INVALID(exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "scales: expected shape [G, N] = [5, 16]");
