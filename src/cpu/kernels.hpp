@@ -34,6 +34,12 @@
 //     for bfloat16 both kernel families multiply and add separately (no FMA, no
 //     contraction), which keeps them bit-identical;
 //   * out[i, n] = bf16(acc + float(bias[n])), NaN stored as 0x7fc0 (kCanonicalNaNBf16).
+//   The bfloat16 contract assumes IEEE subnormal arithmetic (the default MXCSR / FPCR). With
+//   flush-to-zero / denormals-are-zero enabled in the calling thread (e.g. by
+//   torch.set_flush_denormal(True)), a bfloat16 x with |x| < 2^-126 (an fp32 subnormal) is
+//   read as 0 and a product or sum that underflows below 2^-126 becomes 0, so such results
+//   differ from the contract (the library never changes the mode).
+//   fp16 is unaffected: its weights, inputs and products are all normal fp32 values.
 // Threads split the columns, and a column's result never depends on how the columns are
 // split, so the results are also independent of the thread count.
 //
