@@ -60,6 +60,21 @@ const T* host_data(const TensorView& t, std::vector<T>& keep, cudaStream_t strea
   return keep.data();
 }
 
+/// Builds a CUDA layer through the host (GPTQ 2/3/8-bit, unaligned GPTQ groups, AWQ):
+/// device-resident tensors are copied down, `cpu_build` makes the canonical arrays from
+/// the validated views `v`, and build_canonical uploads them (see src/cuda/README.md).
+template <class Validated, class Weights, class CpuBuild>
+detail::cuda::DeviceLayerPtr build_cuda_via_host(Validated& v, const Weights& w, CpuBuild&& cpu_build, int device,
+                                                 cudaStream_t stream) {
+  std::vector<std::int32_t> qweight, qzeros;
+  std::vector<std::uint16_t> scales;
+  v.qweight = host_data(w.qweight, qweight, stream);
+  v.qzeros = host_data(w.qzeros, qzeros, stream);
+  v.scales = host_data(w.scales, scales, stream);
+  const detail::HostArrays host = cpu_build(v);
+  return detail::cuda::build_canonical(v.meta, host, device, stream);
+}
+
 }  // namespace
 
 QMatrix QMatrix::from_gptq(const GptqWeights& w, Device device, cudaStream_t stream) {
@@ -74,15 +89,8 @@ QMatrix QMatrix::from_gptq(const GptqWeights& w, Device device, cudaStream_t str
     const detail::GptqRaw raw{v.qweight, v.qzeros, v.scales, v.zero_offset};
     impl->cuda = detail::cuda::build_gptq(v.meta, raw, device.index, stream);
   } else {
-    // Other widths and unaligned group sizes are built through the host: the CPU
-    // builder's canonical arrays are uploaded as they are (see src/cuda/README.md).
-    std::vector<std::int32_t> qweight, qzeros;
-    std::vector<std::uint16_t> scales;
-    v.qweight = host_data(w.qweight, qweight, stream);
-    v.qzeros = host_data(w.qzeros, qzeros, stream);
-    v.scales = host_data(w.scales, scales, stream);
-    const detail::HostArrays host = detail::cpu::build_gptq(v);
-    impl->cuda = detail::cuda::build_canonical(v.meta, host, device.index, stream);
+    // Other widths and unaligned group sizes: through the host.
+    impl->cuda = build_cuda_via_host(v, w, detail::cpu::build_gptq, device.index, stream);
   }
   impl->meta = std::move(v.meta);
   return QMatrix(std::move(impl));
@@ -96,14 +104,7 @@ QMatrix QMatrix::from_awq(const AwqWeights& w, Device device, cudaStream_t strea
   if (device.is_cpu()) {
     impl->host = detail::cpu::build_awq(v);
   } else {
-    // Built through the host (see src/cuda/README.md).
-    std::vector<std::int32_t> qweight, qzeros;
-    std::vector<std::uint16_t> scales;
-    v.qweight = host_data(w.qweight, qweight, stream);
-    v.qzeros = host_data(w.qzeros, qzeros, stream);
-    v.scales = host_data(w.scales, scales, stream);
-    const detail::HostArrays host = detail::cpu::build_awq(v);
-    impl->cuda = detail::cuda::build_canonical(v.meta, host, device.index, stream);
+    impl->cuda = build_cuda_via_host(v, w, detail::cpu::build_awq, device.index, stream);
   }
   impl->meta = std::move(v.meta);
   return QMatrix(std::move(impl));
