@@ -1,20 +1,27 @@
 """Fuzzing the Python API with malformed inputs, in a subprocess so that a crash is caught.
 
-Hypothesis draws *cases*: a valid random base layer (EXL2 or GPTQ, or a valid QMatrix
-plus matmul inputs) and 0..3 mutations of it: wrong dtypes (int64 for int32, ...),
-ranks, shapes, zero-size dims, inconsistent groups, bit widths outside {2,3,4,5,6,8},
-group rows not summing to K, q_invperm not a permutation, out-of-range g_idx, unequal
-act-order groups, non-contiguous / negative-stride / Fortran / stride-0 / offset views,
-NaN/Inf scales, meta and other-device tensors, Python objects instead of tensors,
-hostile device / zero_format arguments; for matmul: wrong K, dtype, device, rank,
-non-contiguous or aliasing ``out``, NaN/Inf/65504 activations, a closed QMatrix.
+Hypothesis draws *cases*: a valid random base layer (EXL2, GPTQ of a drawn width 2, 3,
+4 or 8, AWQ, or a valid QMatrix of any of them plus float16 or bfloat16 matmul inputs)
+and 0..3 mutations of it: wrong dtypes (int64 for int32, ...), ranks, shapes, zero-size
+dims, inconsistent groups, bit widths outside {2,3,4,5,6,8}, group rows not summing to
+K, q_invperm not a permutation, out-of-range g_idx, unequal act-order groups, GPTQ
+``bits`` that are invalid (0, 5, 16, 4.0, True, "4", ...) or disagree with the shapes,
+packed shapes that hold no whole number of b-bit rows, group counts not dividing K,
+non-contiguous / negative-stride / Fortran / stride-0 / offset views, NaN/Inf scales,
+meta and other-device tensors, Python objects instead of tensors, hostile device /
+zero_format arguments; for matmul: wrong K, dtype, device, rank, non-contiguous or
+aliasing ``out``, an ``out`` of the other 16-bit dtype (bfloat16 x, float16 out: must be
+rejected naming ``out``), NaN/Inf/65504 activations, a closed QMatrix.
 
 Each case runs in tests/fuzz_worker.py (one worker process per batch of BATCH cases,
 restarted after a crash so the crash is attributed to its case; the crashing case is
 saved as JSON, replay it with ``python tests/fuzz_worker.py --replay FILE``).
 
-Outcomes are counted: accepted (valid; then dequantize must equal an independent
-reference bit for bit, the GEMM must match float64, and the inputs must be unchanged),
+Outcomes are counted: accepted (valid; then dequantize, in float16 and in bfloat16, must
+equal exl2.reference bit for bit, the float16 and bfloat16 GEMMs must be within the
+error bound of float64 (fuzz_worker.gemm_problem), and the inputs must be unchanged;
+an accepted matmul must equal a clean call on a copy of x and be within that bound of
+the reference weight in x's dtype),
 TypeError, ValueError, other exception, crash (the worker died) and hang. Asserted:
 0 crash, 0 hang, 0 other, 0 wrong results, and every TypeError/ValueError message names
 an argument of the call ("q_scale: expected ..."); for a single mutation of one argument
@@ -23,7 +30,9 @@ argument.
 
 Profiles (tests/conftest.py, HYPOTHESIS_PROFILE): "ci" (default) runs CI_EXAMPLES cases
 per test (well under a minute in all); "long" runs LONG_EXAMPLES per test and asserts at
-least 2,000 malformed (rejected) constructions per format. The counts are printed; set
+least 2,000 malformed (rejected) constructions per format (EXL2, GPTQ of all widths
+together, AWQ) and at least MIN_REJECTED_LONG_PER_WIDTH per GPTQ width. The counts are
+printed (GPTQ and matmul also per width / format: the "by ..." lines); set
 EXL2_FUZZ_REPORT=path.json to also get them as JSON.
 
 Known bugs (KNOWN_BUGS) are counted under "known:<id>" instead of failing the fuzz
@@ -34,6 +43,7 @@ XPASS (and so fails): remove the xfail mark and the KNOWN_BUGS entry.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import select
@@ -60,6 +70,7 @@ CI_EXAMPLES = 150
 LONG_EXAMPLES = 5000
 N_EXAMPLES = LONG_EXAMPLES if LONG else CI_EXAMPLES
 MIN_REJECTED_LONG = 2000
+MIN_REJECTED_LONG_PER_WIDTH = 200  # GPTQ: each of 2, 3, 4 and 8 bits
 BATCH = 400            # cases per worker process
 CASE_TIMEOUT_S = 120.0  # a case taking longer is a hang
 
@@ -190,13 +201,19 @@ VIEW_KINDS = ["noncontig", "negstride", "fortran", "offset", "expand", "meta", "
 EXL2_KINDS = ["bits", "bits", "start", "start", "groups_len", "perm_dup", "perm_range", "perm_swap", "k_change",
               "k_change", "prescaled", "device_arg"]
 GPTQ_KINDS = ["gidx_range", "gidx_move", "gidx_move", "gidx_shuffle", "regroup", "regroup", "zero_format",
-              "device_arg"]
+              "device_arg", "gptq_bits", "gptq_bits", "gptq_width", "gptq_width", "gptq_pad"]
+AWQ_KINDS = ["regroup", "regroup", "device_arg"]
 SEMANTIC_ARG = {"bits": "q_groups", "start": "q_groups", "groups_len": "q_groups", "gidx_range": "g_idx",
-                "gidx_move": "g_idx", "gidx_shuffle": "g_idx"}
-ARG_OF_KIND = {"device_arg": "device", "zero_format": "zero_format", "prescaled": "scale_max_prescaled"}
+                "gidx_move": "g_idx", "gidx_shuffle": "g_idx", "gptq_pad": "qweight"}
+ARG_OF_KIND = {"device_arg": "device", "zero_format": "zero_format", "prescaled": "scale_max_prescaled",
+               "gptq_bits": "bits", "gptq_width": "bits"}
 # Mutations whose error is decided by the mutated argument alone: the message must name it.
 LOCAL_KINDS = {"dtype", "zero_dim", "rank", "transpose", "pyobj", "noncontig", "fortran", "negstride", "meta",
-               "bigendian", "torch_dtype", "device_arg", "zero_format"}
+               "bigendian", "torch_dtype", "device_arg", "zero_format", "gptq_bits"}
+FORMATS = ("exl2", "gptq", "awq")
+GPTQ_WIDTHS = (4, 2, 3, 8)  # 4 first: hypothesis shrinks towards it
+GPTQ_K_UNIT = {2: 16, 3: 32, 4: 8, 8: 4}  # rows that fill whole words of b-bit codes
+GPTQ_N_UNIT = {2: 16, 3: 32, 4: 8, 8: 8}  # N a multiple of 8 with N*b/32 whole qzeros words
 
 
 def _device_view_kinds(device: str) -> List[str]:
@@ -216,14 +233,34 @@ def exl2_layers(draw: Callable) -> Dict[str, Any]:
 
 @st.composite
 def gptq_layers(draw: Callable) -> Dict[str, Any]:
-    return {"N": 8 * draw(st.integers(1, 4)), "G": draw(st.integers(1, 4)), "gs": 8 * draw(st.integers(1, 4)),
+    """K = G * gs rows of b-bit codes filling whole words (groups need not: e.g. 3-bit
+    groups of 16 rows, 8-bit groups of 2), N a multiple of 8 filling whole qzeros words."""
+    bits = draw(st.sampled_from(GPTQ_WIDTHS))
+    G = draw(st.integers(1, 4))
+    step = GPTQ_K_UNIT[bits] // math.gcd(GPTQ_K_UNIT[bits], G)
+    gs = step * draw(st.integers(1, max(1, min(4, 192 // (G * step)))))
+    unit_n = GPTQ_N_UNIT[bits]
+    return {"N": unit_n * draw(st.integers(1, max(2, 32 // unit_n))), "G": G, "gs": gs, "bits": bits,
+            "omit_bits": bits == 4 and draw(st.booleans()),  # rely on the default bits=4
             "act_order": draw(st.booleans()), "g_idx": draw(st.booleans()), "bias": draw(st.booleans()),
             "zero_format": draw(st.sampled_from(["v1", "v2"]))}
 
 
+@st.composite
+def awq_layers(draw: Callable) -> Dict[str, Any]:
+    """AWQ: any group size dividing K (groups of 5 or 3 rows included), N a multiple of 8."""
+    return {"N": 8 * draw(st.integers(1, 4)), "G": draw(st.integers(1, 4)), "gs": draw(st.integers(1, 40)),
+            "bias": draw(st.booleans())}
+
+
+def layers(fmt: str) -> st.SearchStrategy:
+    return {"exl2": exl2_layers, "gptq": gptq_layers, "awq": awq_layers}[fmt]()
+
+
 def mutation(fmt: str, device: str) -> st.SearchStrategy:
-    args = list(FW.EXL2_REQUIRED + FW.EXL2_OPTIONAL) if fmt == "exl2" else list(FW.GPTQ_REQUIRED + FW.GPTQ_OPTIONAL)
-    kinds = GENERIC_KINDS + VIEW_KINDS + _device_view_kinds(device) + (EXL2_KINDS if fmt == "exl2" else GPTQ_KINDS)
+    args = list(FW.REQUIRED[fmt] + {"exl2": FW.EXL2_OPTIONAL, "gptq": FW.GPTQ_OPTIONAL, "awq": FW.AWQ_OPTIONAL}[fmt])
+    kinds = GENERIC_KINDS + VIEW_KINDS + _device_view_kinds(device) + \
+        {"exl2": EXL2_KINDS, "gptq": GPTQ_KINDS, "awq": AWQ_KINDS}[fmt]
 
     @st.composite
     def one(draw: Callable) -> Dict[str, Any]:
@@ -246,7 +283,7 @@ def construction_cases(draw: Callable, fmt: str, device: str) -> Dict[str, Any]:
     # numpy arrays live on the host: a CUDA target must then be named explicitly
     explicit = True if (device == "cuda" and container == "numpy") else draw(st.booleans())
     return {"api": fmt, "device": device, "seed": draw(st.integers(0, 2**31)),
-            "layer": draw(exl2_layers() if fmt == "exl2" else gptq_layers()),
+            "layer": draw(layers(fmt)),
             "container": container, "explicit_device": explicit,
             "mutations": draw(st.lists(mutation(fmt, device), min_size=n_mut, max_size=n_mut))}
 
@@ -259,10 +296,12 @@ MATMUL_OUT_KINDS = ["out_alloc", "out_alloc", "out_alloc", "noncontig", "offset"
 
 
 @st.composite
-def matmul_cases(draw: Callable, device: str) -> Dict[str, Any]:
-    fmt = draw(st.sampled_from(["exl2", "gptq"]))
-    layer = draw(exl2_layers() if fmt == "exl2" else gptq_layers())
-    layer.update(fmt=fmt, M=draw(st.sampled_from([0, 1, 2, 3, 5, 8, 9, 17, 33])),
+def matmul_cases(draw: Callable, device: str, dtype: str = "float16") -> Dict[str, Any]:
+    """A valid QMatrix (any format, GPTQ of any width) and x of ``dtype`` (float16 or
+    bfloat16; a "dtype" mutation of x may change it), out of x's dtype when allocated."""
+    fmt = draw(st.sampled_from(FORMATS))
+    layer = draw(layers(fmt))
+    layer.update(fmt=fmt, dtype=dtype, M=draw(st.sampled_from([0, 1, 2, 3, 5, 8, 9, 17, 33])),
                  x_scale=draw(st.sampled_from([1.0, 100.0, 1e-3])))
     muts = []
     for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2, 2, 3]))):
@@ -349,6 +388,8 @@ def judge(case: Dict[str, Any], res: Dict[str, Any], kind: str) -> Optional[str]
     if not named:
         return f"{kind} message does not name an argument: {msg[:300]}"
     muts = case["mutations"]
+    if res.get("mixed") and "out" not in named and not any(m["arg"] == "x" or m["kind"] == "close" for m in muts):
+        return f"{kind} for x and out of different dtypes (x unmutated) names {named}, not 'out': {msg[:300]}"
     if case["api"] != "matmul" and len(muts) == 1 and muts[0]["kind"] in LOCAL_KINDS:
         arg = muts[0]["arg"]
         if arg not in named and not (muts[0]["kind"] == "none" and arg in ("q_perm", "bias", "g_idx")):
@@ -356,20 +397,43 @@ def judge(case: Dict[str, Any], res: Dict[str, Any], kind: str) -> Optional[str]
     return None
 
 
-def _report(label: str, stats: Counter, elapsed: float, capsys: pytest.CaptureFixture) -> None:
+def _report(label: str, stats: Counter, elapsed: float, capsys: pytest.CaptureFixture,
+            by: Optional[Dict[str, Counter]] = None, by_name: str = "") -> None:
     line = f"[fuzz {PROFILE}] {label}: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())) + \
         f" (total {sum(stats.values())}, {elapsed:.1f} s)"
+    if by:
+        line += f"\n[fuzz {PROFILE}] {label} by {by_name}: " + "; ".join(
+            f"{g}: " + ", ".join(f"{k}={v}" for k, v in sorted(c.items())) for g, c in sorted(by.items()))
     with capsys.disabled():
         print("\n" + line)
     path = os.environ.get("EXL2_FUZZ_REPORT")
     if path:
         data = json.loads(Path(path).read_text()) if Path(path).exists() else {}
         data[label] = {"profile": PROFILE, "counts": dict(stats), "seconds": round(elapsed, 1)}
+        if by:
+            data[label]["by_" + by_name] = {g: dict(c) for g, c in sorted(by.items())}
         Path(path).write_text(json.dumps(data, indent=1))
 
 
+def _bucket(kind: str) -> str:
+    """accepted / rejected (TypeError, ValueError, known bugs) / the outcome itself."""
+    return "rejected" if kind in ("TypeError", "ValueError") or kind.startswith("known:") else kind
+
+
+def gptq_width(case: Dict[str, Any]) -> str:
+    return f"bits={case['layer'].get('bits', 4)}"
+
+
+def matmul_format(case: Dict[str, Any]) -> str:
+    lay = case["layer"]
+    return "gptq%d" % lay.get("bits", 4) if lay["fmt"] == "gptq" else lay["fmt"]
+
+
 def run_fuzz(worker: FuzzWorker, strategy: st.SearchStrategy, label: str,
-             capsys: pytest.CaptureFixture) -> Counter:
+             capsys: pytest.CaptureFixture, group: Optional[Callable[[Dict[str, Any]], str]] = None,
+             by: Optional[Dict[str, Counter]] = None, by_name: str = "") -> Counter:
+    """Run the cases; ``group`` (with ``by``, filled here) also counts accepted / rejected
+    per group of cases (GPTQ width, matmul format)."""
     stats: Counter = Counter()
     t0 = time.monotonic()
 
@@ -379,6 +443,8 @@ def run_fuzz(worker: FuzzWorker, strategy: st.SearchStrategy, label: str,
         res = worker.run(case)
         kind = classify(case, res)
         stats[kind] += 1
+        if group is not None and by is not None:
+            by.setdefault(group(case), Counter())[_bucket(kind)] += 1
         problem = judge(case, res, kind)
         if problem:
             detail = {k: res.get(k) for k in ("saved", "traceback", "stderr") if res.get(k)}
@@ -387,7 +453,7 @@ def run_fuzz(worker: FuzzWorker, strategy: st.SearchStrategy, label: str,
     try:
         run()
     finally:
-        _report(label, stats, time.monotonic() - t0, capsys)
+        _report(label, stats, time.monotonic() - t0, capsys, by, by_name)
     return stats
 
 
@@ -401,34 +467,49 @@ def _rejected(stats: Counter) -> int:
 
 
 # ----------------------------------------------------------------------------- the fuzz tests
-@pytest.mark.parametrize("fmt", ["exl2", "gptq"])
+def _fuzz_construction(worker: FuzzWorker, fmt: str, device: str, capsys: pytest.CaptureFixture) -> None:
+    by: Dict[str, Counter] = {}
+    stats = run_fuzz(worker, construction_cases(fmt, device), f"construction {fmt} {device}", capsys,
+                     gptq_width if fmt == "gptq" else None, by, "width")
+    assert stats["accepted"] > 0 and _rejected(stats) > 0
+    if LONG:
+        assert _rejected(stats) >= MIN_REJECTED_LONG, stats
+        if fmt == "gptq":  # every width gets its share
+            for b in GPTQ_WIDTHS:
+                assert by.get(f"bits={b}", Counter())["rejected"] >= MIN_REJECTED_LONG_PER_WIDTH, by
+
+
+def _fuzz_matmul(worker: FuzzWorker, device: str, dtype: str, capsys: pytest.CaptureFixture) -> None:
+    label = f"matmul {device}" if dtype == "float16" else f"matmul bf16 {device}"
+    by: Dict[str, Counter] = {}
+    stats = run_fuzz(worker, matmul_cases(device, dtype), label, capsys, matmul_format, by, "format")
+    assert stats["accepted"] > 0 and _rejected(stats) > 0
+    _check_skips(stats)
+    if LONG:  # every format accepted and rejected
+        for fmt in ("exl2", "awq") + tuple(f"gptq{b}" for b in GPTQ_WIDTHS):
+            assert by.get(fmt, Counter())["accepted"] > 0 and by[fmt]["rejected"] > 0, by
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fuzz_construction_cpu(worker: FuzzWorker, fmt: str, capsys: pytest.CaptureFixture) -> None:
-    stats = run_fuzz(worker, construction_cases(fmt, "cpu"), f"construction {fmt} cpu", capsys)
-    assert stats["accepted"] > 0 and _rejected(stats) > 0
-    if LONG:
-        assert _rejected(stats) >= MIN_REJECTED_LONG, stats
+    _fuzz_construction(worker, fmt, "cpu", capsys)
 
 
-def test_fuzz_matmul_cpu(worker: FuzzWorker, capsys: pytest.CaptureFixture) -> None:
-    stats = run_fuzz(worker, matmul_cases("cpu"), "matmul cpu", capsys)
-    assert stats["accepted"] > 0 and _rejected(stats) > 0
-    _check_skips(stats)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fuzz_matmul_cpu(worker: FuzzWorker, dtype: str, capsys: pytest.CaptureFixture) -> None:
+    _fuzz_matmul(worker, "cpu", dtype, capsys)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fmt", ["exl2", "gptq"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fuzz_construction_cuda(worker: FuzzWorker, fmt: str, capsys: pytest.CaptureFixture) -> None:
-    stats = run_fuzz(worker, construction_cases(fmt, "cuda"), f"construction {fmt} cuda", capsys)
-    assert stats["accepted"] > 0 and _rejected(stats) > 0
-    if LONG:
-        assert _rejected(stats) >= MIN_REJECTED_LONG, stats
+    _fuzz_construction(worker, fmt, "cuda", capsys)
 
 
 @pytest.mark.cuda
-def test_fuzz_matmul_cuda(worker: FuzzWorker, capsys: pytest.CaptureFixture) -> None:
-    stats = run_fuzz(worker, matmul_cases("cuda"), "matmul cuda", capsys)
-    assert stats["accepted"] > 0 and _rejected(stats) > 0
-    _check_skips(stats)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fuzz_matmul_cuda(worker: FuzzWorker, dtype: str, capsys: pytest.CaptureFixture) -> None:
+    _fuzz_matmul(worker, "cuda", dtype, capsys)
 
 
 # ----------------------------------------------------------------------------- the harness itself
@@ -454,11 +535,34 @@ def test_valid_base_layers_are_accepted(worker: FuzzWorker) -> None:
     """Without mutations every generated layer builds and matches the reference."""
     for fmt, layer in [("exl2", {"N": 16, "groups": [[8, 4], [6, 16], [5, 32], [3, 32], [2, 17]], "q_perm": True,
                                  "bias": True}),
-                       ("gptq", {"N": 24, "G": 3, "gs": 16, "act_order": True, "bias": True, "zero_format": "v2"})]:
+                       ("gptq", {"N": 24, "G": 3, "gs": 16, "act_order": True, "bias": True, "zero_format": "v2"}),
+                       ("gptq", {"N": 32, "G": 2, "gs": 16, "bits": 3, "act_order": True, "bias": True}),
+                       ("gptq", {"N": 16, "G": 4, "gs": 4, "bits": 2, "g_idx": True}),
+                       ("gptq", {"N": 8, "G": 2, "gs": 6, "bits": 8, "act_order": True, "zero_format": "v2"}),
+                       ("awq", {"N": 16, "G": 3, "gs": 5, "bias": True}),
+                       ("awq", {"N": 8, "G": 1, "gs": 40})]:
         for container in ("torch", "numpy"):
             res = worker.run({"api": fmt, "device": "cpu", "seed": 5, "layer": layer, "container": container,
                               "explicit_device": True, "mutations": []})
             assert res["outcome"] == "accepted" and not res.get("wrong"), res
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matmul_out_of_the_other_dtype_is_rejected(worker: FuzzWorker, fmt: str, dtype: str) -> None:
+    """The mixed-dtype cases the matmul fuzzing relies on: a valid x and out of the other
+    16-bit dtype (b even: bfloat16 x with float16 out and vice versa) is a TypeError naming out."""
+    layer = {"exl2": {"N": 16, "groups": [[4, 32]]}, "gptq": {"N": 32, "G": 1, "gs": 32, "bits": 3},
+             "awq": {"N": 8, "G": 2, "gs": 3}}[fmt]
+    layer.update(fmt=fmt, dtype=dtype, M=2, x_scale=1.0)
+    case = {"api": "matmul", "device": "cpu", "seed": 1, "layer": layer, "container": "torch",
+            "explicit_device": False, "mutations": [{"kind": "out_alloc", "arg": "out", "a": 0, "b": 0},
+                                                    {"kind": "dtype", "arg": "out", "a": 0, "b": 0}]}
+    res = worker.run(case)
+    assert res["outcome"] == "TypeError" and res["mixed"] and res["message"].startswith("out:"), res
+    case["mutations"] = case["mutations"][:1]
+    res = worker.run(case)
+    assert res["outcome"] == "accepted" and not res["wrong"] and not res["mixed"], res
 
 
 # ----------------------------------------------------------------------------- regressions of fixed bugs
