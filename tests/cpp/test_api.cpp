@@ -13,49 +13,12 @@
 #include "core/bfloat16.hpp"  // test-only: bf16 conversions
 #include "core/half.hpp"      // test-only: fp16 conversions
 #include "exl2/exl2.hpp"
+#include "test_util.hpp"
 
 using exl2::detail::bf16_to_float;
 using exl2::detail::float_to_bf16;
 using exl2::detail::float_to_half;
 using exl2::detail::half_to_float;
-
-static int g_failures = 0;
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                      \
-    }                                                                    \
-  } while (0)
-
-template <typename E>
-static void expect_throw(const std::function<void()>& fn, const std::string& needle, int line) {
-  try {
-    fn();
-  } catch (const E& e) {
-    if (std::string(e.what()).find(needle) == std::string::npos) {
-      std::fprintf(stderr, "line %d: message '%s' lacks '%s'\n", line, e.what(), needle.c_str());
-      ++g_failures;
-    }
-    return;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "line %d: wrong exception type: %s\n", line, e.what());
-    ++g_failures;
-    return;
-  }
-  std::fprintf(stderr, "line %d: no exception (expected one mentioning '%s')\n", line, needle.c_str());
-  ++g_failures;
-}
-#define EXPECT_THROW(E, stmt, needle) expect_throw<E>([&] { stmt; }, needle, __LINE__)
-
-template <typename T>
-static exl2::TensorView view(const std::vector<T>& v, std::vector<std::int64_t> shape, exl2::DType dt) {
-  exl2::TensorView t;
-  t.data = v.data();
-  t.dtype = dt;
-  t.shape = std::move(shape);
-  return t;
-}
 
 // A GPTQ layer K x N with G groups, packed from explicit codes/zeros/scales.
 struct Gptq {

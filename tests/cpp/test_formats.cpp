@@ -12,46 +12,10 @@
 
 #include "core/half.hpp"  // test-only: fp16 conversions
 #include "exl2/exl2.hpp"
+#include "test_util.hpp"
 
 using exl2::detail::float_to_half;
 using exl2::detail::half_to_float;
-
-static int g_failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                                 \
-    }                                                                               \
-  } while (0)
-
-static void expect_invalid(const std::function<void()>& fn, const std::string& needle, int line) {
-  try {
-    fn();
-  } catch (const exl2::InvalidArgument& e) {
-    if (std::string(e.what()).find(needle) == std::string::npos) {
-      std::fprintf(stderr, "line %d: message '%s' lacks '%s'\n", line, e.what(), needle.c_str());
-      ++g_failures;
-    }
-    return;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "line %d: wrong exception type: %s\n", line, e.what());
-    ++g_failures;
-    return;
-  }
-  std::fprintf(stderr, "line %d: no exception (expected one mentioning '%s')\n", line, needle.c_str());
-  ++g_failures;
-}
-#define EXPECT_INVALID(stmt, needle) expect_invalid([&] { stmt; }, needle, __LINE__)
-
-template <typename T>
-static exl2::TensorView view(const std::vector<T>& v, std::vector<std::int64_t> shape, exl2::DType dt) {
-  exl2::TensorView t;
-  t.data = v.data();
-  t.dtype = dt;
-  t.shape = std::move(shape);
-  return t;
-}
 
 /// Writes `code` (b bits) at bit `bit` of the little-endian stream p[0], p[stride], ...
 /// one bit at a time (deliberately unlike the library's word-wise code).
@@ -151,14 +115,14 @@ static void test_gptq_widths() {
   const GptqB c(3, 96, 32, 3, true);
   auto w = c.weights();
   w.bits = 5;
-  EXPECT_INVALID(exl2::QMatrix::from_gptq(w, exl2::Device::cpu()), "bits: expected 2, 3, 4 or 8");
+  EXPECT_THROW(exl2::InvalidArgument, exl2::QMatrix::from_gptq(w, exl2::Device::cpu()), "bits: expected 2, 3, 4 or 8");
   w.bits = 4;  // qweight [36, 32] read as 4-bit: K = 288, qzeros would be [3, 4]
-  EXPECT_INVALID(exl2::QMatrix::from_gptq(w, exl2::Device::cpu()), "qzeros: expected shape [G, N/8] = [3, 4]");
+  EXPECT_THROW(exl2::InvalidArgument, exl2::QMatrix::from_gptq(w, exl2::Device::cpu()), "qzeros: expected shape [G, N/8] = [3, 4]");
   w = c.weights();
   std::vector<std::int32_t> bad_g = c.g_idx;
   bad_g[5] = 3;
   w.g_idx = view(bad_g, {c.K}, exl2::DType::Int32);
-  EXPECT_INVALID(exl2::QMatrix::from_gptq(w, exl2::Device::cpu()), "g_idx: expected group indices in 0..2");
+  EXPECT_THROW(exl2::InvalidArgument, exl2::QMatrix::from_gptq(w, exl2::Device::cpu()), "g_idx: expected group indices in 0..2");
 }
 
 // AWQ 4-bit, K x N, G groups of K/G consecutive rows in AWQ's interleaved nibble order.
@@ -219,17 +183,17 @@ static void test_awq() {
   const exl2::AwqWeights w = c.weights();
   exl2::AwqWeights bad = w;
   bad.scales = view(scales, {G, N / 2}, exl2::DType::Float16);
-  EXPECT_INVALID(exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "scales: expected shape [G, N] = [5, 16]");
+  EXPECT_THROW(exl2::InvalidArgument, exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "scales: expected shape [G, N] = [5, 16]");
   bad = w;
   bad.qzeros = view(qzeros, {G * 2, N / 16}, exl2::DType::Int32);
-  EXPECT_INVALID(exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "qzeros: expected shape [G, N/8]");
+  EXPECT_THROW(exl2::InvalidArgument, exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "qzeros: expected shape [G, N/8]");
   bad = w;
   bad.qzeros = view(qzeros, {3, N / 8}, exl2::DType::Int32);
   bad.scales = view(scales, {3, N}, exl2::DType::Float16);
-  EXPECT_INVALID(exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "qzeros: the group count G = 3 must divide");
+  EXPECT_THROW(exl2::InvalidArgument, exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "qzeros: the group count G = 3 must divide");
   bad = w;
   bad.qweight = exl2::TensorView{};
-  EXPECT_INVALID(exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "qweight: required tensor is missing");
+  EXPECT_THROW(exl2::InvalidArgument, exl2::QMatrix::from_awq(bad, exl2::Device::cpu()), "qweight: required tensor is missing");
 }
 
 int main() {
