@@ -46,6 +46,11 @@ ValidatedAwq validate_awq(const AwqWeights& w, Device target, cudaStream_t strea
 /// Sets bits, row_start, word_start and Q. `what` names the tensor for size errors.
 void uniform_groups(LayerMeta& m, int bits, std::int64_t group_size, const char* what);
 
+/// GPTQ and AWQ: qweight and qzeros present, int32, 2-D; scales present, float16, 2-D;
+/// all on the CPU or on `target` (shapes are checked by each format).
+void check_zero_point_tensors(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales,
+                              Device target);
+
 /// Shared by both formats: optional bias [N] fp16, finite.
 std::vector<std::uint16_t> validate_bias(const TensorView& bias, std::int64_t N, Device target,
                                          cudaStream_t stream);

@@ -7,14 +7,7 @@
 namespace exl2::detail {
 
 ValidatedAwq validate_awq(const AwqWeights& w, Device target, cudaStream_t stream) {
-  const char* required[] = {"qweight", "qzeros", "scales"};
-  const TensorView* tensors[] = {&w.qweight, &w.qzeros, &w.scales};
-  for (int i = 0; i < 3; ++i) {
-    if (!present(*tensors[i])) fail_value(required[i], ": required tensor is missing");
-  }
-  check_tensor(w.qweight, "qweight", DType::Int32, 2, target);
-  check_tensor(w.qzeros, "qzeros", DType::Int32, 2, target);
-  check_tensor(w.scales, "scales", DType::Float16, 2, target);
+  check_zero_point_tensors(w.qweight, w.qzeros, w.scales, target);
 
   ValidatedAwq v;
   LayerMeta& m = v.meta;

@@ -28,17 +28,22 @@ bool valid_gptq_bits(int b) { return b == 2 || b == 3 || b == 4 || b == 8; }
 
 }  // namespace
 
-ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t stream) {
-  const int b = w.bits;
-  if (!valid_gptq_bits(b)) fail_value("bits: expected 2, 3, 4 or 8 for GPTQ, got ", b);
+void check_zero_point_tensors(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales,
+                              Device target) {
   const char* required[] = {"qweight", "qzeros", "scales"};
-  const TensorView* tensors[] = {&w.qweight, &w.qzeros, &w.scales};
+  const TensorView* tensors[] = {&qweight, &qzeros, &scales};
   for (int i = 0; i < 3; ++i) {
     if (!present(*tensors[i])) fail_value(required[i], ": required tensor is missing");
   }
-  check_tensor(w.qweight, "qweight", DType::Int32, 2, target);
-  check_tensor(w.qzeros, "qzeros", DType::Int32, 2, target);
-  check_tensor(w.scales, "scales", DType::Float16, 2, target);
+  check_tensor(qweight, "qweight", DType::Int32, 2, target);
+  check_tensor(qzeros, "qzeros", DType::Int32, 2, target);
+  check_tensor(scales, "scales", DType::Float16, 2, target);
+}
+
+ValidatedGptq validate_gptq(const GptqWeights& w, Device target, cudaStream_t stream) {
+  const int b = w.bits;
+  if (!valid_gptq_bits(b)) fail_value("bits: expected 2, 3, 4 or 8 for GPTQ, got ", b);
+  check_zero_point_tensors(w.qweight, w.qzeros, w.scales, target);
 
   ValidatedGptq v;
   LayerMeta& m = v.meta;
