@@ -719,6 +719,40 @@ void hostile_calls(exl2::QMatrix& q, FuzzedDataProvider& fdp) {
 // ------------------------------------------------------------------ the two formats
 int64_t rows_unit(int bits) { return 32 / std::gcd(bits, 32); }
 
+
+/// Runs a construction `build(device)` (on CUDA device 0 when `cuda_target`, else the CPU)
+/// and applies the oracles to its outcome: only InvalidArgument / TypeMismatch escape,
+/// naming one of `names` (Unsupported only for a CUDA target); the library agrees with the
+/// reference validator's verdict `valid`; an accepted CPU layer passes check_accepted and,
+/// when `hostile`, hostile_calls. `what` names the entry point in findings; `ok` and
+/// `rejected` are its counters in g_stats.
+template <class Build>
+void construct_and_check(const char* what, Build&& build, bool cuda_target, bool valid, const RefLayer& ref,
+                         const std::vector<const char*>& names, long& ok, long& rejected, bool hostile,
+                         FuzzedDataProvider& fdp, Rng& rng) {
+  const std::string fn(what);
+  auto on_rejected = [&](const char* message) {
+    ++rejected;
+    if (!message_names(message, names)) finding(fn + ": message does not name an argument: " + message);
+    if (valid && !cuda_target) finding(fn + " rejected valid tensors: " + message);
+  };
+  try {
+    auto q = build(cuda_target ? exl2::Device::cuda(0) : exl2::Device::cpu());
+    if (cuda_target) return;  // a GPU build with a device: nothing more to check here
+    if (!valid) finding(fn + " accepted tensors the reference validator rejects");
+    ++ok;
+    check_accepted(q, ref, fdp, rng);
+    if (hostile) hostile_calls(q, fdp);
+  } catch (const exl2::Unsupported& e) {
+    ++g_stats.unsupported;
+    if (!cuda_target) finding(fn + ": Unsupported for a CPU target: " + e.what());
+  } catch (const exl2::InvalidArgument& e) {
+    on_rejected(e.what());
+  } catch (const exl2::TypeMismatch& e) {
+    on_rejected(e.what());
+  }
+}
+
 void fuzz_exl2(FuzzedDataProvider& fdp, Rng& rng) {
   static const int kBits[] = {8, 6, 5, 4, 3, 2};
   // Rarely, a layer with more than 65536 word rows: its int16 start rows wrap around. Such a
@@ -786,25 +820,8 @@ void fuzz_exl2(FuzzedDataProvider& fdp, Rng& rng) {
   RefLayer ref;
   const bool valid = ref_exl2(qw, inv, qs, qsm, qg, qp, bias, prescaled, ref);
   const std::vector<const char*> names = {"q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups", "q_perm", "bias"};
-  try {
-    auto q = exl2::QMatrix::from_exl2(w, cuda_target ? exl2::Device::cuda(0) : exl2::Device::cpu());
-    if (cuda_target) return;  // a GPU build with a device: nothing more to check here
-    if (!valid) finding("from_exl2 accepted tensors the reference validator rejects");
-    ++g_stats.exl2_ok;
-    check_accepted(q, ref, fdp, rng);
-    if (!huge) hostile_calls(q, fdp);
-  } catch (const exl2::Unsupported& e) {
-    ++g_stats.unsupported;
-    if (!cuda_target) finding(std::string("from_exl2: Unsupported for a CPU target: ") + e.what());
-  } catch (const exl2::InvalidArgument& e) {
-    ++g_stats.exl2_rejected;
-    if (!message_names(e.what(), names)) finding(std::string("from_exl2: message does not name an argument: ") + e.what());
-    if (valid && !cuda_target) finding(std::string("from_exl2 rejected valid tensors: ") + e.what());
-  } catch (const exl2::TypeMismatch& e) {
-    ++g_stats.exl2_rejected;
-    if (!message_names(e.what(), names)) finding(std::string("from_exl2: message does not name an argument: ") + e.what());
-    if (valid && !cuda_target) finding(std::string("from_exl2 rejected valid tensors: ") + e.what());
-  }
+  construct_and_check("from_exl2", [&](exl2::Device d) { return exl2::QMatrix::from_exl2(w, d); }, cuda_target, valid, ref,
+                      names, g_stats.exl2_ok, g_stats.exl2_rejected, !huge, fdp, rng);
 }
 
 void fuzz_gptq(FuzzedDataProvider& fdp, Rng& rng) {
@@ -858,25 +875,8 @@ void fuzz_gptq(FuzzedDataProvider& fdp, Rng& rng) {
   RefLayer ref;
   const bool valid = ref_gptq(qw, qz, sc, gi, bias, v2, bits_arg, ref);
   const std::vector<const char*> names = {"qweight", "qzeros", "scales", "g_idx", "bias", "bits"};
-  try {
-    auto q = exl2::QMatrix::from_gptq(w, cuda_target ? exl2::Device::cuda(0) : exl2::Device::cpu());
-    if (cuda_target) return;
-    if (!valid) finding("from_gptq accepted tensors the reference validator rejects");
-    ++g_stats.gptq_ok;
-    check_accepted(q, ref, fdp, rng);
-    hostile_calls(q, fdp);
-  } catch (const exl2::Unsupported& e) {
-    ++g_stats.unsupported;
-    if (!cuda_target) finding(std::string("from_gptq: Unsupported for a CPU target: ") + e.what());
-  } catch (const exl2::InvalidArgument& e) {
-    ++g_stats.gptq_rejected;
-    if (!message_names(e.what(), names)) finding(std::string("from_gptq: message does not name an argument: ") + e.what());
-    if (valid && !cuda_target) finding(std::string("from_gptq rejected valid tensors: ") + e.what());
-  } catch (const exl2::TypeMismatch& e) {
-    ++g_stats.gptq_rejected;
-    if (!message_names(e.what(), names)) finding(std::string("from_gptq: message does not name an argument: ") + e.what());
-    if (valid && !cuda_target) finding(std::string("from_gptq rejected valid tensors: ") + e.what());
-  }
+  construct_and_check("from_gptq", [&](exl2::Device d) { return exl2::QMatrix::from_gptq(w, d); }, cuda_target, valid, ref,
+                      names, g_stats.gptq_ok, g_stats.gptq_rejected, true, fdp, rng);
 }
 
 void fuzz_awq(FuzzedDataProvider& fdp, Rng& rng) {
@@ -908,25 +908,8 @@ void fuzz_awq(FuzzedDataProvider& fdp, Rng& rng) {
   RefLayer ref;
   const bool valid = ref_awq(qw, qz, sc, bias, ref);
   const std::vector<const char*> names = {"qweight", "qzeros", "scales", "bias"};
-  try {
-    auto q = exl2::QMatrix::from_awq(w, cuda_target ? exl2::Device::cuda(0) : exl2::Device::cpu());
-    if (cuda_target) return;
-    if (!valid) finding("from_awq accepted tensors the reference validator rejects");
-    ++g_stats.awq_ok;
-    check_accepted(q, ref, fdp, rng);
-    hostile_calls(q, fdp);
-  } catch (const exl2::Unsupported& e) {
-    ++g_stats.unsupported;
-    if (!cuda_target) finding(std::string("from_awq: Unsupported for a CPU target: ") + e.what());
-  } catch (const exl2::InvalidArgument& e) {
-    ++g_stats.awq_rejected;
-    if (!message_names(e.what(), names)) finding(std::string("from_awq: message does not name an argument: ") + e.what());
-    if (valid && !cuda_target) finding(std::string("from_awq rejected valid tensors: ") + e.what());
-  } catch (const exl2::TypeMismatch& e) {
-    ++g_stats.awq_rejected;
-    if (!message_names(e.what(), names)) finding(std::string("from_awq: message does not name an argument: ") + e.what());
-    if (valid && !cuda_target) finding(std::string("from_awq rejected valid tensors: ") + e.what());
-  }
+  construct_and_check("from_awq", [&](exl2::Device d) { return exl2::QMatrix::from_awq(w, d); }, cuda_target, valid, ref,
+                      names, g_stats.awq_ok, g_stats.awq_rejected, true, fdp, rng);
 }
 
 }  // namespace
