@@ -6,7 +6,7 @@
 #   scripts/gpu_checklist.sh tc bench          # the experimental tc kernel: tests + bench vs default
 #   scripts/gpu_checklist.sh mgpu              # multi-GPU tests (a 2-GPU machine)
 #   scripts/gpu_checklist.sh sanitize          # compute-sanitizer memcheck/racecheck/synccheck
-# Stages: build, test, tc, bench, bf16bench, mgpu, sanitize. Exit status: the first failure.
+# Stages: build, test, tc, bench, bf16bench, formatsbench, mgpu, sanitize. Exit status: the first failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -26,14 +26,17 @@ run() {  # run NAME CMD...: log to $LOG/NAME.log, keep the first failure's statu
 
 for stage in "$@"; do
   case "${stage}" in
-    build) run build env EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90-real CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    build) run build env EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90-real CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
              "${PY}" -m pip install --no-build-isolation --no-deps -q . ;;
     test) run test "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests --ignore=tests/test_tc_kernel.py ;;
     tc) run tc env EXL2_CUDA_TC=1 "${PY}" -m pytest -q -p no:cacheprovider tests/test_tc_kernel.py ;;
     bench)
-      run bench_default "${PY}" -m exl2 bench --m 1 8 16 32 64 --json "${LOG}/bench_default.json"
-      run bench_tc env EXL2_CUDA_TC=1 "${PY}" -m exl2 bench --m 1 8 16 32 --json "${LOG}/bench_tc.json" ;;
+      run bench_default "${PY}" -m exl2 bench --m 1 2 4 8 16 32 64 512 2048 --json "${LOG}/bench_default.json"
+      run bench_tc env EXL2_CUDA_TC=1 "${PY}" -m exl2 bench --m 1 2 4 8 16 32 --json "${LOG}/bench_tc.json" ;;
     bf16bench) run bench_bf16 "${PY}" -m exl2 bench --dtype bfloat16 --m 1 8 16 64 512 --json "${LOG}/bench_bf16.json" ;;
+    formatsbench)
+      run bench_awq "${PY}" -m exl2 bench --format awq --m 1 8 16 64 512 --json "${LOG}/bench_awq.json"
+      run bench_gptq3 "${PY}" -m exl2 bench --format gptq --bits 3 --m 1 8 16 64 512 --json "${LOG}/bench_gptq3.json" ;;
     mgpu) run mgpu "${PY}" -m pytest -q -p no:cacheprovider tests/test_multi_gpu.py ;;
     sanitize) run sanitize env EXL2_SANITIZE_LOGDIR="${LOG}" scripts/sanitize_cuda.sh memcheck racecheck synccheck ;;
     *) echo "unknown stage ${stage}"; exit 2 ;;

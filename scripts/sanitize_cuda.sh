@@ -3,12 +3,15 @@
 #
 # For each requested tool (memcheck, racecheck, synccheck; initcheck on request) this runs
 #   1. a driver (written below) that calls every CUDA entry point on edge-case shapes:
-#      both formats, every bit width incl. codes straddling words, short last groups,
+#      EXL2 and GPTQ-4 built on the device and from host memory, GPTQ 2/3/8-bit and AWQ
+#      (built through the host), float16 and bfloat16 activations, every bit width incl.
+#      codes straddling words, short last groups,
 #      act-order, bias / no bias, N not a multiple of the tile widths, m in every kernel
 #      bucket (GEMV m <= 8, 64x64 and 128x128 MMA tiles), x / out at odd (2-byte aligned)
 #      addresses, host- and device-resident construction inputs, NaN-checked scales,
 #      dequantize, side streams, a close() while a GEMM is still queued; results are
-#      checked against the numpy reference;
+#      checked against the numpy reference; it runs twice, the second time with the
+#      experimental tensor-core kernel on (EXL2_CUDA_TC=1);
 #   2. the CUDA test suite: tests/test_cuda.py plus the cuda-marked tests of
 #      tests/test_reliability.py (minus timing and 10,000-cycle leak tests, which only
 #      measure speed / host memory and take too long under instrumentation).
@@ -87,25 +90,33 @@ def odd(t):
     return v
 
 
-def check(q, weight, bias, ms):
+def check(q, weight, bias, ms, dtypes=(torch.float16,)):
+    """dequantize bit-exact (fp16) / within rounding (bf16); matmul against float64 in each dtype."""
     global checked
     K, N = weight.shape
     W = weight.astype(np.float64)
     dq = q.dequantize().cpu().numpy()
     assert np.array_equal(dq.view(np.uint16), weight.view(np.uint16)), "dequantize differs"
-    for m in ms:
-        x = (rng.standard_normal((m, K))).astype(np.float16)
-        ref = x.astype(np.float64) @ W + (0 if bias is None else bias.astype(np.float64))
-        xt = torch.from_numpy(x).to(dev)
-        for variant in range(2 if m in (1, 5, 9, 65) else 1):
-            if variant == 0:
-                y = q.matmul(xt)
-            else:  # odd addresses for x and out
-                out = odd(torch.zeros((m, N), dtype=torch.float16, device=dev))
-                y = q.matmul(odd(xt), out=out)
-            err = np.abs(y.cpu().numpy().astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-6)
-            assert err < 3e-3, (m, variant, err)
-            checked += 1
+    if torch.bfloat16 in dtypes:
+        dqb = q.dequantize(torch.bfloat16).float().cpu().numpy()
+        assert np.abs(dqb - W).max() <= np.abs(W).max() / 128 + 1e-30, "bfloat16 dequantize differs"
+    for dtype in dtypes:
+        tol = 3e-3 if dtype == torch.float16 else 3e-2
+        for m in ms:
+            x = (rng.standard_normal((m, K))).astype(np.float16)
+            xt = torch.from_numpy(x).to(dev).to(dtype)
+            xr = xt.double().cpu().numpy()
+            ref = xr @ W + (0 if bias is None else bias.astype(np.float64))
+            for variant in range(2 if m in (1, 5, 9, 65) else 1):
+                if variant == 0:
+                    y = q.matmul(xt)
+                else:  # odd addresses for x and out
+                    out = odd(torch.zeros((m, N), dtype=dtype, device=dev))
+                    y = q.matmul(odd(xt), out=out)
+                assert y.dtype == dtype
+                err = np.abs(y.double().cpu().numpy() - ref).max() / max(np.abs(ref).max(), 1e-6)
+                assert err < tol, (m, dtype, variant, err)
+                checked += 1
 
 
 def build(layer, fmt, on_device, bias):
@@ -116,9 +127,13 @@ def build(layer, fmt, on_device, bias):
         return exl2.QMatrix.from_exl2(conv(layer["q_weight"]), conv(layer["q_invperm"]), conv(layer["q_scale"]),
                                       conv(layer["q_scale_max"]), conv(layer["q_groups"]),
                                       q_perm=conv(layer["q_perm"]), bias=b, device="cuda")
+    if fmt == "awq":
+        return exl2.QMatrix.from_awq(conv(layer["qweight"]), conv(layer["qzeros"]), conv(layer["scales"]), bias=b,
+                                     device="cuda")
     return exl2.QMatrix.from_gptq(conv(layer["qweight"]), conv(layer["qzeros"]), conv(layer["scales"]),
                                   g_idx=None if layer.get("g_idx") is None else conv(layer["g_idx"]), bias=b,
-                                  zero_format=str(layer.get("zero_format", "v1")), device="cuda")
+                                  zero_format=str(layer.get("zero_format", "v1")), bits=int(layer.get("bits", 4)),
+                                  device="cuda")
 
 
 MS_SMALL = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 65, 129]
@@ -137,6 +152,26 @@ for i, (fmt, layer) in enumerate(cases):
         q = build(layer, fmt, on_device, bias)
         check(q, layer["weight"], layer["bias"] if bias else None, MS_SMALL if on_device else [1, 17])
         q.close()
+
+# Built through the host (GPTQ 2/3/8-bit, groups that do not fill words, AWQ), in float16
+# and bfloat16 (the GEMV, the wmma kernel and the dequantize kernel in both types).
+host_built = [
+    ("gptq", dict(R.random_gptq(rng, 384, 96, group_size=32, act_order=True, bits=3, bias=True), bits=3)),
+    ("gptq", dict(R.random_gptq(rng, 96, 64, group_size=8, bits=3, zero_format="v2", bias=True), bits=3,
+                  zero_format="v2")),
+    ("gptq", dict(R.random_gptq(rng, 256, 48, group_size=64, bits=2, bias=True), bits=2)),
+    ("gptq", dict(R.random_gptq(rng, 192, 56, group_size=32, act_order=True, bits=8, bias=True), bits=8)),
+    ("awq", R.random_awq(rng, 256, 64, group_size=64, bias=True)),
+]
+for fmt, layer in host_built:
+    q = build(layer, fmt, True, True)
+    check(q, layer["weight"], layer["bias"], [1, 5, 9, 17, 33, 65], dtypes=(torch.float16, torch.bfloat16))
+    q.close()
+# bfloat16 through the formats built on the device
+for fmt, layer in (cases[1], cases[3]):
+    q = build(layer, fmt, True, True)
+    check(q, layer["weight"], layer["bias"], [1, 9, 17, 65], dtypes=(torch.bfloat16,))
+    q.close()
 
 # the 128x128 MMA tiles: m >= 256 and ceil(m/128) * ceil(N/128) >= 256
 big = R.random_gptq(rng, 256, 8192, group_size=64, act_order=True)
@@ -211,6 +246,8 @@ cd "${ROOT}"
 for tool in "${TOOLS[@]}"; do
   if [[ "${SUITE}" == "driver" || "${SUITE}" == "all" ]]; then
     run_tool "${tool}" driver env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${PYTHON}" "${DRIVER}"
+    # the same driver with the experimental tensor-core kernel (m <= 32, fp16) and its layout
+    run_tool "${tool}" driver_tc env EXL2_CUDA_TC=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${PYTHON}" "${DRIVER}"
   fi
   if [[ "${SUITE}" == "pytest" || "${SUITE}" == "all" ]]; then
     run_tool "${tool}" pytest env EXL2_TEST_REPEATS=3 "${PYTHON}" -m pytest -q -p no:cacheprovider \

@@ -273,7 +273,7 @@ def _cuda_cases():
     return {
         "gptq2": (R.random_gptq(rng, 512, 256, group_size=128, act_order=True, bits=2, bias=True), "v1"),
         "gptq3": (R.random_gptq(rng, 768, 320, group_size=64, act_order=True, bits=3, bias=True), "v1"),
-        "gptq3_g8": (R.random_gptq(rng, 96, 64, group_size=8, bits=3), "v2"),
+        "gptq3_g8": (R.random_gptq(rng, 96, 64, group_size=8, bits=3, zero_format="v2"), "v2"),
         "gptq8": (R.random_gptq(rng, 512, 264, group_size=32, bits=8, zero_format="v2"), "v2"),
         "gptq4_g4": (R.random_gptq(rng, 64, 40, group_size=4, act_order=True), "v1"),
         "awq": (R.random_awq(rng, 512, 256, group_size=128, bias=True), "v1"),

@@ -421,6 +421,11 @@ def test_matmul_out_checks(q) -> None:
         q.matmul(x, out=torch.empty((2, 16)))
     with pytest.raises(ValueError, match="out: expected a contiguous tensor"):
         q.matmul(x, out=torch.empty((16, 2), dtype=torch.float16).t())
+    needs_grad = torch.zeros((2, 16), dtype=torch.float16, requires_grad=True)
+    with pytest.raises(ValueError, match="out: must not require grad"):
+        q.matmul(x, out=needs_grad)
+    with torch.no_grad():  # as torch's out= functions: allowed outside autograd
+        assert q.matmul(x, out=needs_grad) is needs_grad
 
 
 def test_matmul_out_aliasing_x(q) -> None:

@@ -330,6 +330,11 @@ class QMatrix:
                 raise ValueError(f"out: expected a tensor on {self._device}, got one on {out.device}")
             if not out.is_contiguous():
                 raise ValueError("out: expected a contiguous tensor")
+            if out.requires_grad and torch.is_grad_enabled():
+                # matmul writes into `out` outside autograd (as torch's out= functions do,
+                # which refuse such tensors too); under torch.no_grad() it is allowed.
+                raise ValueError("out: must not require grad (it is written in place outside autograd); "
+                                 "pass one with requires_grad=False or call under torch.no_grad()")
         out2 = out.view(-1, self._n)
         rows = x2.shape[0]
         dev = self._device
