@@ -231,7 +231,10 @@ run_tool() {
   hazards="$(grep -h "RACECHECK SUMMARY" "${log}" | tail -n 1)"
   echo "   rc=${rc} $(($(date +%s) - t0)) s | ${errs:-no ERROR SUMMARY line} ${hazards}"
   summary+=("${tool}/${label}: rc=${rc} ${errs:-no summary} ${hazards}")
-  if [[ ${rc} -ne 0 || -z "${errs}" || "${errs}" != *" 0 errors"* ]]; then
+  # racecheck reports "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)" and,
+  # in compute-sanitizer 2025.x, no ERROR SUMMARY line: judge it by that line instead.
+  if [[ "${tool}" == "racecheck" && -z "${errs}" ]]; then errs="${hazards}"; fi
+  if [[ ${rc} -ne 0 || -z "${errs}" || "${errs}" != *"(0 errors"* && "${errs}" != *" 0 errors"* ]]; then
     status=1
     echo "   --- first lines of ${log}:"
     grep -v "^========= *$" "${log}" | head -n 60
