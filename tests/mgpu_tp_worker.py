@@ -65,9 +65,10 @@ def make_layers() -> Dict[str, Dict[str, np.ndarray]]:
 
 
 def make_inputs(K: int) -> List[np.ndarray]:
-    """Row counts on both sides of the CUDA kernel switches (GEMV <= 8 < dense), plus a 3-D batch."""
+    """Row counts on both sides of the CUDA kernel switches (GEMV C = 4 <= 4 < C = 2 <= 12 < dense),
+    plus a 3-D batch."""
     rng = np.random.default_rng(K)
-    shapes = [(1, K), (4, K), (8, K), (9, K), (33, K), (2, 3, K)]
+    shapes = [(1, K), (4, K), (8, K), (12, K), (13, K), (33, K), (2, 3, K)]
     return [rng.standard_normal(s).astype(np.float16) for s in shapes]
 
 

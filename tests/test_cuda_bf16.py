@@ -1,7 +1,7 @@
 """bfloat16 on the CUDA backend: dequantize bit-exact with the CPU backend and the
 reference, matmul within the bound of tests/test_bf16.py for every kernel path (GEMV,
 fused tensor-core kernel or its GEMV-slice fallback below compute capability 8.0, and the
-Python dense path for m >= 9), determinism, graph capture."""
+Python dense path for bfloat16 m >= 9), determinism, graph capture."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def dense_slack(m: int) -> dict:
     (2^-8 of the magnitudes, with margin)."""
     from exl2.qmatrix import _DENSE_MIN_ROWS
 
-    if m < _DENSE_MIN_ROWS:
+    if m < _DENSE_MIN_ROWS[torch.bfloat16]:
         return {}
     reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     return {"bias_term": 2.0**-9, "mag_term": 2.0**-8 if reduced else 0.0}

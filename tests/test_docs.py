@@ -326,11 +326,13 @@ def test_performance_tables_match_the_json() -> None:
 
 
 def test_performance_dense_threshold_is_current() -> None:
-    """The page (and the plot) say m >= 9 goes to dequantize + cuBLAS on CUDA."""
+    """The page (and the plot) say float16 m >= 13 goes to dequantize + cuBLAS on CUDA."""
+    import torch
+
     from exl2 import qmatrix
 
-    assert qmatrix._DENSE_MIN_ROWS == _perf_plot().DENSE_MIN_ROWS == 9
-    assert "m ≥ 9" in (DOCS / "performance.md").read_text()
+    assert qmatrix._DENSE_MIN_ROWS[torch.float16] == _perf_plot().DENSE_MIN_ROWS == 13
+    assert "m ≥ 13" in (DOCS / "performance.md").read_text()
 
 
 def test_performance_plot_renders(tmp_path: Path) -> None:

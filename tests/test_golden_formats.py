@@ -89,5 +89,5 @@ def test_matmul_against_float64(name: str, device: str) -> None:
         x, w = bf16_values(c["x_bf16"]), bf16_values(c["weight_bf16"])
         # the stored product is the float64 value of the bfloat16 contract's inputs
         assert np.allclose(R.gemm(x, w, c.get("bias")), c["y_bf16"], rtol=0, atol=0)
-        # CUDA m >= 9 would take the dense route; these cases have m = 5 (the native kernels)
+        # CUDA m >= 13 (float16) / 9 (bfloat16) would take the dense route; these cases have m = 5 (the native kernels)
         assert_within_bound(yb, c, x, w)

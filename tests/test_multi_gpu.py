@@ -70,7 +70,7 @@ multi_gpu = pytest.mark.skipif(
            f"{torch.cuda.device_count()}, exl2 built with CUDA: {exl2.built_with_cuda()})",
 )
 D0, D1 = torch.device("cuda", 0), torch.device("cuda", 1)
-SHAPES = [(1,), (5,), (8,), (9,), (40,), (2, 3)]  # leading dims of x: GEMV (m <= 8) and dense (m >= 9) paths
+SHAPES = [(1,), (5,), (8,), (9,), (40,), (2, 3)]  # leading dims of x: GEMV (m <= 12) and dense (m >= 13) paths
 
 
 @pytest.fixture(scope="module")
@@ -452,9 +452,9 @@ if mode == "first_use":
     q2 = exl2.QMatrix.from_gptq(t1["qweight"], t1["qzeros"], t1["scales"], g_idx=t1["g_idx"], bias=t1["bias"])
     check("QMatrix.from_gptq(cuda:1 tensors)")
     x1 = torch.randn((1, 256)).half().to(d1)
-    x9 = torch.randn((9, 256)).half().to(d1)
+    x16 = torch.randn((16, 256)).half().to(d1)
     q.matmul(x1); check("matmul m=1")
-    q.matmul(x9); check("matmul m=9 (dense path)")
+    q.matmul(x16); check("matmul m=16 (dense path)")
     q.dequantize(); check("dequantize")
     s = torch.cuda.Stream(device=d1)
     with torch.cuda.stream(s):
@@ -480,11 +480,11 @@ elif mode == "other_thread":
     torch.cuda.set_device(1); check("torch.cuda.set_device(1)")
     q = build(device="cuda:1")
     x1 = torch.randn((1, 256)).half().to(d1)
-    x9 = torch.randn((9, 256)).half().to(d1)
+    x16 = torch.randn((16, 256)).half().to(d1)
     q.matmul(x1); torch.cuda.synchronize(d1); check("build and matmul with cuda:1 current")
 
     def use():
-        q.matmul(x1); q.matmul(x9); q.dequantize(); torch.cuda.synchronize(d1)
+        q.matmul(x1); q.matmul(x16); q.dequantize(); torch.cuda.synchronize(d1)
 
     in_new_thread(use); check("matmul / dequantize from a new thread")
     in_new_thread(lambda: build(device="cuda:1").close()); check("build + close() in a new thread")

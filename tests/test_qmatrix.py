@@ -5,6 +5,9 @@ ownership (inputs never modified, may be freed), lifetime and metadata."""
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -228,3 +231,17 @@ def test_metadata_and_close() -> None:
         assert q.format == "exl2"
         assert q.bits_per_weight == pytest.approx((8 * 64 + 4 * 64) / 128 + 4 * 2 / 128 + 16 * 2 / (128 * 16))
     assert q.closed
+
+
+@pytest.mark.parametrize("value, expect", [("5", "rows 5 5"), ("", "rows 13 9"),
+                                           ("0", "EXL2_DENSE_MIN_ROWS: expected a positive"),
+                                           ("many", "EXL2_DENSE_MIN_ROWS: expected a positive")])
+def test_dense_min_rows_env(value: str, expect: str) -> None:
+    """EXL2_DENSE_MIN_ROWS moves the CUDA dense-route threshold at import; bad values fail
+    at import with an error naming the variable."""
+    env = dict(os.environ, EXL2_DENSE_MIN_ROWS=value)
+    proc = subprocess.run([sys.executable, "-c", "import torch, exl2.qmatrix as m; "
+                           "print('rows', m._DENSE_MIN_ROWS[torch.float16], m._DENSE_MIN_ROWS[torch.bfloat16])"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert expect in proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == expect.startswith("rows")

@@ -548,7 +548,7 @@ def _overflow_inputs(K: int, N: int, wmax: int, rng: np.random.Generator):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", ["exl2", "gptq"])
-@pytest.mark.parametrize("m_pad", [0, 4, 60])  # extra rows to reach the other GEMM paths (m > 4, m > 8)
+@pytest.mark.parametrize("m_pad", [0, 4, 60])  # extra rows to reach the other GEMM paths (m > 4, dense m >= 13)
 def test_large_activations_and_overflowing_partial_sums(device: str, fmt: str, m_pad: int) -> None:
     rng = np.random.default_rng(21)
     K, N = 256, 64

@@ -24,11 +24,31 @@ _ext = load_extension()
 
 __all__ = ["QMatrix"]
 
-# From this many rows on (above the GEMV kernel's range), matmul on CUDA dequantizes into a scratch tensor (in x's
-# dtype) and runs a dense GEMM in that dtype (cuBLAS through torch, fp32 accumulation): at prefill sizes the GEMM
-# is compute-bound and the library's own fused tensor-core kernel is slower than
-# cuBLAS. The C++ library keeps its own kernel for every m (no cuBLAS dependency).
-_DENSE_MIN_ROWS = 9
+# From this many rows on, matmul on CUDA dequantizes into a scratch tensor (in x's dtype) and runs a dense GEMM in
+# that dtype (cuBLAS through torch, fp32 accumulation) instead of the library's kernels. Measured on the H100 (same
+# run, every bench layer): the float16 GEMV beats that route up to m = 12 (8192x28672 GPTQ-4 at m = 9: 288 against
+# 398 us; m = 12: 311 against 398 us), is level at m = 16, and the fused tensor-core kernel above m = 16 is 2-7x
+# slower than it. The bfloat16 GEMV spills registers from m = 9 on (unmeasured there), so bfloat16 keeps 9.
+# The C++ library keeps its own kernels for every m (no cuBLAS dependency).
+_DENSE_MIN_ROWS = {torch.float16: 13, torch.bfloat16: 9}
+
+
+def _dense_min_rows_from_env() -> dict:
+    """EXL2_DENSE_MIN_ROWS (read at import) sets that threshold for both dtypes, e.g. to measure the native
+    kernels at every m (``EXL2_DENSE_MIN_ROWS=1000000 python -m exl2 bench``)."""
+    value = os.environ.get("EXL2_DENSE_MIN_ROWS")
+    if value is None or value == "":
+        return dict(_DENSE_MIN_ROWS)
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ValueError(f"EXL2_DENSE_MIN_ROWS: expected a positive integer, got {value!r}")
+    return {dtype: rows for dtype in _DENSE_MIN_ROWS}
+
+
+_DENSE_MIN_ROWS = _dense_min_rows_from_env()
 # Experimental: with EXL2_CUDA_TC=1 set before import (and at construction), layers get
 # the tensor-core layout and its kernel serves float16 m <= 32 (src/cuda/tc_gemm.cu), so
 # float16 calls up to that size stay native.
@@ -340,7 +360,7 @@ class QMatrix:
         dev = self._device
         bf16 = x.dtype == torch.bfloat16
         if dev.type == "cuda":
-            if rows >= (_DENSE_MIN_ROWS if bf16 else max(_DENSE_MIN_ROWS, _TC_MAX_ROWS + 1)):
+            if rows >= (_DENSE_MIN_ROWS[x.dtype] if bf16 else max(_DENSE_MIN_ROWS[x.dtype], _TC_MAX_ROWS + 1)):
                 with _on_device(dev):
                     self._dense_matmul(x2, out2)
                 return out
