@@ -6,7 +6,7 @@ Fenced code blocks in the Markdown pages are handled by their language:
   temporary directory, on the CPU unless the snippet itself picks CUDA. The migration page's
   "before" code imports ``exllamav2_kernels``; it runs with that name bound to ``exl2.compat``.
 - ``bash``: every command is checked: ``python -m exl2 ...`` runs in-process (``bench`` only
-  parses its arguments: it needs a GPU and minutes), ``pip install`` extras, requirement files
+  parses its arguments: it takes minutes; ``--plot`` is accepted without matplotlib), ``pip install`` extras, requirement files
   and environment variables must exist, ``cmake`` ``-D`` options must be options of
   CMakeLists.txt, paths must exist; an unknown program fails the test.
 - ``cmake``: the ``EXL2_*`` variables and ``exl2::`` targets it names must exist.
@@ -199,6 +199,8 @@ def _run_exl2_cli(args: List[str], monkeypatch: pytest.MonkeyPatch) -> None:
 
     calls: List[tuple] = []
     monkeypatch.setattr(exl2.bench, "run", lambda *a, **k: calls.append(a) or {})
+    # Only the arguments are checked: --plot's optional matplotlib need not be installed.
+    monkeypatch.setattr(exl2.bench, "require_matplotlib", lambda: None)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli.main(args)

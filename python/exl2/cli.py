@@ -31,6 +31,11 @@ def info() -> int:
     return 0
 
 
+def default_device() -> str:
+    """"cuda" when exl2 has its CUDA backend and a CUDA device is usable, else "cpu"."""
+    return "cuda" if built_with_cuda() and cuda_device_count() > 0 and torch.cuda.is_available() else "cpu"
+
+
 def _demo_layers(fmt: str = "all", bits: int = 4) -> dict:
     """The embedded demo: small layers made deterministically by exl2.reference
     (``fmt``: "all", "exl2", "gptq" or "awq"; ``bits``: the GPTQ width)."""
@@ -54,7 +59,7 @@ def _demo_layers(fmt: str = "all", bits: int = 4) -> dict:
 def demo(device: Optional[str] = None, rows: int = 8, fmt: str = "all", bits: int = 4) -> int:
     """Run the demo layers on CUDA if available (else CPU) and compare with exl2.reference."""
     if device is None:
-        device = "cuda" if built_with_cuda() and cuda_device_count() > 0 and torch.cuda.is_available() else "cpu"
+        device = default_device()
     dev = parse_device(device)
     print(f"exl2 {__version__} demo on {dev}")
     rng = np.random.default_rng(7)
