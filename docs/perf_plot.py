@@ -64,10 +64,11 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
 def _title(layer: str, rows: Dict[int, Dict[str, Any]]) -> str:
     r = next(iter(rows.values()))
     kind, shape = layer.rsplit(" ", 1)
-    names = {"gptq4 g128 act": "GPTQ 4-bit, group 128, act-order"}
-    if kind in names:
-        name = names[kind]
-    else:
+    if kind.startswith("gptq"):  # "gptq4 g128 act"
+        name = f"GPTQ {kind[4]}-bit, group 128" + (", act-order" if kind.endswith(" act") else "")
+    elif kind.startswith("awq"):  # "awq4 g128"
+        name = "AWQ 4-bit, group 128"
+    else:  # "exl2 4.0bpw"
         name = "EXL2 " + kind.split()[1].replace("bpw", " bpw")
     return (f"{name}, {r['K']} × {r['N']} ({r['bpw']:.2f} bits per weight stored, "
             f"floor {r['floor_us']:.1f} µs)")
@@ -110,7 +111,10 @@ def markdown_tables(data: Dict[str, Any]) -> str:
     bw = data["copy_bandwidth"] / 1e12
     parts = [f"Measured on {data['device']} (copy bandwidth {bw:.2f} TB/s), exl2 {data['version']}, "
              f"with `{data['command']}`. Times in µs per call; \"–\": not recorded."]
-    multi = [name for name in _layers(data) if len(_rows(data, name)) > 3]
+    # One table per 4-bit layer (the formats the reference kernels are compared on); the other
+    # EXL2 widths are summarised per shape below.
+    multi = [name for name in _layers(data) if len(_rows(data, name)) > 3
+             and name.startswith(("gptq4 ", "exl2 4.0bpw "))]
     for name in multi:
         parts.append(layer_table(data, name))
     shapes = []
@@ -158,7 +162,8 @@ def plot(data: Dict[str, Any], png: Path = DEFAULT_PNG) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(6.2 * len(shapes), 4.8), squeeze=False)
     colors = {"gptq": "tab:blue", "exl2": "tab:orange"}
     for ax, shape in zip(axes[0], shapes):
-        main = [n for n in _layers(data) if n.endswith(" " + shape) and len(_rows(data, n)) > 3]
+        main = [n for n in _layers(data) if n.endswith(" " + shape) and len(_rows(data, n)) > 3
+                and n.startswith(("gptq4 ", "exl2 4.0bpw "))]
         dense_plotted = False
         for name in main:
             rows = _rows(data, name)

@@ -3,10 +3,11 @@
 # an H100 with 16 cores). Logs and JSON go to $OUT (the device tool's output folder) or
 # /tmp/exl2-gpu. Usage:
 #   scripts/gpu_checklist.sh build test        # install (sm_90 only, fast) + every cuda test
-#   scripts/gpu_checklist.sh tc bench          # the experimental tc kernel: tests + bench vs default
+#   scripts/gpu_checklist.sh bench perfpage    # the full bench table (+ plot) and the performance page's data
+#   scripts/gpu_checklist.sh tc tcbench        # the experimental tc kernel: tests + bench
 #   scripts/gpu_checklist.sh mgpu              # multi-GPU tests (a 2-GPU machine)
 #   scripts/gpu_checklist.sh sanitize          # compute-sanitizer memcheck/racecheck/synccheck
-# Stages: build, test, tc, bench, bf16bench, formatsbench, mgpu, sanitize. Exit status: the first failure.
+# Stages: build, test, tc, bench, perfpage, bf16bench, formatsbench, splitsweep, tcbench, mgpu, sanitize. Exit status: the first failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -30,13 +31,25 @@ for stage in "$@"; do
              "${PY}" -m pip install --no-build-isolation --no-deps -q . ;;
     test) run test "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests --ignore=tests/test_tc_kernel.py ;;
     tc) run tc env EXL2_CUDA_TC=1 "${PY}" -m pytest -q -p no:cacheprovider tests/test_tc_kernel.py ;;
-    bench)
-      run bench_default "${PY}" -m exl2 bench --m 1 2 4 8 16 32 64 512 2048 --json "${LOG}/bench_default.json"
-      run bench_tc env EXL2_CUDA_TC=1 "${PY}" -m exl2 bench --m 1 2 4 8 16 32 --json "${LOG}/bench_tc.json" ;;
-    bf16bench) run bench_bf16 "${PY}" -m exl2 bench --dtype bfloat16 --m 1 8 16 64 512 --json "${LOG}/bench_bf16.json" ;;
+    bench) run bench "${PY}" -m exl2 bench --json "${LOG}/bench.json" --plot "${LOG}/bench.png" ;;
+    perfpage)  # the performance page's data file and plot from the bench stage's result
+      run perfpage "${PY}" scripts/perf_update.py "${LOG}/bench.json" --command "python -m exl2 bench" \
+        --out "${LOG}/h100_bench.json"
+      run perfplot "${PY}" docs/perf_plot.py --json "${LOG}/h100_bench.json" --png "${LOG}/h100_bench.png" ;;
+    bf16bench) run bench_bf16 "${PY}" -m exl2 bench --dtype bfloat16 --m 1 8 16 64 512 \
+                 --shapes 4096x4096 8192x28672 --json "${LOG}/bench_bf16.json" ;;
     formatsbench)
-      run bench_awq "${PY}" -m exl2 bench --format awq --m 1 8 16 64 512 --json "${LOG}/bench_awq.json"
-      run bench_gptq3 "${PY}" -m exl2 bench --format gptq --bits 3 --m 1 8 16 64 512 --json "${LOG}/bench_gptq3.json" ;;
+      run bench_awq "${PY}" -m exl2 bench --format awq --m 1 8 16 64 512 --shapes 4096x4096 8192x28672 \
+        --json "${LOG}/bench_awq.json"
+      run bench_gptq3 "${PY}" -m exl2 bench --format gptq --bits 3 --m 1 8 16 64 512 \
+        --shapes 4096x4096 8192x28672 --json "${LOG}/bench_gptq3.json" ;;
+    splitsweep)  # the split-K heuristic against fixed caps (EXL2_CUDA_MAX_SPLIT), m <= 8
+      for s in 1 2 4; do
+        run "split${s}" env EXL2_CUDA_MAX_SPLIT=${s} "${PY}" -m exl2 bench --format gptq --m 1 2 4 8 \
+          --shapes 4096x4096 8192x28672 --json "${LOG}/split${s}.json"
+      done ;;
+    tcbench) run bench_tc env EXL2_CUDA_TC=1 "${PY}" -m exl2 bench --m 1 2 4 8 16 32 \
+               --shapes 4096x4096 8192x28672 --json "${LOG}/bench_tc.json" ;;
     mgpu) run mgpu "${PY}" -m pytest -q -p no:cacheprovider tests/test_multi_gpu.py ;;
     sanitize) run sanitize env EXL2_SANITIZE_LOGDIR="${LOG}" scripts/sanitize_cuda.sh memcheck racecheck synccheck ;;
     *) echo "unknown stage ${stage}"; exit 2 ;;

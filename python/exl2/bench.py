@@ -339,6 +339,32 @@ def _make_setup(device: torch.device, dtype: str) -> BenchSetup:
                       generator=torch.Generator(device=device).manual_seed(0))
 
 
+EAGER_CALLS = 1000
+
+
+def eager_call_us(setup: BenchSetup, calls: int = EAGER_CALLS) -> Dict[str, float]:
+    """Host overhead as a caller sees it (CUDA): wall-clock time per eager ``QMatrix.matmul``
+    at m = 1 on a 4096 x 4096 GPTQ-4 act-order layer, ``calls`` calls back to back (each
+    allocating its output, as a caller would) and one synchronisation at the end; next to it
+    the same call's CUDA-graph replay time (the GPU's share)."""
+    q = _random_gptq(4096, 4096, GROUP_SIZE, True, setup.generator)
+    try:
+        x = torch.randn((1, 4096), dtype=_DTYPES[setup.dtype], device=setup.device, generator=setup.generator)
+        for _ in range(20):
+            q.matmul(x)
+        torch.cuda.synchronize(setup.device)
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                q.matmul(x)
+            torch.cuda.synchronize(setup.device)
+            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        return {"eager_us": best, "graph_us": _graph_time_us(lambda: q.matmul(x)), "calls": calls}
+    finally:
+        q.close()
+
+
 def _on_device(device: torch.device) -> ContextManager[Any]:
     """Make a CUDA device current for the duration (nothing for the CPU)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -509,8 +535,14 @@ def run(ms: Optional[Sequence[int]] = None, json_path: Optional[str] = None, qui
         rows: List[Dict[str, Any]] = []
         for K, N in shape_list:
             rows += bench_shape(K, N, layer_specs(K, N, fmt, bits), ms, setup)
+        eager = eager_call_us(setup) if dev.type == "cuda" else None
+    if eager:
+        print(f"host overhead: eager QMatrix.matmul, m=1, 4096x4096 gptq4 g128 act: {eager['eager_us']:.1f} us per "
+              f"call (wall clock, best of 3 runs of {eager['calls']} calls, one sync each); CUDA-graph replay of "
+              f"the same call: {eager['graph_us']:.1f} us", flush=True)
     result = dict(device=setup.device_name, device_type=dev.type, copy_bandwidth=setup.bandwidth,
-                  version=__version__, timing=setup.timing, dtype=dtype, dense_dtype=setup.dense_dtype, rows=rows)
+                  version=__version__, timing=setup.timing, dtype=dtype, dense_dtype=setup.dense_dtype, rows=rows,
+                  eager_m1=eager)
     if json_path:
         write_json(result, json_path)
     if plot_path:
