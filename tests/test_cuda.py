@@ -194,7 +194,7 @@ def test_native_kernel_large_m(layers, m: int) -> None:
         assert torch.equal(out, again)
 
 
-@pytest.mark.parametrize("max_split", ["1", "2", "4", "bogus"])
+@pytest.mark.parametrize("max_split", ["1", "2", "4", "8", "bogus"])
 def test_max_split_knob(monkeypatch, max_split: str) -> None:
     """EXL2_CUDA_MAX_SPLIT (read at construction) caps the cluster split-K factor: every cap
     gives correct, run-to-run identical results on the GEMV and fused kernels; other values
@@ -215,3 +215,16 @@ def test_max_split_knob(monkeypatch, max_split: str) -> None:
                 outs.append(out)
             assert rel_err(outs[0], expected(layer, x)) < TOL, m
             assert torch.equal(outs[0], outs[1])
+
+
+def test_stream_handle_is_the_current_stream() -> None:
+    """The raw-handle fast path names the same stream as torch.cuda.current_stream, also on
+    a side stream and for a device that is not current."""
+    from exl2._convert import stream_handle
+
+    dev = torch.device("cuda", 0)
+    assert stream_handle(dev) == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream(device=dev)
+    with torch.cuda.stream(side):
+        assert stream_handle(dev) == side.cuda_stream != 0
+    assert stream_handle(torch.device("cpu")) == 0

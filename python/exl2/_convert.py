@@ -79,8 +79,16 @@ def native_view(t: torch.Tensor) -> Any:
     return t
 
 
+# torch's C-level getter of the current stream's raw handle (what its own compiled kernels
+# use): about 2 us cheaper per call than building a torch.cuda.Stream object. CPU-only torch
+# builds lack it.
+_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream_handle(device: torch.device) -> int:
     """The raw cudaStream_t of torch's current stream on ``device`` (0 on the CPU)."""
     if device.type == "cuda":
+        if _raw_current_stream is not None and device.index is not None:
+            return int(_raw_current_stream(device.index))
         return int(torch.cuda.current_stream(device).cuda_stream)
     return 0

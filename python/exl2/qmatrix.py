@@ -367,7 +367,7 @@ class QMatrix:
             # The hot decode path: raw pointers of the already-checked tensors (no DLPack
             # export), torch's current stream of the QMatrix's device, no device switch
             # when that device is already current (the native call guards it anyway).
-            self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), torch.cuda.current_stream(dev).cuda_stream,
+            self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), stream_handle(dev),
                                   bf16)
         else:
             self._native.gemm_ptr(x2.data_ptr(), rows, out2.data_ptr(), 0, bf16)
