@@ -333,10 +333,11 @@ class QMatrix:
                 dtype on :attr:`device`; it is fully overwritten and returned.
         """
         x = self._check_input(x)
-        x2 = x.reshape(-1, self._k)
+        two_d = x.dim() == 2  # the common case: no reshape/view round trips (host overhead per call)
+        x2 = x if two_d else x.reshape(-1, self._k)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        shape = tuple(x.shape[:-1]) + (self._n,)
+        shape = (x.shape[0], self._n) if two_d else tuple(x.shape[:-1]) + (self._n,)
         if out is None:
             out = torch.empty(shape, dtype=x.dtype, device=self._device)
         else:
@@ -355,7 +356,7 @@ class QMatrix:
                 # which refuse such tensors too); under torch.no_grad() it is allowed.
                 raise ValueError("out: must not require grad (it is written in place outside autograd); "
                                  "pass one with requires_grad=False or call under torch.no_grad()")
-        out2 = out.view(-1, self._n)
+        out2 = out if two_d else out.view(-1, self._n)
         rows = x2.shape[0]
         dev = self._device
         bf16 = x.dtype == torch.bfloat16
