@@ -71,3 +71,19 @@ def random_x(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
 
 def expected(layer: Dict[str, Any], x: np.ndarray, bias: Optional[bool] = True) -> np.ndarray:
     return exl2.reference.gemm(x, layer["weight"], layer.get("bias") if bias else None)
+
+
+def check_layer(layer: Dict[str, Any], device: str, rows, *, rng: Optional[np.random.Generator] = None,
+                zero_format: str = "v1", tol: float = 2e-3) -> tuple:
+    """Build ``layer`` on ``device``: dequantize must equal the reference weight bit for bit,
+    and matmul at every m in ``rows`` must be within ``tol`` of the float64 reference.
+    Returns the QMatrix's (format, bits_per_weight)."""
+    rng = rng or np.random.default_rng(0)
+    K = layer["weight"].shape[0]
+    with build(layer, device, zero_format=zero_format) as q:
+        assert bits_equal(q.dequantize(), layer["weight"])
+        for m in rows:
+            x = random_x(rng, (m, K))
+            y = q.matmul(torch.from_numpy(x).to(device))
+            assert rel_err(y, expected(layer, x)) < tol, f"m={m}"
+        return q.format, q.bits_per_weight

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import exl2
 from exl2 import reference as R
-from layers import DEVICES, bits_equal, build, expected, random_x, rel_err
+from layers import DEVICES, bits_equal, build, check_layer, expected, random_x, rel_err
 
 TOL = 2e-3
 ROWS = [1, 3, 8, 17, 64]
@@ -139,18 +139,6 @@ def test_reference_dequantize_formula() -> None:
 
 
 # ----------------------------------------------------------------- QMatrix
-def check_layer(layer, device, rows=ROWS, rng=None, zero_format="v1", bits=None):
-    rng = rng or np.random.default_rng(0)
-    K = layer["weight"].shape[0]
-    with build(layer, device, zero_format=zero_format) as q:
-        assert bits_equal(q.dequantize(), layer["weight"])
-        for m in rows:
-            x = random_x(rng, (m, K))
-            y = q.matmul(torch.from_numpy(x).to(device))
-            assert rel_err(y, expected(layer, x)) < TOL, f"m={m}"
-        return q.format, q.bits_per_weight
-
-
 # (K, group_size) per width: aligned groups, one group, and groups that do not fill
 # whole words (the canonical layout pads them: 3-bit g8/g96, 2-bit g8, 4-bit g4).
 GPTQ_CASES = [
@@ -168,7 +156,7 @@ def test_gptq_widths(bits: int, K: int, group_size, act_order: bool, device: str
     rng = np.random.default_rng(bits * 1000 + K)
     N = {2: 80, 3: 96, 4: 72, 8: 72}[bits]  # qzeros need N * bits % 32 == 0
     layer = R.random_gptq(rng, K, N, group_size=group_size, act_order=act_order, bits=bits, bias=True)
-    fmt, bpw = check_layer(layer, device)
+    fmt, bpw = check_layer(layer, device, ROWS)
     G = K // (group_size or K)
     assert fmt == "gptq"
     assert bpw == pytest.approx((K * N * bits + G * N * (16 + bits)) / (K * N))
@@ -195,7 +183,7 @@ def test_gptq_v2_zeros_and_wrapping(bits: int, device: str) -> None:
                                               (60, 16, 4), (64, 24, 64)])
 def test_awq(K: int, N: int, group_size, device: str) -> None:
     layer = R.random_awq(np.random.default_rng(K + N), K, N, group_size=group_size, bias=True)
-    fmt, bpw = check_layer(layer, device)
+    fmt, bpw = check_layer(layer, device, ROWS)
     G = K // (group_size or K)
     assert fmt == "awq"
     assert bpw == pytest.approx((K * N * 4 + G * N * 20) / (K * N))
