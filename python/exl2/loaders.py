@@ -213,6 +213,20 @@ def _method(cfg: Mapping[str, Any]) -> str:
     return str(cfg.get("quant_method", default)).lower()
 
 
+def _method_config(model_dir: Union[str, os.PathLike], method: str, config_name: str) -> Tuple[Path, Dict[str, Any]]:
+    """``model_dir`` as a Path and its quantization config, which must declare ``method``.
+    FileNotFoundError (naming ``config_name``, the format's own config file) when there is
+    none, ValueError when it is another method's."""
+    d = Path(model_dir)
+    cfg = _quant_config(d)
+    if cfg is None:
+        raise FileNotFoundError(f"model_dir: no {config_name} or config.json quantization_config in {d}")
+    found = _method(cfg)
+    if found != method:
+        raise ValueError(f"quant_method: expected {method!r}, got {found!r} (in {d})")
+    return d, cfg
+
+
 def read_gptq_config(model_dir: Union[str, os.PathLike]) -> GPTQConfig:
     """Read ``quantize_config.json`` (or ``config.json``'s ``quantization_config``).
 
@@ -221,13 +235,7 @@ def read_gptq_config(model_dir: Union[str, os.PathLike]) -> GPTQConfig:
         ValueError: a non-GPTQ ``quant_method``, an unknown ``checkpoint_format`` or
             ``bits`` other than 2, 3, 4 or 8.
     """
-    d = Path(model_dir)
-    cfg = _quant_config(d)
-    if cfg is None:
-        raise FileNotFoundError(f"model_dir: no quantize_config.json or config.json quantization_config in {d}")
-    method = _method(cfg)
-    if method != "gptq":
-        raise ValueError(f"quant_method: expected 'gptq', got {method!r} (in {d})")
+    d, cfg = _method_config(model_dir, "gptq", "quantize_config.json")
     fmt = cfg.get("checkpoint_format", "gptq")
     if fmt not in _CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format: expected 'gptq' or 'gptq_v2', got {fmt!r} (in {d})")
@@ -251,13 +259,7 @@ def read_awq_config(model_dir: Union[str, os.PathLike]) -> AWQConfig:
         ValueError: not AWQ, or an AWQ variant exl2 cannot read (``bits`` other than 4,
             ``zero_point: false``, a ``version`` other than ``"gemm"``).
     """
-    d = Path(model_dir)
-    cfg = _quant_config(d)
-    if cfg is None:
-        raise FileNotFoundError(f"model_dir: no quant_config.json or config.json quantization_config in {d}")
-    method = _method(cfg)
-    if method != "awq":
-        raise ValueError(f"quant_method: expected 'awq', got {method!r} (in {d})")
+    d, cfg = _method_config(model_dir, "awq", "quant_config.json")
     bits = int(cfg.get("bits", cfg.get("w_bit", 4)))
     if bits != 4:
         raise ValueError(f"bits: only 4-bit AWQ is supported, got bits={bits} (in {d})")
