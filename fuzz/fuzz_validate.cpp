@@ -30,6 +30,7 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "exl2/exl2.hpp"
@@ -558,21 +559,29 @@ EXL2_NO_COVERAGE bool same_bits_nan_aware_bf16(std::uint16_t a, std::uint16_t b)
   return a == b;
 }
 
-/// bfloat16: dequantize and gemm agree bit for bit across the AVX2/scalar kernels and
-/// thread counts. x reuses the fp16 bit patterns as bfloat16 values (every pattern is a
-/// value, spanning fp32's exponent range: over- and underflow in the products).
-EXL2_NO_COVERAGE void check_bf16_paths(const exl2::QMatrix& q, const std::vector<std::uint16_t>& x, int64_t M) {
+/// The dense weight in `dtype` from the dispatched (AVX2 where available) and from the
+/// scalar dequantize kernel; every element starts as 0xdead, so an unwritten one shows.
+EXL2_NO_COVERAGE std::pair<std::vector<std::uint16_t>, std::vector<std::uint16_t>> dequantize_dispatched_and_scalar(
+    const exl2::QMatrix& q, DType dtype) {
   const int64_t K = q.in_features(), N = q.out_features();
   std::vector<std::uint16_t> w(static_cast<std::size_t>(K * N), 0xdead), w_scalar(w);
   exl2::MutableTensorView wv;
   wv.data = w.data();
-  wv.dtype = DType::BFloat16;
+  wv.dtype = dtype;
   wv.shape = {K, N};
   q.dequantize(wv);
   set_env("EXL2_CPU_SCALAR", "1");
   wv.data = w_scalar.data();
   q.dequantize(wv);
   set_env("EXL2_CPU_SCALAR", nullptr);
+  return {std::move(w), std::move(w_scalar)};
+}
+
+/// bfloat16: dequantize and gemm agree bit for bit across the AVX2/scalar kernels and
+/// thread counts. x reuses the fp16 bit patterns as bfloat16 values (every pattern is a
+/// value, spanning fp32's exponent range: over- and underflow in the products).
+EXL2_NO_COVERAGE void check_bf16_paths(const exl2::QMatrix& q, const std::vector<std::uint16_t>& x, int64_t M) {
+  const auto [w, w_scalar] = dequantize_dispatched_and_scalar(q, DType::BFloat16);
   if (w != w_scalar) finding("bf16 dequantize: AVX2 and scalar kernels differ");
   const auto y_avx = run_gemm(q, x, M, nullptr, "1", DType::BFloat16);
   const auto y_scalar = run_gemm(q, x, M, "1", "1", DType::BFloat16);
@@ -589,16 +598,7 @@ EXL2_NO_COVERAGE void check_accepted(const exl2::QMatrix& q, const RefLayer& ref
   const int64_t K = ref.K, N = ref.N;
 
   // dequantize == reference, bit for bit (AVX2 and scalar kernels alike)
-  std::vector<std::uint16_t> w(static_cast<std::size_t>(K * N), 0xdead), w_scalar(w);
-  exl2::MutableTensorView wv;
-  wv.data = w.data();
-  wv.dtype = DType::Float16;
-  wv.shape = {K, N};
-  q.dequantize(wv);
-  set_env("EXL2_CPU_SCALAR", "1");
-  wv.data = w_scalar.data();
-  q.dequantize(wv);
-  set_env("EXL2_CPU_SCALAR", nullptr);
+  const auto [w, w_scalar] = dequantize_dispatched_and_scalar(q, DType::Float16);
   if (w != w_scalar) finding("dequantize: AVX2 and scalar kernels differ");
   bool finite_w = true;
   for (int64_t i = 0; i < K * N; ++i) {
