@@ -7,7 +7,7 @@
 #   scripts/gpu_checklist.sh tc tcbench        # the experimental tc kernel: tests + bench
 #   scripts/gpu_checklist.sh mgpu              # multi-GPU tests (a 2-GPU machine)
 #   scripts/gpu_checklist.sh sanitize          # compute-sanitizer memcheck/racecheck/synccheck
-# Stages: build, test, tc, bench, perfpage, bf16bench, formatsbench, splitsweep, tcbench, mgpu, sanitize. Exit status: the first failure.
+# Stages: build, test, tc, bench, perfpage, bf16bench, formatsbench, splitsweep, tcbench, tcsplit, mgpu, sanitize. Exit status: the first failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -48,8 +48,16 @@ for stage in "$@"; do
         run "split${s}" env EXL2_CUDA_MAX_SPLIT=${s} "${PY}" -m exl2 bench --format gptq --m 1 2 4 8 \
           --shapes 4096x4096 8192x28672 --json "${LOG}/split${s}.json"
       done ;;
-    tcbench) run bench_tc env EXL2_CUDA_TC=1 "${PY}" -m exl2 bench --m 1 2 4 8 16 32 \
-               --shapes 4096x4096 8192x28672 --json "${LOG}/bench_tc.json" ;;
+    tcbench)  # the tc kernel (m <= 64) and, in the same run, the default kernels at the same m
+      run bench_tc env EXL2_CUDA_TC=1 "${PY}" -m exl2 bench --m 1 2 4 8 16 32 64 \
+        --shapes 4096x4096 8192x28672 --json "${LOG}/bench_tc.json"
+      run bench_default "${PY}" -m exl2 bench --format gptq --m 1 2 4 8 16 32 64 \
+        --shapes 4096x4096 8192x28672 --json "${LOG}/bench_default.json" ;;
+    tcsplit)  # the tc kernel's split-K choice against fixed caps
+      for s in 1 2 4 8; do
+        run "tcsplit${s}" env EXL2_CUDA_TC=1 EXL2_CUDA_MAX_SPLIT=${s} "${PY}" -m exl2 bench --format gptq \
+          --m 1 4 16 64 --shapes 4096x4096 4096x14336 14336x4096 8192x28672 --json "${LOG}/tcsplit${s}.json"
+      done ;;
     mgpu) run mgpu "${PY}" -m pytest -q -p no:cacheprovider tests/test_multi_gpu.py ;;
     sanitize) run sanitize env EXL2_SANITIZE_LOGDIR="${LOG}" scripts/sanitize_cuda.sh memcheck racecheck synccheck ;;
     *) echo "unknown stage ${stage}"; exit 2 ;;

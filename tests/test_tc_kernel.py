@@ -19,7 +19,7 @@ from layers import build, expected, random_x, rel_err
 
 pytestmark = pytest.mark.cuda
 TOL = 2e-3
-TC_MAX_ROWS = 32
+TC_MAX_ROWS = 64
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def test_tc_layout_is_built_and_results_match(name: str) -> None:
     rng = np.random.default_rng(1)
     with build(layer, "cuda") as q, _without_tc(layer) as q0:
         assert q.nbytes > q0.nbytes, "EXL2_CUDA_TC=1 did not build the tc layout"
-        for m in [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32]:
+        for m in [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 47, 64]:
             x = torch.from_numpy(random_x(rng, (m, K))).cuda()
             y = q.matmul(x)
             assert rel_err(y, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
@@ -74,7 +74,7 @@ def test_tc_layout_is_built_and_results_match(name: str) -> None:
         assert torch.equal(q.dequantize(), q0.dequantize())
 
 
-@pytest.mark.parametrize("m", [1, 16, 32])
+@pytest.mark.parametrize("m", [1, 16, 32, 64])
 def test_tc_deterministic_and_graph_safe(m: int) -> None:
     layer = LAYERS["exl2_mixed"]
     x = torch.from_numpy(random_x(np.random.default_rng(2), (m, 1024))).cuda()

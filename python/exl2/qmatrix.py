@@ -50,9 +50,9 @@ def _dense_min_rows_from_env() -> dict:
 
 _DENSE_MIN_ROWS = _dense_min_rows_from_env()
 # Experimental: with EXL2_CUDA_TC=1 set before import (and at construction), layers get
-# the tensor-core layout and its kernel serves float16 m <= 32 (src/cuda/tc_gemm.cu), so
+# the tensor-core layout and its kernel serves float16 m <= 64 (src/cuda/tc_gemm.cu), so
 # float16 calls up to that size stay native.
-_TC_MAX_ROWS = 32 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
+_TC_MAX_ROWS = 64 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
 
 # The activation/output dtypes matmul and dequantize support.
 _DTYPES = (torch.float16, torch.bfloat16)

@@ -198,7 +198,7 @@ struct DeviceLayer {
   // construction (work partitioning without a host query per call).
   int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)
   int mma_blocks_per_sm[2] = {};    // small tile, large tile
-  int tc_blocks_per_sm[3] = {};     // index: m tiles of 16 rows (1, 2); tc layout only
+  int tc_blocks_per_sm[5] = {};     // index: m tiles of 16 rows (1, 2, 4); tc layout only
   // The bfloat16 mma_kernel runs code compiled for compute capability 8.0+ on this
   // device (wmma bfloat16); false: bfloat16 with m > 16 uses GEMV slices (gemm.cu).
   bool mma_bf16 = false;
@@ -215,19 +215,22 @@ struct DeviceLayer {
   DeviceBuffer<std::int32_t> word_start;  // [G + 1]
   DeviceBuffer<int4> chunks;            // [num_chunks]
   DeviceBuffer<__half> bias;            // [N] or empty
-  // Optional (EXL2_CUDA_TC=1, experimental): the codes again in the tensor-core layout
-  // of tc_layout.hpp, [sum of chunk bit widths, tc_npad] words, and each chunk's first
-  // word row in it.
+  // Optional (EXL2_CUDA_TC=1, experimental): the codes again in the tensor-core stream
+  // layout of tc_layout.hpp: per tile of 128 columns one contiguous stream of 512-byte
+  // units (a header unit of scales/zeros per group, then b units per chunk of b bits),
+  // [tc_tiles, tc_tile_words] words, and the per-chunk table
+  //   int4 { first permuted row, first code unit, bits | rows << 8, header unit }.
   DeviceBuffer<std::uint32_t> tc_qweight;
-  DeviceBuffer<std::int32_t> tc_row0;  // [num_chunks]
-  std::int64_t tc_npad = 0;            // N rounded up to 32
+  DeviceBuffer<int4> tc_chunks;       // [num_chunks]
+  std::int64_t tc_tiles = 0;          // ceil(N / 128)
+  std::int64_t tc_tile_words = 0;     // words of one tile's stream (128 per unit)
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.
   const int* kernel_perm() const noexcept { return identity_perm ? nullptr : perm.get(); }
 
   std::size_t total_bytes() const noexcept {
     return qweight.bytes() + scales.bytes() + zeros.bytes() + perm.bytes() + bits.bytes() + row_start.bytes() +
-           word_start.bytes() + chunks.bytes() + bias.bytes() + tc_qweight.bytes() + tc_row0.bytes();
+           word_start.bytes() + chunks.bytes() + bias.bytes() + tc_qweight.bytes() + tc_chunks.bytes();
   }
 
   DeviceLayer() = default;
@@ -246,7 +249,7 @@ struct DeviceLayer {
     chunks.release();
     bias.release();
     tc_qweight.release();
-    tc_row0.release();
+    tc_chunks.release();
   }
 };
 

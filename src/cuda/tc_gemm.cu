@@ -1,26 +1,35 @@
-// Tensor-core kernel for small m (decode), on the "tc" weight layout (tc_layout.hpp).
+// Tensor-core kernel for small m (decode and small batches), on the tc stream layout
+// (tc_layout.hpp).
 //
-// EXPERIMENTAL, opt-in: a layer gets the tc layout (an extra copy of its codes, so twice
-// the code memory) only when EXL2_CUDA_TC=1 is set at construction and the device has
-// compute capability 8.0+ (mma.sync m16n8k16); gemm() then uses this kernel for
-// m <= kTcMaxRows. It was written without access to a GPU: its layout is checked on the
-// host (tests/cpp/test_tc_layout.cpp) and its results by tests/test_tc_kernel.py (CUDA);
-// see src/cuda/README.md for its status.
+// EXPERIMENTAL, opt-in: a layer gets the stream layout (an extra copy of its codes, scales
+// and zeros) only when EXL2_CUDA_TC=1 is set at construction and the device has compute
+// capability 8.0+ (cp.async, ldmatrix, mma.sync m16n8k16); gemm() then uses this kernel
+// for float16 m <= kTcMaxRows. See src/cuda/README.md for its status and measurements.
 //
 // Work split:
-//   block   = 8 warps, one 32-column block j (four n8 tiles) and one tile of 16*MT rows;
-//   warps   = the block's chunk range is cut into 8 contiguous pieces, one per warp (so a
-//             warp's chunks mostly share a group: scales/zeros are reloaded on change only);
-//   cluster = on compute capability 9.0+, up to 8 blocks of a cluster split the chunk
-//             range (split-K) and combine their fp32 partials through distributed shared
-//             memory in rank order, as the GEMV kernel does.
-// Per chunk a warp loads its 128*b contiguous bytes (b words per lane), decodes 16 half2
-// B-fragment registers per lane bit-exactly (magic 1024, exact q - z, one __hmul2 by the
-// scale: f16((q - z) * s)), gathers its A fragments from x by perm, and issues
-// 8 * MT mma.m16n8k16 with fp32 accumulation. The next chunk's weights and activations
-// are loaded while the current one is decoded, and chunk c + 3's weights are prefetched
-// into L2. Every output is summed in a fixed order (chunks of a warp, warps 0..7, ranks
-// 0..S-1) and written once: deterministic, no atomics, no workspace, graph-capture safe.
+//   block   = 4 warps and one tile of 128 output columns (warp w: columns 32w .. 32w+31,
+//             four mma n8 tiles) x one tile of 16*MT rows;
+//   K       = the block's chunk range (all chunks, or 1/split of them with a cluster);
+//   cluster = on compute capability 9.0+, up to 8 blocks of a cluster split the chunk range
+//             (split-K) and add their fp32 partial tiles in rank order through distributed
+//             shared memory, as the GEMV kernel does (no workspace, no atomics).
+//
+// Memory pipeline: because the stream layout stores a tile's data for consecutive chunks
+// contiguously, a block's whole K range is one contiguous byte range of the tile's stream.
+// All 128 threads copy it into a shared-memory ring with cp.async, 2 KB per step (16 bytes a
+// thread), kLookahead steps ahead of what the current iteration consumes, whatever the
+// layer's bit widths. Scales and zeros arrive in the same stream (a header unit before each
+// group's codes). The activations are first gathered by perm into a chunk-padded copy
+// (tc_gather_x_kernel, stream-ordered scratch), so the kernel reads them with contiguous
+// 16-byte loads, one iteration ahead, with no dependent load chain. One iteration handles
+// Q = 4 chunks (2 for MT = 4): two barriers, one activation tile, one descriptor set.
+//
+// Per chunk a warp reads its lane's b words from the ring, decodes 16 half2 B-fragment
+// registers (magic 1024: (1024 + q) - (1024 + z) is the exact q - z, one __hmul2 by the
+// scale rounds like the reference: f16((q - z) * s)), loads its A fragments with ldmatrix and
+// issues 8 * MT mma.m16n8k16 with fp32 accumulation. Every output element is summed in a
+// fixed order (chunks in order inside the fragments, then cluster ranks 0..S-1) and written
+// once: deterministic and graph-capture safe.
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,6 +37,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "core/cuda_backend.hpp"
 #include "cuda/cuda_check.cuh"
@@ -42,13 +52,57 @@ namespace exl2::detail::cuda {
 
 namespace {
 
-constexpr int kTcWarps = 8;
+constexpr int kTcWarps = tc::kTileBlocks;  // one warp per 32-column block of the tile
 constexpr int kTcThreads = 32 * kTcWarps;
 constexpr int kPackThreads = 256;
 
+// The shared-memory ring: kRingSteps steps of kStepUnits units (one 16-byte cp.async per
+// thread and step). Copies run kLookahead steps ahead of the last step the current iteration
+// needs. Refills are issued after the barrier that ends the previous iteration, so only the
+// current iteration's data must survive them: at most Q = 4 chunks of up to 8 units plus a
+// header unit each (36 units), which span at most 10 steps; hence kLookahead <= kRingSteps - 10.
+// The ring is 32 KB so that 6 blocks (24 warps) fit a multiprocessor: Nsight Compute showed
+// this kernel bound by instruction latency (fixed-latency dependencies) at low occupancy; a
+// 64 KB ring with 21 steps in flight (2 blocks per multiprocessor) measured 1.7x slower.
+constexpr int kStepUnits = kTcThreads * 4 / tc::kUnitWords;  // 4 units = 2 KB
+constexpr int kRingSteps = 16;
+constexpr int kLookahead = kRingSteps - 10;
+constexpr int kRingWords = kRingSteps * kStepUnits * tc::kUnitWords;  // 32 KB
+static_assert((kRingWords & (kRingWords - 1)) == 0, "the ring is indexed with a mask");
+
 // ---------------------------------------------------------------------------------
-// Construction: canonical column streams -> tc layout. Thread = (chunk, block, lane).
+// Construction: canonical layout -> tc stream layout.
 // ---------------------------------------------------------------------------------
+
+/// Per chunk the tc descriptor, per group its header unit; `units` = stream length.
+struct StreamTables {
+  std::vector<int4> chunks;           // { row0, first code unit, bits | rows << 8, header unit }
+  std::vector<std::int32_t> header;   // [G] header unit of each group
+  std::int64_t units = 0;
+};
+
+StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t G) {
+  StreamTables t;
+  t.chunks.resize(canonical.size());
+  t.header.assign(static_cast<std::size_t>(G), -1);
+  std::int64_t u = 0;
+  int group = -1;
+  for (std::size_t c = 0; c < canonical.size(); ++c) {
+    const int4 ci = canonical[c];
+    if (ci.w != group) {
+      if (ci.w < group || ci.w >= G) internal_error("tc layout: chunks are not in group order");
+      group = ci.w;
+      t.header[static_cast<std::size_t>(group)] = static_cast<std::int32_t>(u);
+      u += 1;
+    }
+    t.chunks[c] = make_int4(ci.x, static_cast<int>(u), ci.z, t.header[static_cast<std::size_t>(group)]);
+    u += ci.z & 0xff;
+    if (u > 0x7fffffffLL / tc::kUnitWords) internal_error("tc layout: stream too long");
+  }
+  t.units = u;
+  return t;
+}
+
 template <int B>
 __device__ void tc_pack_lane(const std::uint32_t* __restrict__ qw, const std::uint8_t* __restrict__ zeros,
                              std::int64_t N, const ChunkInfo& ci, std::int64_t n_base, int lane,
@@ -65,7 +119,7 @@ __device__ void tc_pack_lane(const std::uint32_t* __restrict__ qw, const std::ui
   std::uint32_t w[B];
   // Rows past a short chunk's end get the code z, i.e. the weight (z - z) * s = 0 (their
   // activations are 0 too): they add exactly 0 even where (0 - z) * s would overflow.
-  // Columns past N have code 0 and get scale 0 in the GEMM kernel.
+  // Columns past N have code 0 and scale 0 (header).
   tc::pack_lane<B>(
       g, t,
       [&](int r, int c) -> std::uint32_t { return r < ci.rows ? tc::stream_code<B>(colw[c / 8], r) : zero[c / 8]; },
@@ -73,20 +127,25 @@ __device__ void tc_pack_lane(const std::uint32_t* __restrict__ qw, const std::ui
   for (int i = 0; i < B; ++i) dst[i] = w[i];
 }
 
-__global__ void tc_pack_kernel(const std::uint32_t* __restrict__ qw, const std::uint8_t* __restrict__ zeros,
-                               std::int64_t N, std::int64_t npad,
-                               const int4* __restrict__ chunks, const std::int32_t* __restrict__ tc_row0,
-                               int num_chunks, std::uint32_t* __restrict__ out) {
-  const std::int64_t nblocks = npad / tc::kBlockCols;
-  const std::int64_t total = static_cast<std::int64_t>(num_chunks) * nblocks * 32;
+/// Code units: thread = (chunk, tile, 32-column block, lane).
+__global__ void tc_pack_codes_kernel(const std::uint32_t* __restrict__ qw, const std::uint8_t* __restrict__ zeros,
+                                     std::int64_t N, std::int64_t tiles, std::int64_t tile_words,
+                                     const int4* __restrict__ chunks, const int4* __restrict__ tc_chunks,
+                                     int num_chunks, std::uint32_t* __restrict__ out) {
+  const std::int64_t blocks = tiles * tc::kTileBlocks;
+  const std::int64_t total = static_cast<std::int64_t>(num_chunks) * blocks * 32;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int lane = static_cast<int>(i & 31);
-    const std::int64_t j = (i >> 5) % nblocks;
-    const int c = static_cast<int>((i >> 5) / nblocks);
+    const std::int64_t jb = (i >> 5) % blocks;  // global 32-column block
+    const int c = static_cast<int>((i >> 5) / blocks);
     const ChunkInfo ci = load_chunk(chunks, c);
-    std::uint32_t* dst = out + static_cast<std::int64_t>(tc_row0[c]) * npad + j * 32 * ci.bits + lane * ci.bits;
-    const std::int64_t n_base = j * tc::kBlockCols;
+    const std::int64_t tile = jb / tc::kTileBlocks;
+    const int w = static_cast<int>(jb % tc::kTileBlocks);
+    const int unit0 = tc_chunks[c].y;
+    std::uint32_t* dst = out + tile * tile_words + static_cast<std::int64_t>(unit0) * tc::kUnitWords +
+                         w * 32 * ci.bits + lane * ci.bits;
+    const std::int64_t n_base = jb * tc::kBlockCols;
     switch (ci.bits) {
       case 2: tc_pack_lane<2>(qw, zeros, N, ci, n_base, lane, dst); break;
       case 3: tc_pack_lane<3>(qw, zeros, N, ci, n_base, lane, dst); break;
@@ -99,8 +158,28 @@ __global__ void tc_pack_kernel(const std::uint32_t* __restrict__ qw, const std::
   }
 }
 
+/// Header units: thread = (group, padded column).
+__global__ void tc_pack_headers_kernel(const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
+                                       std::int64_t N, std::int64_t G, std::int64_t tiles, std::int64_t tile_words,
+                                       const std::int32_t* __restrict__ header, std::uint32_t* __restrict__ out) {
+  const std::int64_t npad = tiles * tc::kTileCols;
+  const std::int64_t total = G * npad;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const std::int64_t g = i / npad, n = i % npad;
+    if (header[g] < 0) continue;  // a group without rows (possible with act-order) has no header
+    const std::int64_t tile = n / tc::kTileCols;
+    const int cc = static_cast<int>(n % tc::kTileCols);
+    // Columns past N: scale 0 and zero 0, so their (zero) codes give exactly 0.
+    const std::uint16_t s = n < N ? __half_as_ushort(scales[g * N + n]) : std::uint16_t{0};
+    const std::uint32_t z = n < N ? zeros[g * N + n] : 0u;
+    out[tile * tile_words + static_cast<std::int64_t>(header[g]) * tc::kUnitWords + tc::header_word(cc)] =
+        tc::header_value(s, z);
+  }
+}
+
 // ---------------------------------------------------------------------------------
-// The GEMM kernel.
+// PTX helpers (compute capability 8.0+; the kernel is never launched below, tc_usable).
 // ---------------------------------------------------------------------------------
 __device__ __forceinline__ __half2 u32_as_h2(std::uint32_t u) {
   __half2 h;
@@ -113,6 +192,45 @@ __device__ __forceinline__ std::uint32_t h2_as_u32(__half2 h) {
   return u;
 }
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+  (void)smem;
+  (void)gmem;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+/// The four 8x8 matrices of a 16x16 fp16 A fragment from shared memory (row addresses
+/// supplied per lane as for mma.m16n8k16's a0..a3).
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&a)[4], const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(s));
+#else
+  (void)a;
+  (void)smem;
+  __trap();
+#endif
+}
+
 /// d += A (16x16, row-major fragment a) * B (16x8, fragment b0/b1), fp32 accumulation.
 __device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
                                           std::uint32_t b1) {
@@ -123,7 +241,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
-  // Never launched below compute capability 8.0 (tc_usable); keeps sm_75 builds compiling.
   (void)d;
   (void)a;
   (void)b0;
@@ -132,92 +249,41 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a
 #endif
 }
 
-/// The b words of one lane for one chunk (streamed: read once, evict first).
+// ---------------------------------------------------------------------------------
+// The GEMM kernel.
+// ---------------------------------------------------------------------------------
+
+/// The b words of a lane from the ring, starting at ring word `wo` (for b = 2, 4, 6, 8 a
+/// multiple of 2, 4, 2, 8 words, and the ring a multiple of 8 words: vector loads never
+/// straddle its end).
 template <int B>
-__device__ __forceinline__ void load_lane_words(const std::uint32_t* __restrict__ p, std::uint32_t (&w)[8]) {
+__device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int wo, std::uint32_t (&w)[8]) {
   if constexpr (B == 4) {
-    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    const uint4 v = *reinterpret_cast<const uint4*>(ring + wo);
     w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
   } else if constexpr (B == 8) {
-    const uint4 v0 = __ldcs(reinterpret_cast<const uint4*>(p));
-    const uint4 v1 = __ldcs(reinterpret_cast<const uint4*>(p) + 1);
+    const uint4 v0 = *reinterpret_cast<const uint4*>(ring + wo);
+    const uint4 v1 = *reinterpret_cast<const uint4*>(ring + wo + 4);
     w[0] = v0.x, w[1] = v0.y, w[2] = v0.z, w[3] = v0.w;
     w[4] = v1.x, w[5] = v1.y, w[6] = v1.z, w[7] = v1.w;
   } else if constexpr (B == 2 || B == 6) {
-    // lane * B words is 8-byte aligned for even B
 #pragma unroll
     for (int i = 0; i < B / 2; ++i) {
-      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p) + i);
+      const uint2 v = *reinterpret_cast<const uint2*>(ring + ((wo + 2 * i) & (kRingWords - 1)));
       w[2 * i] = v.x, w[2 * i + 1] = v.y;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < B; ++i) w[i] = __ldcs(p + i);
-  }
-}
-
-/// What a warp fetches for one chunk ahead of decoding it.
-template <int MT>
-struct Stage {
-  ChunkInfo ci;
-  std::uint32_t w[8];         // the lane's b words
-  std::uint32_t a[MT][2][4];  // A fragments [m tile][k16 step][register]
-};
-
-/// Activation value x[row, k] as fp16 bits (0 outside the matrix / past the chunk's end).
-__device__ __forceinline__ std::uint32_t x_bits(const __half* __restrict__ x, std::int64_t row, std::int64_t M,
-                                                std::int64_t K, int k) {
-  if (row >= M || k < 0) return 0u;
-  return __half_as_ushort(x[row * K + k]);
-}
-
-template <int MT>
-__device__ __forceinline__ void fetch_stage(Stage<MT>& st, int c, const int4* __restrict__ chunks,
-                                            const std::int32_t* __restrict__ tc_row0, const std::uint32_t* __restrict__ tcw,
-                                            std::int64_t npad, std::int64_t j, const __half* __restrict__ x,
-                                            std::int64_t M, std::int64_t K, std::int64_t m0,
-                                            const int* __restrict__ perm, int lane) {
-  st.ci = load_chunk(chunks, c);
-  const int b = st.ci.bits;
-  const std::uint32_t* p = tcw + static_cast<std::int64_t>(__ldg(tc_row0 + c)) * npad + j * 32 * b + lane * b;
-  switch (b) {
-    case 2: load_lane_words<2>(p, st.w); break;
-    case 3: load_lane_words<3>(p, st.w); break;
-    case 4: load_lane_words<4>(p, st.w); break;
-    case 5: load_lane_words<5>(p, st.w); break;
-    case 6: load_lane_words<6>(p, st.w); break;
-    case 8: load_lane_words<8>(p, st.w); break;
-    default: break;
-  }
-  // Activation column of each of the chunk's rows: lane l holds row l's, then every lane
-  // takes the 8 it needs (k = 16s + 2t + {0, 1, 8, 9}) by shuffles.
-  int pk = -1;
-  if (lane < st.ci.rows) {
-    const int r = st.ci.row0 + lane;
-    pk = perm ? __ldg(perm + r) : r;
-  }
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    const int k0 = __shfl_sync(0xffffffffu, pk, 16 * s + 2 * t);
-    const int k1 = __shfl_sync(0xffffffffu, pk, 16 * s + 2 * t + 1);
-    const int k8 = __shfl_sync(0xffffffffu, pk, 16 * s + 2 * t + 8);
-    const int k9 = __shfl_sync(0xffffffffu, pk, 16 * s + 2 * t + 9);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {  // fragment rows g and g + 8
-        const std::int64_t row = m0 + mt * 16 + g + 8 * hr;
-        st.a[mt][s][hr] = x_bits(x, row, M, K, k0) | (x_bits(x, row, M, K, k1) << 16);
-        st.a[mt][s][2 + hr] = x_bits(x, row, M, K, k8) | (x_bits(x, row, M, K, k9) << 16);
-      }
-    }
+    for (int i = 0; i < B; ++i) w[i] = ring[(wo + i) & (kRingWords - 1)];
   }
 }
 
 template <int MT, int B>
-__device__ __forceinline__ void tc_chunk(const Stage<MT>& st, const std::uint32_t (&s2)[4],
-                                         const std::uint32_t (&z2)[4], float (&acc)[MT][4][4]) {
+__device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, const std::uint32_t (&a)[MT][2][4],
+                                         const std::uint32_t (&s2)[4], const std::uint32_t (&z2)[4],
+                                         float (&acc)[MT][4][4]) {
+  std::uint32_t w[8];
+  ring_lane_words<B>(ring, wo, w);
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj) {
     std::uint32_t b[2][2];  // [k16 step][b0 / b1]
@@ -225,7 +291,7 @@ __device__ __forceinline__ void tc_chunk(const Stage<MT>& st, const std::uint32_
     for (int s = 0; s < 2; ++s) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const std::uint32_t packed = tc::extract_pair<B>(st.w, 4 * jj + 2 * s + h);
+        const std::uint32_t packed = tc::extract_pair<B>(w, 4 * jj + 2 * s + h);
         const __half2 q = u32_as_h2(packed | 0x64006400u);  // 1024 + q, exact
         b[s][h] = h2_as_u32(__hmul2(__hsub2(q, u32_as_h2(z2[jj])), u32_as_h2(s2[jj])));
       }
@@ -233,32 +299,66 @@ __device__ __forceinline__ void tc_chunk(const Stage<MT>& st, const std::uint32_
 #pragma unroll
     for (int s = 0; s < 2; ++s)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma_16816(acc[mt][jj], st.a[mt][s], b[s][0], b[s][1]);
+      for (int mt = 0; mt < MT; ++mt) mma_16816(acc[mt][jj], a[mt][s], b[s][0], b[s][1]);
   }
 }
 
-template <int MT>
-__global__ void __launch_bounds__(kTcThreads, MT == 1 ? 3 : 2)
-    tc_gemm_kernel(const __half* __restrict__ x, std::int64_t M, std::int64_t K, const std::uint32_t* __restrict__ tcw,
-                   std::int64_t npad, const __half* __restrict__ scales, const std::uint8_t* __restrict__ zeros,
-                   const int* __restrict__ perm, const int4* __restrict__ chunks,
-                   const std::int32_t* __restrict__ tc_row0, int num_chunks, const __half* __restrict__ bias,
-                   __half* __restrict__ out, std::int64_t N, int split) {
-  constexpr int R = 16 * MT;  // rows of the block's m tile
-  constexpr int BC = tc::kBlockCols;
-  __shared__ __align__(16) float red[kTcWarps][R][BC];
+/// The activations in the order the kernel reads them: xp[row, 32 * c + r] = x[row, perm[row0_c + r]]
+/// for the rows r < rows_c of chunk c, else 0 (short chunks padded to 32 rows). One thread
+/// per element; the reads are scattered (act-order) but small, the writes coalesced.
+__global__ void tc_gather_x_kernel(const __half* __restrict__ x, std::int64_t M, std::int64_t K,
+                                   const int* __restrict__ perm, const int4* __restrict__ tc_chunks, int num_chunks,
+                                   __half* __restrict__ xp) {
+  const std::int64_t ld = static_cast<std::int64_t>(num_chunks) * 32;
+  const std::int64_t total = M * ld;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const std::int64_t row = i / ld;
+    const int c = static_cast<int>((i % ld) >> 5), r = static_cast<int>(i & 31);
+    const int4 d = __ldg(tc_chunks + c);
+    __half v = __ushort_as_half(0);
+    if (r < ((d.z >> 8) & 0xff)) {
+      const int k = d.x + r;
+      v = x[row * K + (perm ? __ldg(perm + k) : k)];
+    }
+    xp[i] = v;
+  }
+}
 
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+// Chunks per iteration ("super-chunk"): one barrier pair, one activation tile and one
+// descriptor set per Q chunks, so per-iteration latencies are paid once per Q * 32 rows.
+template <int MT>
+struct TcShape {
+  static constexpr int R = 16 * MT;                 // rows of the block's m tile
+  static constexpr int Q = MT == 4 ? 2 : 4;         // chunks per iteration
+  static constexpr int kXRow = 32 * Q + 8;          // halves per activation tile row (+16 bytes: no ldmatrix bank conflicts)
+  static constexpr int kXVecs = R * 4 * Q / kTcThreads;  // 16-byte activation loads per thread and iteration
+  static_assert(R * 4 * Q % kTcThreads == 0, "activation tile / threads");
+};
+
+template <int MT>
+__global__ void __launch_bounds__(kTcThreads)
+    tc_gemm_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
+                   const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
+                   const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
+                   __half* __restrict__ out, std::int64_t N, int split) {
+  using S = TcShape<MT>;
+  constexpr int R = S::R, Q = S::Q;
+  __shared__ __align__(128) std::uint32_t ring[kRingWords];
+  __shared__ __align__(16) __half xs[R * S::kXRow];
+  __shared__ int4 dring[2][Q];  // descriptors of the current and the next iteration's chunks
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int rank = static_cast<int>(blockIdx.y);  // cluster rank (the cluster spans grid.y)
-  const std::int64_t j = blockIdx.x;
+  const std::int64_t tile = blockIdx.x;
   const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.z) * R;
+  const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
 
   const int cb = static_cast<int>(static_cast<std::int64_t>(num_chunks) * rank / split);
   const int ce = static_cast<int>(static_cast<std::int64_t>(num_chunks) * (rank + 1) / split);
-  const int wb = cb + static_cast<int>(static_cast<std::int64_t>(ce - cb) * warp / kTcWarps);
-  const int we = cb + static_cast<int>(static_cast<std::int64_t>(ce - cb) * (warp + 1) / kTcWarps);
 
   float acc[MT][4][4];
 #pragma unroll
@@ -268,120 +368,212 @@ __global__ void __launch_bounds__(kTcThreads, MT == 1 ? 3 : 2)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][jj][e] = 0.0f;
 
-  int group = -1;
-  std::uint32_t s2[4] = {0, 0, 0, 0}, z2[4] = {0, 0, 0, 0};
-  Stage<MT> next;
-  if (wb < we) fetch_stage<MT>(next, wb, chunks, tc_row0, tcw, npad, j, x, M, K, m0, perm, lane);
-  for (int c = wb; c < we; ++c) {
-    const Stage<MT> cur = next;
-    if (c + 1 < we) fetch_stage<MT>(next, c + 1, chunks, tc_row0, tcw, npad, j, x, M, K, m0, perm, lane);
-    if (c + 3 < we) {
-      // Chunk c + 3's 128*b bytes of this block into L2 (no registers held): b lines.
-      const ChunkInfo pf = load_chunk(chunks, c + 3);
-      if (lane < pf.bits)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(tcw + static_cast<std::int64_t>(__ldg(tc_row0 + c + 3)) * npad +
-                                                      j * 32 * pf.bits + lane * 32));
-    }
-    if (cur.ci.group != group) {
-      group = cur.ci.group;
+  if (cb < ce) {
+    // The block's stream: from its first chunk's group header (when that chunk starts its
+    // group; else the header is read directly below) to the end of its last chunk's codes.
+    const int4 dfirst = __ldg(tc_chunks + cb);
+    const int4 dlast = __ldg(tc_chunks + ce - 1);
+    const bool first_starts_group = dfirst.y == dfirst.w + 1;
+    const std::int64_t s0 = first_starts_group ? dfirst.w : dfirst.y;
+    const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
+    const std::uint32_t* __restrict__ src = tsrc + s0 * tc::kUnitWords + tid * 4;
+
+    // Step p copies units s0 + 4p .. s0 + 4p + 3 (thread tid: unit tid / 32, 16 bytes).
+    int issued = 0;
+    auto issue_step = [&]() {
+      const std::int64_t unit = s0 + static_cast<std::int64_t>(issued) * kStepUnits + tid / 32;
+      if (unit < s1)
+        cp_async16(ring + ((issued * kStepUnits * tc::kUnitWords + tid * 4) & (kRingWords - 1)),
+                   src + static_cast<std::int64_t>(issued) * kStepUnits * tc::kUnitWords);
+      cp_async_commit();
+      ++issued;
+    };
+#pragma unroll 1
+    for (int p = 0; p < kLookahead; ++p) issue_step();
+
+    // Scales and zeros of the current group: lane g's four columns 8*jj + g of its block.
+    std::uint32_t s2[4] = {0, 0, 0, 0}, z2[4] = {0, 0, 0, 0};
+    auto set_header = [&](const uint4 h) {
+      const std::uint32_t hw[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
-        const std::int64_t n = j * BC + 8 * jj + g;
-        std::uint32_t s = 0, z = 0;
-        if (n < N) {
-          const std::int64_t gi = static_cast<std::int64_t>(group) * N + n;
-          s = __half_as_ushort(scales[gi]);
-          z = zeros[gi];
-        }
-        s2[jj] = s | (s << 16);
-        const std::uint32_t zb = 0x6400u + z;  // 1024 + z, exact in fp16
-        z2[jj] = zb | (zb << 16);
+        s2[jj] = __byte_perm(hw[jj], 0, 0x1010);  // scale in both halves
+        z2[jj] = __byte_perm(hw[jj], 0, 0x3232);  // 1024 + zero in both halves
       }
+    };
+    if (!first_starts_group)
+      set_header(__ldg(reinterpret_cast<const uint4*>(tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords +
+                                                       warp * 32 + g * 4)));
+    int header = first_starts_group ? -1 : dfirst.w;
+
+    // Descriptors: lanes q < Q of warp 0 load chunk (first of iteration) + q, two iterations
+    // ahead; they reach dring one iteration before use.
+    auto load_desc = [&](int c0) -> int4 {
+      const int c = c0 + lane;
+      return (warp == 0 && lane < Q && c < ce) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
+    };
+    // Activations: the tile [R rows x 32 Q] of xp at chunk c0, as 16-byte pieces (row,
+    // 8 columns); rows past M and chunks past ce read as 0.
+    uint4 xv[S::kXVecs];
+    auto load_x = [&](int c0) {
+#pragma unroll
+      for (int k = 0; k < S::kXVecs; ++k) {
+        const int piece = tid + kTcThreads * k;
+        const int row = piece / (4 * Q), col8 = piece % (4 * Q);
+        xv[k] = make_uint4(0, 0, 0, 0);
+        if (m0 + row < M && c0 + col8 / 4 < ce)
+          xv[k] = __ldg(reinterpret_cast<const uint4*>(xp + (m0 + row) * ldxp + static_cast<std::int64_t>(c0) * 32 +
+                                                      col8 * 8));
+      }
+    };
+    if (warp == 0 && lane < Q) dring[0][lane] = load_desc(cb);
+    int4 dnext = load_desc(cb + Q);
+    load_x(cb);
+    __syncthreads();  // dring[0]
+
+#pragma unroll 1
+    for (int it = 0, c0 = cb; c0 < ce; ++it, c0 += Q) {
+      const int nq = ce - c0 < Q ? ce - c0 : Q;
+      const int4* __restrict__ dcur = dring[it & 1];
+      // A. (the barrier ending the previous iteration) everyone is done with its ring data and xs.
+      // B. The steps holding this iteration's chunks have landed (this thread's copies).
+      {
+        const int4 dl = dcur[nq - 1];
+        const int last_step = static_cast<int>((static_cast<std::int64_t>(dl.y) + (dl.z & 0xff) - 1 - s0) / kStepUnits);
+        while (issued - kLookahead <= last_step) {
+          issue_step();
+          cp_async_wait<kLookahead>();
+        }
+      }
+      // C. This iteration's activations and the next iteration's descriptors into shared memory.
+#pragma unroll
+      for (int k = 0; k < S::kXVecs; ++k) {
+        const int piece = tid + kTcThreads * k;
+        const int row = piece / (4 * Q), col8 = piece % (4 * Q);
+        *reinterpret_cast<uint4*>(xs + row * S::kXRow + col8 * 8) = xv[k];
+      }
+      if (warp == 0 && lane < Q) dring[(it + 1) & 1][lane] = dnext;
+      // D. Everyone's copies, activations and descriptors are visible.
+      __syncthreads();
+      // E. Loads for later iterations: activations of the next, descriptors of the one after.
+      if (c0 + Q < ce) load_x(c0 + Q);
+      dnext = load_desc(c0 + 2 * Q);
+      // F. Consume the chunks.
+#pragma unroll 1
+      for (int q = 0; q < nq; ++q) {
+        const int4 d = dcur[q];
+        const int bits = d.z & 0xff;
+        if (d.w != header) {
+          header = d.w;
+          const int hw =
+              static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + g * 4;
+          set_header(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))));
+        }
+        std::uint32_t a[MT][2][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int s = 0; s < 2; ++s)
+            ldmatrix_x4(a[mt][s], xs + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S::kXRow + 32 * q + 16 * s +
+                                      (lane >> 4) * 8);
+        const int wo = (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kRingWords - 1)) +
+                        warp * 32 * bits + lane * bits) &
+                       (kRingWords - 1);
+        switch (bits) {
+          case 2: tc_chunk<MT, 2>(ring, wo, a, s2, z2, acc); break;
+          case 3: tc_chunk<MT, 3>(ring, wo, a, s2, z2, acc); break;
+          case 4: tc_chunk<MT, 4>(ring, wo, a, s2, z2, acc); break;
+          case 5: tc_chunk<MT, 5>(ring, wo, a, s2, z2, acc); break;
+          case 6: tc_chunk<MT, 6>(ring, wo, a, s2, z2, acc); break;
+          case 8: tc_chunk<MT, 8>(ring, wo, a, s2, z2, acc); break;
+          default: break;  // rejected at construction
+        }
+      }
+      __syncthreads();  // A. for the next iteration
     }
-    switch (cur.ci.bits) {
-      case 2: tc_chunk<MT, 2>(cur, s2, z2, acc); break;
-      case 3: tc_chunk<MT, 3>(cur, s2, z2, acc); break;
-      case 4: tc_chunk<MT, 4>(cur, s2, z2, acc); break;
-      case 5: tc_chunk<MT, 5>(cur, s2, z2, acc); break;
-      case 6: tc_chunk<MT, 6>(cur, s2, z2, acc); break;
-      case 8: tc_chunk<MT, 8>(cur, s2, z2, acc); break;
-      default: break;
-    }
+    cp_async_wait<0>();  // (copies past the stream's end were never issued; this is for form)
   }
 
-  // Warp partials (C fragments: rows g / g + 8, columns 2t, 2t + 1 of each n8 tile).
+  // Output: lane holds rows g / g + 8 and columns 2t, 2t + 1 of each n8 tile.
+  const std::int64_t n_block = tile * tc::kTileCols + warp * tc::kBlockCols;
+  auto store = [&](int mt, int jj, int e, float v) {
+    const std::int64_t row = m0 + mt * 16 + g + 8 * (e >> 1);
+    const std::int64_t n = n_block + 8 * jj + 2 * t + (e & 1);
+    if (row < M && n < N) {
+      if (bias) v += __half2float(bias[n]);
+      out[row * N + n] = __float2half_rn(v);
+    }
+  };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) {
+    // Partial tiles through distributed shared memory (the ring is free now): rank r sums
+    // a 1/split share of the tile over ranks 0..split-1 in order.
+    static_assert(R * tc::kTileCols <= kRingWords, "the reduction tile must fit the ring");
+    float* red = reinterpret_cast<float*>(ring);
+    __syncthreads();  // every warp is done reading the ring
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          red[(mt * 16 + g + 8 * (e >> 1)) * tc::kTileCols + warp * tc::kBlockCols + 8 * jj + 2 * t + (e & 1)] =
+              acc[mt][jj][e];
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const int share = (R * tc::kTileCols) / split;
+    for (int i = rank * share + tid; i < (rank + 1) * share; i += kTcThreads) {
+      float sum = 0.0f;
+      for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(red, q)[i];
+      const std::int64_t row = m0 + i / tc::kTileCols;
+      const std::int64_t n = tile * tc::kTileCols + i % tc::kTileCols;
+      if (row < M && n < N) {
+        if (bias) sum += __half2float(bias[n]);
+        out[row * N + n] = __float2half_rn(sum);
+      }
+    }
+    cluster.sync();  // keep this block's shared memory alive for the readers
+    return;
+  }
+#endif
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      const int r = mt * 16 + g, col = 8 * jj + 2 * t;
-      red[warp][r][col] = acc[mt][jj][0];
-      red[warp][r][col + 1] = acc[mt][jj][1];
-      red[warp][r + 8][col] = acc[mt][jj][2];
-      red[warp][r + 8][col + 1] = acc[mt][jj][3];
-    }
-  __syncthreads();
-  for (int i = threadIdx.x; i < R * BC; i += kTcThreads) {
-    const int r = i / BC, col = i % BC;
-    float sum = red[0][r][col];
+    for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
-    for (int wi = 1; wi < kTcWarps; ++wi) sum += red[wi][r][col];
-    red[0][r][col] = sum;
-  }
-
-  // Block partials -> output; with a cluster, rank r finalises a 1/split share of the
-  // tile, summing every rank's partial in rank order (distributed shared memory).
-  int lo = 0, hi = R * BC;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cg::cluster_group cluster = cg::this_cluster();
-  if (split > 1) {
-    cluster.sync();
-    const int share = (R * BC) / split;
-    lo = rank * share;
-    hi = lo + share;
-  } else {
-    __syncthreads();
-  }
-#else
-  __syncthreads();
-#endif
-  for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += kTcThreads) {
-    const int r = i / BC, col = i % BC;
-    float sum;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (split > 1) {
-      sum = 0.0f;
-      for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(&red[0][0][0], q)[i];
-    } else {
-      sum = red[0][r][col];
-    }
-#else
-    sum = red[0][r][col];
-#endif
-    const std::int64_t row = m0 + r, n = j * BC + col;
-    if (row < M && n < N) {
-      if (bias) sum += __half2float(bias[n]);
-      out[row * N + n] = __float2half_rn(sum);
-    }
-  }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (split > 1) cluster.sync();  // keep this block's shared memory alive for the readers
-#endif
+      for (int e = 0; e < 4; ++e) store(mt, jj, e, acc[mt][jj][e]);
 }
 
+/// Stream-ordered scratch (cudaMallocAsync / cudaFreeAsync on the call's stream): safe for
+/// concurrent calls on different streams and under graph capture (memory nodes).
+class StreamScratch {
+ public:
+  StreamScratch(std::size_t bytes, cudaStream_t stream) : stream_(stream) {
+    EXL2_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
+  }
+  ~StreamScratch() {
+    if (ptr_ != nullptr) (void)cudaFreeAsync(ptr_, stream_);
+  }
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  void* get() const noexcept { return ptr_; }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
 template <int MT>
-void launch_tc_rows(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
-  const std::int64_t nblocks = L.tc_npad / tc::kBlockCols;
+void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
+                    cudaStream_t stream) {
   const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
-  if (nblocks > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
-  const int split = cluster_split(L, nblocks * mtiles, 2 * kTcWarps, L.tc_blocks_per_sm[MT]);
-  launch_clustered(tc_gemm_kernel<MT>, dim3(static_cast<unsigned>(nblocks), static_cast<unsigned>(split),
+  if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
+  const int split = cluster_split(L, L.tc_tiles * mtiles, 16, L.tc_blocks_per_sm[MT]);
+  launch_clustered(tc_gemm_kernel<MT>, dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
                                             static_cast<unsigned>(mtiles)),
-                   dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", x, m, L.K,
-                   static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_npad,
-                   static_cast<const __half*>(L.scales.get()), static_cast<const std::uint8_t*>(L.zeros.get()),
-                   L.kernel_perm(), static_cast<const int4*>(L.chunks.get()),
-                   static_cast<const std::int32_t*>(L.tc_row0.get()), L.num_chunks,
+                   dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", xp, m, ldxp,
+                   static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
+                   static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                    static_cast<const __half*>(L.bias.get()), out, L.N, split);
 }
 
@@ -395,45 +587,61 @@ bool tc_requested() noexcept {
 void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaStream_t stream) {
   if (L.cc_major < 8 || L.num_chunks == 0 || L.N == 0) return;
   {
-    // The kernel's mma.sync needs code for sm_80+: a build for an older virtual architecture
-    // (JIT-compiled here) holds only the trap, so such a layer gets no tc layout.
+    // The kernel's cp.async / ldmatrix / mma.sync need code for sm_80+: a build for an
+    // older virtual architecture (JIT-compiled here) holds only traps, so such a layer
+    // gets no tc layout.
     cudaFuncAttributes attr{};
     EXL2_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(tc_gemm_kernel<1>)));
     if (attr.ptxVersion < 80) return;
   }
-  std::vector<std::int32_t> row0(chunks_host.size());
-  std::int64_t rows = 0;  // word rows of the tc layout: sum of the chunks' bit widths
-  for (std::size_t c = 0; c < chunks_host.size(); ++c) {
-    if (rows > 0x7fffffffLL) internal_error("tc layout: too many word rows");
-    row0[c] = static_cast<std::int32_t>(rows);
-    rows += chunks_host[c].z & 0xff;
-  }
-  L.tc_npad = (L.N + tc::kBlockCols - 1) / tc::kBlockCols * tc::kBlockCols;
-  L.tc_row0.allocate(row0.size(), "tc chunk offsets");
-  EXL2_CUDA_CHECK(cudaMemcpyAsync(L.tc_row0.get(), row0.data(), row0.size() * sizeof(std::int32_t),
+  const StreamTables tables = make_stream_tables(chunks_host, L.G);
+  L.tc_tiles = (L.N + tc::kTileCols - 1) / tc::kTileCols;
+  L.tc_tile_words = tables.units * tc::kUnitWords;
+  L.tc_chunks.allocate(tables.chunks.size(), "tc chunk table");
+  EXL2_CUDA_CHECK(cudaMemcpyAsync(L.tc_chunks.get(), tables.chunks.data(), tables.chunks.size() * sizeof(int4),
                                   cudaMemcpyHostToDevice, stream));
-  L.tc_qweight.allocate(static_cast<std::size_t>(rows * L.tc_npad), "tc qweight");
-  const std::int64_t threads = static_cast<std::int64_t>(L.num_chunks) * (L.tc_npad / tc::kBlockCols) * 32;
-  tc_pack_kernel<<<grid_for(threads, kPackThreads), kPackThreads, 0, stream>>>(
-      L.qweight.get(), L.zeros.get(), L.N, L.tc_npad, L.chunks.get(), L.tc_row0.get(), L.num_chunks, L.tc_qweight.get());
-  EXL2_CUDA_CHECK_LAUNCH("tc_pack_kernel");
+  DeviceBuffer<std::int32_t> header;
+  header.allocate(tables.header.size(), "tc header table");
+  EXL2_CUDA_CHECK(cudaMemcpyAsync(header.get(), tables.header.data(), tables.header.size() * sizeof(std::int32_t),
+                                  cudaMemcpyHostToDevice, stream));
+  L.tc_qweight.allocate(static_cast<std::size_t>(L.tc_tiles * L.tc_tile_words), "tc qweight");
+  const std::int64_t code_threads = static_cast<std::int64_t>(L.num_chunks) * L.tc_tiles * tc::kTileBlocks * 32;
+  tc_pack_codes_kernel<<<grid_for(code_threads, kPackThreads), kPackThreads, 0, stream>>>(
+      L.qweight.get(), L.zeros.get(), L.N, L.tc_tiles, L.tc_tile_words, L.chunks.get(), L.tc_chunks.get(),
+      L.num_chunks, L.tc_qweight.get());
+  EXL2_CUDA_CHECK_LAUNCH("tc_pack_codes_kernel");
+  const std::int64_t header_threads = L.G * L.tc_tiles * tc::kTileCols;
+  tc_pack_headers_kernel<<<grid_for(header_threads, kPackThreads), kPackThreads, 0, stream>>>(
+      L.scales.get(), L.zeros.get(), L.N, L.G, L.tc_tiles, L.tc_tile_words, header.get(), L.tc_qweight.get());
+  EXL2_CUDA_CHECK_LAUNCH("tc_pack_headers_kernel");
   EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[1], tc_gemm_kernel<1>,
                                                                 kTcThreads, 0));
   EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[2], tc_gemm_kernel<2>,
                                                                 kTcThreads, 0));
-  // row0 is a local host vector: the upload must finish before it goes out of scope.
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[4], tc_gemm_kernel<4>,
+                                                                kTcThreads, 0));
+  // The host tables and the header buffer are local: the uploads and the pack kernels must
+  // finish before they go out of scope.
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
 bool tc_usable(const DeviceLayer& L, std::int64_t m) noexcept {
-  return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= 1 && m <= kTcMaxRows;
+  return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= kTcMinRows && m <= kTcMaxRows;
 }
 
 void launch_tc(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
+  const std::int64_t ldxp = static_cast<std::int64_t>(L.num_chunks) * 32;
+  StreamScratch xp(static_cast<std::size_t>(m * ldxp) * sizeof(__half), stream);
+  __half* xph = static_cast<__half*>(xp.get());
+  tc_gather_x_kernel<<<grid_for(m * ldxp, kPackThreads), kPackThreads, 0, stream>>>(
+      x, m, L.K, L.kernel_perm(), static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks, xph);
+  EXL2_CUDA_CHECK_LAUNCH("tc_gather_x_kernel");
   if (m <= 16)
-    launch_tc_rows<1>(L, x, m, out, stream);
+    launch_tc_rows<1>(L, xph, m, ldxp, out, stream);
+  else if (m <= 32)
+    launch_tc_rows<2>(L, xph, m, ldxp, out, stream);
   else
-    launch_tc_rows<2>(L, x, m, out, stream);
+    launch_tc_rows<4>(L, xph, m, ldxp, out, stream);
 }
 
 }  // namespace exl2::detail::cuda

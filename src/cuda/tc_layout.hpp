@@ -24,6 +24,16 @@
 //                (then the magic-1024 trick makes fp16 1024 + q);
 //   b = 3, 5, 6: consecutive virtual rows 2p, 2p + 1 (codes may straddle words).
 // For b = 4, word jj holds exactly n8 tile jj's eight codes.
+//
+// Stream layout (what is stored). Columns are cut into tiles of kTileCols = 128 (four
+// 32-column blocks, one per warp of the kernel's block). Each tile's data is one contiguous
+// stream of 512-byte units (kUnitWords = 128 words), in K order:
+//   for every group: one header unit (per column: fp16 scale bits | (fp16 1024 + zero) << 16,
+//                    at header_word(column in tile)), then
+//                    for every chunk of the group: b units = the four blocks' lane words
+//                    above, block w at word w*32*b + lane*b + i of the chunk.
+// So a block of the kernel streams one contiguous byte range per tile and K range, with the
+// scales and zeros it needs arriving in the same stream just before the group's codes.
 #pragma once
 
 #include <cstdint>
@@ -39,7 +49,20 @@ namespace exl2::detail::tc {
 constexpr int kBlockCols = 32;  // output columns per warp (four mma n8 tiles)
 constexpr int kPairs = 16;      // half2 B-fragment registers per lane and chunk
 
-constexpr bool pow2_bits(int b) { return b == 2 || b == 4 || b == 8; }
+constexpr int kTileBlocks = 4;                          // 32-column blocks per tile
+constexpr int kTileCols = kTileBlocks * kBlockCols;     // 128
+constexpr int kUnitWords = kTileCols;                   // 32 rows x 128 columns x 1 bit
+
+/// Header word (0..127) of tile column cc: lane g of warp w reads its four columns
+/// 32*w + 8*jj + g (jj = 0..3) as the four words at 32*w + 4*g (one 16-byte load).
+EXL2_TC_HD constexpr int header_word(int cc) { return (cc / 32) * 32 + (cc % 8) * 4 + (cc % 32) / 8; }
+
+/// Header value of a column: fp16 scale bits, and fp16 (1024 + zero) for the exact q - z.
+EXL2_TC_HD constexpr std::uint32_t header_value(std::uint16_t scale_bits, std::uint32_t zero) {
+  return scale_bits | ((0x6400u + zero) << 16);
+}
+
+EXL2_TC_HD constexpr bool pow2_bits(int b) { return b == 2 || b == 4 || b == 8; }
 
 /// Virtual row (position in the lane's code stream) of the low / high code of pair p.
 EXL2_TC_HD constexpr int pair_lo(int b, int p) {

@@ -2,7 +2,7 @@
 // functions the CUDA kernels use: for every bit width, packing a chunk's codes into the
 // lanes' words and extracting the 16 pairs of every lane gives exactly the codes that
 // the mma.m16n8k16 B fragment of that lane must hold (rows 16s + 8h + 2t + {0, 1},
-// column 8jj + g). Needs no GPU and no CUDA toolkit.
+// column 8jj + g), and the header unit of the stream layout. Needs no GPU and no CUDA toolkit.
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -65,8 +65,36 @@ static void check_width(std::mt19937& rng) {
   }
 }
 
+// The header unit: header_word is a bijection of the 128 tile columns, and the four words
+// lane g of warp w reads with one 16-byte load (32*w + 4*g + jj) are its columns
+// 32*w + 8*jj + g, jj = 0..3 (the columns of its B fragments).
+static void check_header() {
+  bool used[tc::kUnitWords] = {};
+  for (int cc = 0; cc < tc::kTileCols; ++cc) {
+    const int w = tc::header_word(cc);
+    if (w < 0 || w >= tc::kUnitWords || used[w]) {
+      std::fprintf(stderr, "header word %d of column %d reused or out of range\n", w, cc);
+      ++g_failures;
+      continue;
+    }
+    used[w] = true;
+  }
+  for (int warp = 0; warp < tc::kTileBlocks; ++warp)
+    for (int g = 0; g < 8; ++g)
+      for (int jj = 0; jj < 4; ++jj)
+        if (tc::header_word(32 * warp + 8 * jj + g) != 32 * warp + 4 * g + jj) {
+          std::fprintf(stderr, "header: warp %d lane group %d column block %d misplaced\n", warp, g, jj);
+          ++g_failures;
+        }
+  if (tc::header_value(0x3c00, 5) != (0x3c00u | (0x6405u << 16))) {
+    std::fprintf(stderr, "header_value packs the wrong bits\n");
+    ++g_failures;
+  }
+}
+
 int main() {
   std::mt19937 rng(1234);
+  check_header();
   check_width<2>(rng);
   check_width<3>(rng);
   check_width<4>(rng);
