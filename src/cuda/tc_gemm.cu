@@ -278,29 +278,53 @@ __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int w
   }
 }
 
+/// Pair p of a lane's words with the magic exponent: fp16x2 (1024 + q_lo, 1024 + q_hi). For
+/// b = 2, 4, 8 the mask and the OR are one lop3 ((v & mask) | 0x64006400; ptxas emits two
+/// LOP3s for the plain C++ expression since both constants are immediates).
+template <int B, int P>
+__device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
+  if constexpr (tc::pow2_bits(B)) {
+    constexpr int kHalf = 16 / B;  // pairs per word
+    constexpr std::uint32_t kMask = ((1u << B) - 1u) * 0x00010001u;
+    const std::uint32_t v = w[P / kHalf] >> ((P % kHalf) * B);
+    std::uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(kMask), "n"(0x64006400));
+    return r;
+  } else {
+    return tc::extract_pair<B>(w, P) | 0x64006400u;
+  }
+}
+
+/// Decode one chunk's B fragments from the lane's words and accumulate (bit-exact:
+/// (1024 + q) - (1024 + z) is the exact q - z, one __hmul2 by the scale).
+template <int MT, int B>
+__device__ __forceinline__ void tc_chunk_words(const std::uint32_t (&w)[8], const std::uint32_t (&a)[MT][2][4],
+                                               const std::uint32_t (&s2)[4], const std::uint32_t (&z2)[4],
+                                               float (&acc)[MT][4][4]) {
+  std::uint32_t b[4][2][2];  // [n8 tile][k16 step][b0 / b1]
+#define EXL2_TC_PAIR(JJ, S, H)                                                                            \
+  b[JJ][S][H] = h2_as_u32(__hmul2(__hsub2(u32_as_h2(pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H)>(w)),   \
+                                          u32_as_h2(z2[JJ])),                                             \
+                                  u32_as_h2(s2[JJ])));
+#define EXL2_TC_TILE(JJ) EXL2_TC_PAIR(JJ, 0, 0) EXL2_TC_PAIR(JJ, 0, 1) EXL2_TC_PAIR(JJ, 1, 0) EXL2_TC_PAIR(JJ, 1, 1)
+  EXL2_TC_TILE(0) EXL2_TC_TILE(1) EXL2_TC_TILE(2) EXL2_TC_TILE(3)
+#undef EXL2_TC_TILE
+#undef EXL2_TC_PAIR
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma_16816(acc[mt][jj], a[mt][s], b[jj][s][0], b[jj][s][1]);
+}
+
 template <int MT, int B>
 __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, const std::uint32_t (&a)[MT][2][4],
                                          const std::uint32_t (&s2)[4], const std::uint32_t (&z2)[4],
                                          float (&acc)[MT][4][4]) {
   std::uint32_t w[8];
   ring_lane_words<B>(ring, wo, w);
-#pragma unroll
-  for (int jj = 0; jj < 4; ++jj) {
-    std::uint32_t b[2][2];  // [k16 step][b0 / b1]
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const std::uint32_t packed = tc::extract_pair<B>(w, 4 * jj + 2 * s + h);
-        const __half2 q = u32_as_h2(packed | 0x64006400u);  // 1024 + q, exact
-        b[s][h] = h2_as_u32(__hmul2(__hsub2(q, u32_as_h2(z2[jj])), u32_as_h2(s2[jj])));
-      }
-    }
-#pragma unroll
-    for (int s = 0; s < 2; ++s)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma_16816(acc[mt][jj], a[mt][s], b[s][0], b[s][1]);
-  }
+  tc_chunk_words<MT, B>(w, a, s2, z2, acc);
 }
 
 /// The activations in the order the kernel reads them: xp[row, 32 * c + r] = x[row, perm[row0_c + r]]
@@ -325,6 +349,43 @@ __global__ void tc_gather_x_kernel(const __half* __restrict__ x, std::int64_t M,
   }
 }
 
+/// One full iteration of Q chunks of one bit width B, unrolled (see tc_gemm_kernel, F).
+template <int MT, int Q, int B, int kXRow>
+__device__ __forceinline__ void tc_iter_body(const std::uint32_t* ring, const __half* xs, const int4* dcur,
+                                             std::int64_t s0, int& header, std::uint32_t (&s2)[4],
+                                             std::uint32_t (&z2)[4], float (&acc)[MT][4][4]) {
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int g = lane >> 2;
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int4 d = dcur[q];
+    if (d.w != header) {
+      header = d.w;
+      const int hw = static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + g * 4;
+      const uint4 h = *reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1)));
+      const std::uint32_t hv[4] = {h.x, h.y, h.z, h.w};
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        s2[jj] = __byte_perm(hv[jj], 0, 0x1010);  // scale in both halves
+        z2[jj] = __byte_perm(hv[jj], 0, 0x3232);  // 1024 + zero in both halves
+      }
+    }
+    std::uint32_t a[MT][2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+        ldmatrix_x4(a[mt][s], xs + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kXRow + 32 * q + 16 * s +
+                                  (lane >> 4) * 8);
+    const int wo = (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kRingWords - 1)) +
+                    warp * 32 * B + lane * B) &
+                   (kRingWords - 1);
+    std::uint32_t w[8];
+    ring_lane_words<B>(ring, wo, w);
+    tc_chunk_words<MT, B>(w, a, s2, z2, acc);
+  }
+}
+
 // Chunks per iteration ("super-chunk"): one barrier pair, one activation tile and one
 // descriptor set per Q chunks, so per-iteration latencies are paid once per Q * 32 rows.
 template <int MT>
@@ -335,6 +396,13 @@ struct TcShape {
   static constexpr int kXVecs = R * 4 * Q / kTcThreads;  // 16-byte activation loads per thread and iteration
   static_assert(R * 4 * Q % kTcThreads == 0, "activation tile / threads");
 };
+
+template <int MT, int Q, int B>
+__device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half* xs, const int4* dcur,
+                                        std::int64_t s0, int& header, std::uint32_t (&s2)[4], std::uint32_t (&z2)[4],
+                                        float (&acc)[MT][4][4]) {
+  tc_iter_body<MT, Q, B, TcShape<MT>::kXRow>(ring, xs, dcur, s0, header, s2, z2, acc);
+}
 
 template <int MT>
 __global__ void __launch_bounds__(kTcThreads)
@@ -458,7 +526,26 @@ __global__ void __launch_bounds__(kTcThreads)
       // E. Loads for later iterations: activations of the next, descriptors of the one after.
       if (c0 + Q < ce) load_x(c0 + Q);
       dnext = load_desc(c0 + 2 * Q);
-      // F. Consume the chunks.
+      // F. Consume the chunks: unrolled over the Q chunks when they share one bit width (every
+      //    full iteration of a fixed-width layer), so ptxas can overlap one chunk's shared-
+      //    memory loads and decoding with the previous chunk's mma; else one chunk at a time.
+      bool uniform = nq == Q;
+      const int bits0 = dcur[0].z & 0xff;
+#pragma unroll
+      for (int q = 1; q < Q; ++q) uniform = uniform && (dcur[q].z & 0xff) == bits0;
+      if (uniform) {
+        switch (bits0) {
+          case 2: tc_iter<MT, Q, 2>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 3: tc_iter<MT, Q, 3>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 4: tc_iter<MT, Q, 4>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 5: tc_iter<MT, Q, 5>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 6: tc_iter<MT, Q, 6>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 8: tc_iter<MT, Q, 8>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          default: break;  // rejected at construction
+        }
+        __syncthreads();  // A. for the next iteration
+        continue;
+      }
 #pragma unroll 1
       for (int q = 0; q < nq; ++q) {
         const int4 d = dcur[q];

@@ -11,10 +11,10 @@
 
 namespace exl2::detail::cuda {
 
-/// The m range gemm() sends to the tc kernel when a layer has the tc layout: m = 1 and 2 stay
-/// on the GEMV kernel, which measured faster there (H200, 8192 x 28672: 71 / 85 us against
-/// 92 us); from m = 3 the tc kernel's time is flat up to 16 and it is 2-4x faster.
-constexpr int kTcMinRows = 3;
+/// The m range gemm() sends to the tc kernel when a layer has the tc layout. m = 1 stays on
+/// the GEMV kernel, which measured a little faster there (H200, 8192 x 28672 GPTQ-4: GEMV
+/// 74 us at m = 1 and 85 us at m = 2; tc kernel 78-80 us flat for m = 2..16).
+constexpr int kTcMinRows = 2;
 constexpr int kTcMaxRows = 64;
 
 /// True when EXL2_CUDA_TC=1 is set (read at each construction): build the tc layout.
