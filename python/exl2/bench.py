@@ -7,8 +7,8 @@ to one format). For each layer and row count m it reports the time per call, the
 bandwidth (stored weight bytes / time), how close that is to the floor and the ratio to
 dense ``torch.matmul`` measured in the same run.
 
-- CUDA: CUDA graphs of 50 calls, median of 7 replays; the dense baseline in the
-  activation dtype (``--dtype``).
+- CUDA: CUDA graphs of 50 calls, median of 7 replays after at least 50 ms of warm-up
+  replays; the dense baseline in the activation dtype (``--dtype``).
 - CPU: wall-clock time (``time.perf_counter``) after a warm-up, median of 5 batches of
   calls; the dense baseline in float32 (``x.float() @ W``, ``W`` converted to float32
   before timing), as float16 matmul on the CPU is slow or missing in many torch builds.
@@ -60,6 +60,11 @@ PLOT_HINT = "--plot needs matplotlib: pip install exl2[plot]"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # activation dtypes
 _DENSE_DTYPES = dict(_DTYPES, float32=torch.float32)
 _CUDA_GRAPH_CALLS, _CUDA_REPLAYS = 50, 7
+# GPU warm-up before each timing: replays for at least this long. The layers are built on the
+# host while the GPU idles, and the first rows timed after a large layer was built measured up
+# to 1.6x slow without it (H100, 8192x28672 GPTQ-4, m = 1: 103.5 us as the first row of a
+# shape, 67.2 us when another shape had run just before).
+_CUDA_WARMUP_S = 0.05
 _CPU_BATCHES, _CPU_MIN_BATCH_S = 5, 0.02
 _COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
 
@@ -244,6 +249,11 @@ def _graph_time_us(fn: Callable[[], Any], iters: int = _CUDA_GRAPH_CALLS) -> flo
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    while time.perf_counter() - start < _CUDA_WARMUP_S:
+        for _ in range(4):
+            graph.replay()
+        torch.cuda.synchronize()
     times = []
     for _ in range(_CUDA_REPLAYS):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -329,7 +339,7 @@ def _make_setup(device: torch.device, dtype: str) -> BenchSetup:
     if device.type == "cuda":
         dense_dtype = dtype
         timing = (f"CUDA-graph replay time per call, microseconds (median of {_CUDA_REPLAYS} replays of "
-                  f"{_CUDA_GRAPH_CALLS} calls)")
+                  f"{_CUDA_GRAPH_CALLS} calls, after {_CUDA_WARMUP_S * 1e3:.0f} ms of warm-up replays)")
     else:
         dense_dtype = "float32"
         timing = (f"wall-clock time per call, microseconds (time.perf_counter; median of {_CPU_BATCHES} batches "
