@@ -202,9 +202,10 @@ struct DeviceLayer {
   // The bfloat16 mma_kernel runs code compiled for compute capability 8.0+ on this
   // device (wmma bfloat16); false: bfloat16 with m > 16 uses GEMV slices (gemm.cu).
   bool mma_bf16 = false;
-  // Largest cluster split-K factor (1, 2, 4 or 8): 4 unless EXL2_CUDA_MAX_SPLIT is set at
-  // construction (a tuning / measurement knob, see src/cuda/README.md).
-  int max_split = 4;
+  // Cap on the cluster split-K factor set by EXL2_CUDA_MAX_SPLIT (1, 2, 4 or 8) at
+  // construction, a tuning / measurement knob; 0: each kernel's default cap (see
+  // cluster_split and src/cuda/README.md).
+  int max_split = 0;
 
   DeviceBuffer<std::uint32_t> qweight;  // [Q, N]
   DeviceBuffer<__half> scales;          // [G, N]

@@ -311,19 +311,22 @@ void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) 
 }  // namespace
 
 /// EXL2_CUDA_MAX_SPLIT = 1, 2, 4 or 8 caps the split-K factor of the layers built while it
-/// is set (to measure the split heuristic); unset or anything else: 4. Clusters of 8 blocks
-/// measured slower on the H100 even where they fill the waves better (8192x28672, m = 1:
-/// split 8 76-107 us across runs, splits 1, 2 and 4 68.2-68.6 us; 4096x4096 m = 1: 4 and 8
-/// level at 12 us), so 8 is opt-in.
+/// is set (to measure the split heuristic); 0 when unset or anything else. Clusters of 8 blocks
+/// measured mixed for the GEMV kernels on the H100 (8192x28672, m = 1: split 8 76-107 us
+/// across runs of one session, 71.5 us in another, splits <= 4 68-69 us; 4096x4096 and
+/// 14336x4096 m = 1 faster with 8: 9.8 / 24.1 against 11.5 / 29.6 us), so their default cap
+/// is 4; the tc kernel's is 8 (tc_gemm.cu).
 static int max_split_from_env() {
   const char* v = std::getenv("EXL2_CUDA_MAX_SPLIT");
-  if (v == nullptr) return 4;
+  if (v == nullptr) return 0;
   const int s = std::atoi(v);
-  return (s == 1 || s == 2 || s == 4 || s == 8) ? s : 4;
+  return (s == 1 || s == 2 || s == 4 || s == 8) ? s : 0;
 }
 
-int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm) {
+int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
+                  int max_split) {
   if (!L.clusters) return 1;
+  if (L.max_split > 0) max_split = L.max_split;  // EXL2_CUDA_MAX_SPLIT at construction
   // Among the splits that leave each block enough chunks to amortise its reduction,
   // take the smallest whose last wave of blocks is within 5% as full as the best one:
   // a larger split only adds reduction work once the waves are balanced.
@@ -331,7 +334,7 @@ int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_b
   double eff[4] = {0, 0, 0, 0};
   double best = 0.0;
   for (int i = 0, split = 1; i < 4; ++i, split *= 2) {
-    if (split > 1 && (L.num_chunks / split < min_chunks_per_block || split > L.max_split)) break;
+    if (split > 1 && (L.num_chunks / split < min_chunks_per_block || split > max_split)) break;
     const std::int64_t blocks = tiles * split;
     const std::int64_t waves = (blocks + slots - 1) / slots;
     eff[i] = static_cast<double>(blocks) / static_cast<double>(waves * slots);

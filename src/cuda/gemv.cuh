@@ -26,10 +26,12 @@ void query_gemv_occupancy(DeviceLayer& layer);
 void query_mma_occupancy(DeviceLayer& layer);
 
 /// Split-K factor (1, 2, 4 or 8 blocks of a thread-block cluster) for `tiles` output
-/// tiles, given how many blocks of the kernel fit one multiprocessor; 1 below compute
+/// tiles, given how many blocks of the kernel fit one multiprocessor, at most `max_split`
+/// (or the layer's EXL2_CUDA_MAX_SPLIT cap when one was set at construction); 1 below compute
 /// capability 9.0 or when the kernels lack their sm_90 code (layer.clusters false). Depends
 /// only on the shape, the device and the build.
-int cluster_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm);
+int cluster_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
+                  int max_split = 4);
 
 /// Launch `kernel` on grid/block with a cluster of `split` blocks along `split_dim`
 /// (0 = x, 1 = y, 2 = z; a plain launch when split == 1).

@@ -11,10 +11,12 @@
 
 namespace exl2::detail::cuda {
 
-/// The m range gemm() sends to the tc kernel when a layer has the tc layout. m = 1 stays on
-/// the GEMV kernel, which measured a little faster there (H200, 8192 x 28672 GPTQ-4: GEMV
-/// 74 us at m = 1 and 85 us at m = 2; tc kernel 78-80 us flat for m = 2..16).
-constexpr int kTcMinRows = 2;
+/// The m range gemm() sends to the tc kernel when a layer has the tc layout. m = 1 and 2 stay
+/// on the GEMV kernel: at m = 2 it measured faster on 5 of 7 layers (H100, e.g. 4096x4096
+/// GPTQ-4 13.5 against 17.3 us, EXL2 4.5 bpw 8192x28672 101.8 against 112.5; the tc kernel
+/// wins only on the 4-bit 8192x28672 layers, 77 against 83 us). From m = 3 the tc kernel's
+/// time is flat up to m = 16 and 1.3-5x below the GEMV's.
+constexpr int kTcMinRows = 3;
 constexpr int kTcMaxRows = 64;
 
 /// True when EXL2_CUDA_TC=1 is set (read at each construction): build the tc layout.
