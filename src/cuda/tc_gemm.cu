@@ -82,24 +82,24 @@ struct StreamTables {
 };
 
 StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t G) {
+  const int n = static_cast<int>(canonical.size());
+  std::vector<int> group(canonical.size()), bits(canonical.size());
+  for (int c = 0; c < n; ++c) {
+    group[c] = canonical[c].w;
+    bits[c] = canonical[c].z & 0xff;
+    if (group[c] < 0 || group[c] >= G) internal_error("tc layout: chunk group out of range");
+  }
+  std::vector<std::int64_t> unit0(canonical.size()), header(canonical.size());
   StreamTables t;
+  t.units = tc::place_units(n, group.data(), bits.data(), unit0.data(), header.data());
+  if (t.units < 0) internal_error("tc layout: chunks are not in group order");
+  if (t.units > 0x7fffffffLL / tc::kUnitWords) internal_error("tc layout: stream too long");
   t.chunks.resize(canonical.size());
   t.header.assign(static_cast<std::size_t>(G), -1);
-  std::int64_t u = 0;
-  int group = -1;
-  for (std::size_t c = 0; c < canonical.size(); ++c) {
-    const int4 ci = canonical[c];
-    if (ci.w != group) {
-      if (ci.w < group || ci.w >= G) internal_error("tc layout: chunks are not in group order");
-      group = ci.w;
-      t.header[static_cast<std::size_t>(group)] = static_cast<std::int32_t>(u);
-      u += 1;
-    }
-    t.chunks[c] = make_int4(ci.x, static_cast<int>(u), ci.z, t.header[static_cast<std::size_t>(group)]);
-    u += ci.z & 0xff;
-    if (u > 0x7fffffffLL / tc::kUnitWords) internal_error("tc layout: stream too long");
+  for (int c = 0; c < n; ++c) {
+    t.chunks[c] = make_int4(canonical[c].x, static_cast<int>(unit0[c]), canonical[c].z, static_cast<int>(header[c]));
+    t.header[static_cast<std::size_t>(group[c])] = static_cast<std::int32_t>(header[c]);
   }
-  t.units = u;
   return t;
 }
 

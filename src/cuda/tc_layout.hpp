@@ -9,12 +9,12 @@
 //   b0 = rows 16*s + 2*t + {0, 1},   b1 = rows 16*s + 8 + 2*t + {0, 1}
 // i.e. 16 "pairs" (two codes of one column, consecutive rows) = 32 codes = b words.
 //
-// Layout: per chunk c (tc_row0[c] = sum of the bit widths of the chunks before it) and
-// column block j, the 32 lanes' words are stored lane-major:
-//   tc_qweight[tc_row0[c] * Npad + j * 32 * b + lane * b + i],  i = 0 .. b-1
-// (Npad = N rounded up to 32), so a warp reads 128*b contiguous bytes per chunk and a lane
-// its b words with vector loads where alignment allows. The same bytes as the canonical
-// layout, except short chunks (padded to 32 rows with code 0) and the column padding.
+// Lane words: for one chunk and one column block, lane l's b words hold exactly those 32
+// codes, and the 32 lanes' words are stored lane-major (word lane * b + i, i = 0 .. b-1), so a
+// warp reads 128*b contiguous bytes and a lane its b words with vector loads where alignment
+// allows. Where these blocks are stored is the stream layout below. The same bytes as the
+// canonical layout, except short chunks (padded to 32 rows with the code z, i.e. weight 0)
+// and the column padding (code 0, scale 0).
 //
 // Within a lane's b words the 32 codes form a little-endian b-bit stream of 32 "virtual
 // rows". Pair p (p = 4*jj + 2*s + h, h = 0 for b0, 1 for b1) sits at virtual rows
@@ -56,6 +56,26 @@ constexpr int kUnitWords = kTileCols;                   // 32 rows x 128 columns
 /// Header word (0..127) of tile column cc: lane g of warp w reads its four columns
 /// 32*w + 8*jj + g (jj = 0..3) as the four words at 32*w + 4*g (one 16-byte load).
 EXL2_TC_HD constexpr int header_word(int cc) { return (cc / 32) * 32 + (cc % 8) * 4 + (cc % 32) / 8; }
+
+/// Unit placement of the stream layout for n chunks in K order (chunk c: group group[c], b =
+/// bits[c]): its codes at units unit0[c] .. unit0[c] + b - 1, its group's header at header[c].
+/// A group's header unit comes right before the group's first chunk, so "chunk c starts its
+/// group" is exactly unit0[c] == header[c] + 1 (the kernel relies on it). Returns the stream
+/// length in units, or -1 when the groups are not in non-decreasing order.
+inline std::int64_t place_units(int n, const int* group, const int* bits, std::int64_t* unit0,
+                                std::int64_t* header) {
+  std::int64_t u = 0, h = -1;
+  for (int c = 0; c < n; ++c) {
+    if (c == 0 || group[c] != group[c - 1]) {
+      if (c > 0 && group[c] < group[c - 1]) return -1;
+      h = u++;
+    }
+    header[c] = h;
+    unit0[c] = u;
+    u += bits[c];
+  }
+  return u;
+}
 
 /// Header value of a column: fp16 scale bits, and fp16 (1024 + zero) for the exact q - z.
 EXL2_TC_HD constexpr std::uint32_t header_value(std::uint16_t scale_bits, std::uint32_t zero) {

@@ -2,10 +2,11 @@
 // functions the CUDA kernels use: for every bit width, packing a chunk's codes into the
 // lanes' words and extracting the 16 pairs of every lane gives exactly the codes that
 // the mma.m16n8k16 B fragment of that lane must hold (rows 16s + 8h + 2t + {0, 1},
-// column 8jj + g), and the header unit of the stream layout. Needs no GPU and no CUDA toolkit.
+// column 8jj + g), and the header unit and unit placement of the stream layout. Needs no GPU and no CUDA toolkit.
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <vector>
 
 #include "cuda/tc_layout.hpp"
 
@@ -92,9 +93,63 @@ static void check_header() {
   }
 }
 
+// Stream unit placement: codes and headers tile [0, units) without overlap, one header per
+// group right before its first chunk, and unit0 == header + 1 exactly for a group's first
+// chunk (what the kernel uses to tell whether its first chunk's header is in its stream).
+static void check_place_units(std::mt19937& rng) {
+  const int widths[6] = {2, 3, 4, 5, 6, 8};
+  for (int trial = 0; trial < 200; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 40);
+    std::vector<int> group(n), bits(n);
+    int g = 0;
+    for (int c = 0; c < n; ++c) {
+      if (c > 0 && rng() % 3 == 0) g += 1 + static_cast<int>(rng() % 2);  // gaps: groups without rows
+      group[c] = g;
+      bits[c] = widths[rng() % 6];  // one width per chunk (also within a group: a stronger test)
+    }
+    std::vector<std::int64_t> unit0(n), header(n);
+    const std::int64_t units = tc::place_units(n, group.data(), bits.data(), unit0.data(), header.data());
+    std::vector<int> owner(units > 0 ? static_cast<std::size_t>(units) : 0, 0);
+    std::int64_t groups = 0, code_units = 0;
+    for (int c = 0; c < n; ++c) {
+      const bool first = c == 0 || group[c] != group[c - 1];
+      groups += first ? 1 : 0;
+      code_units += bits[c];
+      if ((unit0[c] == header[c] + 1) != first || (!first && header[c] != header[c - 1])) {
+        std::fprintf(stderr, "place_units: chunk %d header %lld unit0 %lld\n", c, static_cast<long long>(header[c]),
+                     static_cast<long long>(unit0[c]));
+        ++g_failures;
+        return;
+      }
+      if (first) ++owner[static_cast<std::size_t>(header[c])];
+      for (int i = 0; i < bits[c]; ++i) ++owner[static_cast<std::size_t>(unit0[c] + i)];
+    }
+    if (units != groups + code_units) {
+      std::fprintf(stderr, "place_units: %lld units for %lld groups and %lld code units\n",
+                   static_cast<long long>(units), static_cast<long long>(groups), static_cast<long long>(code_units));
+      ++g_failures;
+      return;
+    }
+    for (std::int64_t u = 0; u < units; ++u)
+      if (owner[static_cast<std::size_t>(u)] != 1) {
+        std::fprintf(stderr, "place_units: unit %lld used %d times\n", static_cast<long long>(u),
+                     owner[static_cast<std::size_t>(u)]);
+        ++g_failures;
+        return;
+      }
+  }
+  const int group[3] = {0, 2, 1}, bits[3] = {4, 4, 4};
+  std::int64_t unit0[3], header[3];
+  if (tc::place_units(3, group, bits, unit0, header) != -1) {
+    std::fprintf(stderr, "place_units accepted groups out of order\n");
+    ++g_failures;
+  }
+}
+
 int main() {
   std::mt19937 rng(1234);
   check_header();
+  check_place_units(rng);
   check_width<2>(rng);
   check_width<3>(rng);
   check_width<4>(rng);
