@@ -299,7 +299,14 @@ template <int M, class T>
 void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) {
   constexpr int kTileCols = GemvShape<M>::kTileCols;
   const std::int64_t tiles = (L.N + kTileCols - 1) / kTileCols;
-  const int split = cluster_split(L, tiles, 2 * kWarps, L.gemv_blocks_per_sm[M]);
+  // Clusters of 8 only where the tiles do not fill one wave even at split 4: measured on the
+  // H100 at m = 1 (EXL2_CUDA_MAX_SPLIT sweep, GPTQ-4): 4096x4096 9.8 us with 8 against 11.5 with
+  // 4 and 14336x4096 24.1 against 29.6 (32 tiles), but 4096x14336 23.1 against 19.1 and
+  // 8192x28672 71.5 against 68.7 (112 and 224 tiles).
+  const std::int64_t slots = static_cast<std::int64_t>(L.gemv_blocks_per_sm[M] > 0 ? L.gemv_blocks_per_sm[M] : 1) *
+                             L.sm_count;
+  const int cap = tiles * 4 < slots ? 8 : 4;
+  const int split = cluster_split(L, tiles, 2 * kWarps, L.gemv_blocks_per_sm[M], cap);
   launch_clustered(gemv_kernel<M, T>, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split)),
                    dim3(kThreads), split, 1, stream, "gemv_kernel launch", x, L.K,
                    static_cast<const std::uint32_t*>(L.qweight.get()), static_cast<const __half*>(L.scales.get()),
@@ -314,8 +321,9 @@ void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) 
 /// is set (to measure the split heuristic); 0 when unset or anything else. Clusters of 8 blocks
 /// measured mixed for the GEMV kernels on the H100 (8192x28672, m = 1: split 8 76-107 us
 /// across runs of one session, 71.5 us in another, splits <= 4 68-69 us; 4096x4096 and
-/// 14336x4096 m = 1 faster with 8: 9.8 / 24.1 against 11.5 / 29.6 us), so their default cap
-/// is 4; the tc kernel's is 8 (tc_gemm.cu).
+/// 14336x4096 m = 1 faster with 8: 9.8 / 24.1 against 11.5 / 29.6 us), so the GEMV allows 8
+/// only where its tiles do not fill one wave at split 4 (launch_rows) and the fused MMA kernel
+/// keeps 4; the tc kernel's cap is 8 (tc_gemm.cu).
 static int max_split_from_env() {
   const char* v = std::getenv("EXL2_CUDA_MAX_SPLIT");
   if (v == nullptr) return 0;
