@@ -349,37 +349,51 @@ __global__ void tc_gather_x_kernel(const __half* __restrict__ x, std::int64_t M,
   }
 }
 
+/// A group's header words (fp16 scale | fp16 (1024 + zero) << 16, one per n8 tile of the
+/// lane) as the half2 operands of the decode: scale and 1024 + zero in both halves.
+__device__ __forceinline__ void unpack_header(const uint4 h, std::uint32_t (&s2)[4], std::uint32_t (&z2)[4]) {
+  const std::uint32_t hv[4] = {h.x, h.y, h.z, h.w};
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
+    z2[jj] = __byte_perm(hv[jj], 0, 0x3232);
+  }
+}
+
+/// Per chunk q of an iteration (descriptor d, b bits): on a group change the scales and zeros
+/// from the group's header unit in the ring, the A fragments from the activation tile, and
+/// the ring word where the lane's b code words start (returned).
+template <int MT, int kXRow>
+__device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const __half* xs, const int4& d, int q, int b,
+                                              std::int64_t s0, int& header, std::uint32_t (&s2)[4],
+                                              std::uint32_t (&z2)[4], std::uint32_t (&a)[MT][2][4]) {
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  if (d.w != header) {
+    header = d.w;
+    const int hw =
+        static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + (lane >> 2) * 4;
+    unpack_header(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), s2, z2);
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+      ldmatrix_x4(a[mt][s],
+                  xs + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kXRow + 32 * q + 16 * s + (lane >> 4) * 8);
+  return (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kRingWords - 1)) +
+          warp * 32 * b + lane * b) &
+         (kRingWords - 1);
+}
+
 /// One full iteration of Q chunks of one bit width B, unrolled (see tc_gemm_kernel, F).
 template <int MT, int Q, int B, int kXRow>
 __device__ __forceinline__ void tc_iter_body(const std::uint32_t* ring, const __half* xs, const int4* dcur,
                                              std::int64_t s0, int& header, std::uint32_t (&s2)[4],
                                              std::uint32_t (&z2)[4], float (&acc)[MT][4][4]) {
-  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  const int g = lane >> 2;
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int4 d = dcur[q];
-    if (d.w != header) {
-      header = d.w;
-      const int hw = static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + g * 4;
-      const uint4 h = *reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1)));
-      const std::uint32_t hv[4] = {h.x, h.y, h.z, h.w};
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        s2[jj] = __byte_perm(hv[jj], 0, 0x1010);  // scale in both halves
-        z2[jj] = __byte_perm(hv[jj], 0, 0x3232);  // 1024 + zero in both halves
-      }
-    }
     std::uint32_t a[MT][2][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int s = 0; s < 2; ++s)
-        ldmatrix_x4(a[mt][s], xs + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kXRow + 32 * q + 16 * s +
-                                  (lane >> 4) * 8);
-    const int wo = (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kRingWords - 1)) +
-                    warp * 32 * B + lane * B) &
-                   (kRingWords - 1);
+    const int wo = tc_chunk_setup<MT, kXRow>(ring, xs, dcur[q], q, B, s0, header, s2, z2, a);
     std::uint32_t w[8];
     ring_lane_words<B>(ring, wo, w);
     tc_chunk_words<MT, B>(w, a, s2, z2, acc);
@@ -461,17 +475,10 @@ __global__ void __launch_bounds__(kTcThreads)
 
     // Scales and zeros of the current group: lane g's four columns 8*jj + g of its block.
     std::uint32_t s2[4] = {0, 0, 0, 0}, z2[4] = {0, 0, 0, 0};
-    auto set_header = [&](const uint4 h) {
-      const std::uint32_t hw[4] = {h.x, h.y, h.z, h.w};
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        s2[jj] = __byte_perm(hw[jj], 0, 0x1010);  // scale in both halves
-        z2[jj] = __byte_perm(hw[jj], 0, 0x3232);  // 1024 + zero in both halves
-      }
-    };
     if (!first_starts_group)
-      set_header(__ldg(reinterpret_cast<const uint4*>(tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords +
-                                                       warp * 32 + g * 4)));
+      unpack_header(__ldg(reinterpret_cast<const uint4*>(tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords +
+                                                          warp * 32 + g * 4)),
+                    s2, z2);
     int header = first_starts_group ? -1 : dfirst.w;
 
     // Descriptors: lanes q < Q of warp 0 load chunk (first of iteration) + q, two iterations
@@ -543,37 +550,22 @@ __global__ void __launch_bounds__(kTcThreads)
           case 8: tc_iter<MT, Q, 8>(ring, xs, dcur, s0, header, s2, z2, acc); break;
           default: break;  // rejected at construction
         }
-        __syncthreads();  // A. for the next iteration
-        continue;
-      }
+      } else {
 #pragma unroll 1
-      for (int q = 0; q < nq; ++q) {
-        const int4 d = dcur[q];
-        const int bits = d.z & 0xff;
-        if (d.w != header) {
-          header = d.w;
-          const int hw =
-              static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + g * 4;
-          set_header(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))));
-        }
-        std::uint32_t a[MT][2][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int s = 0; s < 2; ++s)
-            ldmatrix_x4(a[mt][s], xs + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S::kXRow + 32 * q + 16 * s +
-                                      (lane >> 4) * 8);
-        const int wo = (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kRingWords - 1)) +
-                        warp * 32 * bits + lane * bits) &
-                       (kRingWords - 1);
-        switch (bits) {
-          case 2: tc_chunk<MT, 2>(ring, wo, a, s2, z2, acc); break;
-          case 3: tc_chunk<MT, 3>(ring, wo, a, s2, z2, acc); break;
-          case 4: tc_chunk<MT, 4>(ring, wo, a, s2, z2, acc); break;
-          case 5: tc_chunk<MT, 5>(ring, wo, a, s2, z2, acc); break;
-          case 6: tc_chunk<MT, 6>(ring, wo, a, s2, z2, acc); break;
-          case 8: tc_chunk<MT, 8>(ring, wo, a, s2, z2, acc); break;
-          default: break;  // rejected at construction
+        for (int q = 0; q < nq; ++q) {
+          const int4 d = dcur[q];
+          const int bits = d.z & 0xff;
+          std::uint32_t a[MT][2][4];
+          const int wo = tc_chunk_setup<MT, S::kXRow>(ring, xs, d, q, bits, s0, header, s2, z2, a);
+          switch (bits) {
+            case 2: tc_chunk<MT, 2>(ring, wo, a, s2, z2, acc); break;
+            case 3: tc_chunk<MT, 3>(ring, wo, a, s2, z2, acc); break;
+            case 4: tc_chunk<MT, 4>(ring, wo, a, s2, z2, acc); break;
+            case 5: tc_chunk<MT, 5>(ring, wo, a, s2, z2, acc); break;
+            case 6: tc_chunk<MT, 6>(ring, wo, a, s2, z2, acc); break;
+            case 8: tc_chunk<MT, 8>(ring, wo, a, s2, z2, acc); break;
+            default: break;  // rejected at construction
+          }
         }
       }
       __syncthreads();  // A. for the next iteration
