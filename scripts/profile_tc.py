@@ -4,7 +4,6 @@ import sys
 import numpy as np
 import torch
 
-import exl2
 from exl2 import reference as R
 
 K, N, M = (int(v) for v in sys.argv[1:4])

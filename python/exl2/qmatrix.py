@@ -49,9 +49,9 @@ def _dense_min_rows_from_env() -> dict:
 
 
 _DENSE_MIN_ROWS = _dense_min_rows_from_env()
-# Experimental: with EXL2_CUDA_TC=1 set before import (and at construction), layers get
-# the tensor-core layout and its kernel serves float16 m <= 64 (src/cuda/tc_gemm.cu), so
-# float16 calls up to that size stay native.
+# Opt-in: with EXL2_CUDA_TC=1 set before import (and at construction), layers get the
+# tensor-core stream layout and float16 calls with m <= 64 stay native (the library runs its
+# GEMV for m <= 2 and the tensor-core kernel, src/cuda/tc_gemm.cu, for 3 <= m <= 64).
 _TC_MAX_ROWS = 64 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
 
 # The activation/output dtypes matmul and dequantize support.

@@ -1,10 +1,10 @@
 // Tensor-core kernel for small m (decode and small batches), on the tc stream layout
 // (tc_layout.hpp).
 //
-// EXPERIMENTAL, opt-in: a layer gets the stream layout (an extra copy of its codes, scales
-// and zeros) only when EXL2_CUDA_TC=1 is set at construction and the device has compute
-// capability 8.0+ (cp.async, ldmatrix, mma.sync m16n8k16); gemm() then uses this kernel
-// for float16 m <= kTcMaxRows. See src/cuda/README.md for its status and measurements.
+// Opt-in: a layer gets the stream layout (an extra copy of its codes, scales and zeros) only
+// when EXL2_CUDA_TC=1 is set at construction and the device has compute capability 8.0+
+// (cp.async, ldmatrix, mma.sync m16n8k16); gemm() then uses this kernel for float16
+// kTcMinRows <= m <= kTcMaxRows. See src/cuda/README.md for its status and measurements.
 //
 // Work split:
 //   block   = 4 warps and one tile of 128 output columns (warp w: columns 32w .. 32w+31,

@@ -15,7 +15,8 @@ namespace exl2::detail::cuda {
 /// on the GEMV kernel: at m = 2 it measured faster on 5 of 7 layers (H100, e.g. 4096x4096
 /// GPTQ-4 13.5 against 17.3 us, EXL2 4.5 bpw 8192x28672 101.8 against 112.5; the tc kernel
 /// wins only on the 4-bit 8192x28672 layers, 77 against 83 us). From m = 3 the tc kernel's
-/// time is flat up to m = 16 and 1.3-5x below the GEMV's.
+/// time is flat up to m = 16 and 1.3-5x below the default path's (GEMV, or from m = 13 the
+/// Python API's dequantize + cuBLAS route).
 constexpr int kTcMinRows = 3;
 constexpr int kTcMaxRows = 64;
 
