@@ -385,21 +385,6 @@ __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const _
          (kRingWords - 1);
 }
 
-/// One full iteration of Q chunks of one bit width B, unrolled (see tc_gemm_kernel, F).
-template <int MT, int Q, int B, int kXRow>
-__device__ __forceinline__ void tc_iter_body(const std::uint32_t* ring, const __half* xs, const int4* dcur,
-                                             std::int64_t s0, int& header, std::uint32_t (&s2)[4],
-                                             std::uint32_t (&z2)[4], float (&acc)[MT][4][4]) {
-#pragma unroll
-  for (int q = 0; q < Q; ++q) {
-    std::uint32_t a[MT][2][4];
-    const int wo = tc_chunk_setup<MT, kXRow>(ring, xs, dcur[q], q, B, s0, header, s2, z2, a);
-    std::uint32_t w[8];
-    ring_lane_words<B>(ring, wo, w);
-    tc_chunk_words<MT, B>(w, a, s2, z2, acc);
-  }
-}
-
 // Chunks per iteration ("super-chunk"): one barrier pair, one activation tile and one
 // descriptor set per Q chunks, so per-iteration latencies are paid once per Q * 32 rows.
 template <int MT>
@@ -411,11 +396,20 @@ struct TcShape {
   static_assert(R * 4 * Q % kTcThreads == 0, "activation tile / threads");
 };
 
-template <int MT, int Q, int B>
+/// One full iteration of TcShape<MT>::Q chunks of one bit width B, unrolled (see
+/// tc_gemm_kernel, F).
+template <int MT, int B>
 __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half* xs, const int4* dcur,
                                         std::int64_t s0, int& header, std::uint32_t (&s2)[4], std::uint32_t (&z2)[4],
                                         float (&acc)[MT][4][4]) {
-  tc_iter_body<MT, Q, B, TcShape<MT>::kXRow>(ring, xs, dcur, s0, header, s2, z2, acc);
+#pragma unroll
+  for (int q = 0; q < TcShape<MT>::Q; ++q) {
+    std::uint32_t a[MT][2][4];
+    const int wo = tc_chunk_setup<MT, TcShape<MT>::kXRow>(ring, xs, dcur[q], q, B, s0, header, s2, z2, a);
+    std::uint32_t w[8];
+    ring_lane_words<B>(ring, wo, w);
+    tc_chunk_words<MT, B>(w, a, s2, z2, acc);
+  }
 }
 
 template <int MT>
@@ -542,12 +536,12 @@ __global__ void __launch_bounds__(kTcThreads)
       for (int q = 1; q < Q; ++q) uniform = uniform && (dcur[q].z & 0xff) == bits0;
       if (uniform) {
         switch (bits0) {
-          case 2: tc_iter<MT, Q, 2>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 3: tc_iter<MT, Q, 3>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 4: tc_iter<MT, Q, 4>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 5: tc_iter<MT, Q, 5>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 6: tc_iter<MT, Q, 6>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 8: tc_iter<MT, Q, 8>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 2: tc_iter<MT, 2>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 3: tc_iter<MT, 3>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 4: tc_iter<MT, 4>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 5: tc_iter<MT, 5>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 6: tc_iter<MT, 6>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 8: tc_iter<MT, 8>(ring, xs, dcur, s0, header, s2, z2, acc); break;
           default: break;  // rejected at construction
         }
       } else {
