@@ -293,6 +293,12 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
 #endif
 }
 
+/// Blocks of a kernel that fit the whole GPU at once (one wave), given how many fit one
+/// multiprocessor (at least 1).
+std::int64_t resident_blocks(const DeviceLayer& L, int blocks_per_sm) {
+  return static_cast<std::int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 1) * L.sm_count;
+}
+
 // The bfloat16 instantiations use the fp16 kernels' occupancy (queried at construction)
 // for the split choice: same shape, block size and launch bounds.
 template <int M, class T>
@@ -303,9 +309,7 @@ void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) 
   // H100 at m = 1 (EXL2_CUDA_MAX_SPLIT sweep, GPTQ-4): 4096x4096 9.8 us with 8 against 11.5 with
   // 4 and 14336x4096 24.1 against 29.6 (32 tiles), but 4096x14336 23.1 against 19.1 and
   // 8192x28672 71.5 against 68.7 (112 and 224 tiles).
-  const std::int64_t slots = static_cast<std::int64_t>(L.gemv_blocks_per_sm[M] > 0 ? L.gemv_blocks_per_sm[M] : 1) *
-                             L.sm_count;
-  const int cap = tiles * 4 < slots ? 8 : 4;
+  const int cap = tiles * 4 < resident_blocks(L, L.gemv_blocks_per_sm[M]) ? 8 : 4;
   const int split = cluster_split(L, tiles, 2 * kWarps, L.gemv_blocks_per_sm[M], cap);
   launch_clustered(gemv_kernel<M, T>, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split)),
                    dim3(kThreads), split, 1, stream, "gemv_kernel launch", x, L.K,
@@ -338,7 +342,7 @@ int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_b
   // Among the splits that leave each block enough chunks to amortise its reduction,
   // take the smallest whose last wave of blocks is within 5% as full as the best one:
   // a larger split only adds reduction work once the waves are balanced.
-  const std::int64_t slots = static_cast<std::int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 1) * L.sm_count;
+  const std::int64_t slots = resident_blocks(L, blocks_per_sm);
   double eff[4] = {0, 0, 0, 0};
   double best = 0.0;
   for (int i = 0, split = 1; i < 4; ++i, split *= 2) {
