@@ -27,7 +27,10 @@ def _tc_on(monkeypatch: pytest.MonkeyPatch) -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the tc kernel needs compute capability 8.0+")
     monkeypatch.setenv("EXL2_CUDA_TC", "1")
-    # Route every m the tc kernel serves to it (not to the dense path of the Python API).
+    # Route every m the tc kernel serves to it: m = 1 too (by default only on layers of at least
+    # one 128-column tile per multiprocessor; test_tc_routes_by_m checks that rule), and not
+    # to the dense path of the Python API.
+    monkeypatch.setenv("EXL2_CUDA_TC_MIN_ROWS", "1")
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", TC_MAX_ROWS)
 
 
@@ -105,3 +108,36 @@ def test_tc_large_layer_and_batch_dims() -> None:
         y = q.matmul(torch.from_numpy(x).cuda())
         assert y.shape == (2, 3, 1024)
         assert rel_err(y.reshape(6, 1024), expected(layer, x.reshape(6, 4096))) < TOL
+
+
+def _kernels_run(fn) -> set:
+    """Names of the CUDA kernels that fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+def _ran(kernels: set, name: str) -> bool:
+    return any(name in k for k in kernels)
+
+
+def test_tc_routes_by_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default routing with the tc layout: m >= 2 runs the tc kernel; m = 1 runs it on layers
+    of at least one 128-column tile per multiprocessor, else the GEMV."""
+    monkeypatch.delenv("EXL2_CUDA_TC_MIN_ROWS")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rng = np.random.default_rng(4)
+    small = R.random_gptq(rng, 256, 128 * (sms - 1), group_size=128)
+    large = R.random_gptq(rng, 256, 128 * sms, group_size=128)
+    for layer, m1_kernel in ((small, "gemv_kernel"), (large, "tc_gemm_kernel")):
+        with build(layer, "cuda") as q:
+            for m, kernel in ((1, m1_kernel), (2, "tc_gemm_kernel"), (TC_MAX_ROWS, "tc_gemm_kernel")):
+                x = torch.from_numpy(random_x(rng, (m, 256))).cuda()
+                kernels = _kernels_run(lambda: q.matmul(x))
+                other = "gemv_kernel" if kernel == "tc_gemm_kernel" else "tc_gemm_kernel"
+                assert _ran(kernels, kernel) and not _ran(kernels, other), (
+                    f"N={q.out_features} m={m}: expected {kernel}, ran {sorted(kernels)}")
+                assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL

@@ -225,6 +225,10 @@ struct DeviceLayer {
   DeviceBuffer<int4> tc_chunks;       // [num_chunks]
   std::int64_t tc_tiles = 0;          // ceil(N / 128)
   std::int64_t tc_tile_words = 0;     // words of one tile's stream (128 per unit)
+  // Smallest m that gemm() sends to the tc kernel: 1 for layers of at least sm_count tiles,
+  // else kTcMinRows (tc_gemm.cuh); EXL2_CUDA_TC_MIN_ROWS at construction
+  // overrides it (1..3), a measurement knob like max_split.
+  int tc_min_rows = 0;
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.
   const int* kernel_perm() const noexcept { return identity_perm ? nullptr : perm.get(); }

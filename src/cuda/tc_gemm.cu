@@ -4,7 +4,8 @@
 // Opt-in: a layer gets the stream layout (an extra copy of its codes, scales and zeros) only
 // when EXL2_CUDA_TC=1 is set at construction and the device has compute capability 8.0+
 // (cp.async, ldmatrix, mma.sync m16n8k16); gemm() then uses this kernel for float16
-// kTcMinRows <= m <= kTcMaxRows. See src/cuda/README.md for its status and measurements.
+// m <= kTcMaxRows from layer.tc_min_rows on (m >= 2, and m = 1 on large layers; tc_gemm.cuh).
+// See src/cuda/README.md for its status and measurements.
 //
 // Work split:
 //   block   = 4 warps and one tile of 128 output columns (warp w: columns 32w .. 32w+31,
@@ -55,6 +56,9 @@ namespace {
 constexpr int kTcWarps = tc::kTileBlocks;  // one warp per 32-column block of the tile
 constexpr int kTcThreads = 32 * kTcWarps;
 constexpr int kPackThreads = 256;
+// Halves past the gathered activations' end that the kernel may read (and ignore): up to
+// Q - 1 = 3 chunks of 32 past the last row's end.
+constexpr int kXTailPad = 4 * 32;
 
 // The shared-memory ring: kRingSteps steps of kStepUnits units (one 16-byte cp.async per
 // thread and step). Copies run kLookahead steps ahead of the last step the current iteration
@@ -192,10 +196,11 @@ __device__ __forceinline__ std::uint32_t h2_as_u32(__half2 h) {
   return u;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+/// 16-byte asynchronous copy global -> shared (`smem`: a shared-window address, converted once
+/// by the caller).
+__device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
 #else
   (void)smem;
   (void)gmem;
@@ -328,8 +333,9 @@ __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, cons
 }
 
 /// The activations in the order the kernel reads them: xp[row, 32 * c + r] = x[row, perm[row0_c + r]]
-/// for the rows r < rows_c of chunk c, else 0 (short chunks padded to 32 rows). One thread
-/// per element; the reads are scattered (act-order) but small, the writes coalesced.
+/// for the rows r < rows_c of chunk c, else 0 (short chunks padded to 32 rows), then kXTailPad
+/// zeros. One thread per element; the reads are scattered (act-order) but small, the writes
+/// coalesced.
 __global__ void tc_gather_x_kernel(const __half* __restrict__ x, std::int64_t M, std::int64_t K,
                                    const int* __restrict__ perm, const int4* __restrict__ tc_chunks, int num_chunks,
                                    __half* __restrict__ xp) {
@@ -347,6 +353,10 @@ __global__ void tc_gather_x_kernel(const __half* __restrict__ x, std::int64_t M,
     }
     xp[i] = v;
   }
+  // The tail padding the tc kernel may read past the last row (kXTailPad), zeroed so that
+  // nothing reads uninitialised memory.
+  const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < kXTailPad) xp[total + t] = __ushort_as_half(0);
 }
 
 /// A group's header words (fp16 scale | fp16 (1024 + zero) << 16, one per n8 tile of the
@@ -394,6 +404,9 @@ struct TcShape {
   static constexpr int kXRow = 32 * Q + 8;          // halves per activation tile row (+16 bytes: no ldmatrix bank conflicts)
   static constexpr int kXVecs = R * 4 * Q / kTcThreads;  // 16-byte activation loads per thread and iteration
   static_assert(R * 4 * Q % kTcThreads == 0, "activation tile / threads");
+  // Blocks per multiprocessor that the register budget must allow (the 32 KB ring allows 6):
+  // the kernel is latency-bound, so ptxas may not trade occupancy for registers.
+  static constexpr int kMinBlocks = MT == 1 ? 6 : MT == 2 ? 4 : 3;
 };
 
 /// One full iteration of TcShape<MT>::Q chunks of one bit width B, unrolled (see
@@ -413,7 +426,7 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
 }
 
 template <int MT>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     tc_gemm_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
                    const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
                    const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
@@ -452,16 +465,21 @@ __global__ void __launch_bounds__(kTcThreads)
     const bool first_starts_group = dfirst.y == dfirst.w + 1;
     const std::int64_t s0 = first_starts_group ? dfirst.w : dfirst.y;
     const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
+    // Step p copies units s0 + 4p .. s0 + 4p + 3 (thread tid: unit tid / 32, 16 bytes), so
+    // this thread copies in steps p < my_steps only. The copy loop is a large share of the
+    // kernel's instructions (a step per 4 units): source pointer, ring offset and step bound
+    // are kept incrementally in registers instead of being recomputed from s0 each step.
     const std::uint32_t* __restrict__ src = tsrc + s0 * tc::kUnitWords + tid * 4;
-
-    // Step p copies units s0 + 4p .. s0 + 4p + 3 (thread tid: unit tid / 32, 16 bytes).
+    const int my_steps = (static_cast<int>(s1 - s0) - tid / 32 + kStepUnits - 1) / kStepUnits;
+    unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(ring));
+    asm("" : "+r"(ring_s));  // opaque: keep it in a register (else ptxas recomputes it per copy)
     int issued = 0;
+    unsigned dst_off = static_cast<unsigned>(tid * 4);  // ring word of this thread's next copy
     auto issue_step = [&]() {
-      const std::int64_t unit = s0 + static_cast<std::int64_t>(issued) * kStepUnits + tid / 32;
-      if (unit < s1)
-        cp_async16(ring + ((issued * kStepUnits * tc::kUnitWords + tid * 4) & (kRingWords - 1)),
-                   src + static_cast<std::int64_t>(issued) * kStepUnits * tc::kUnitWords);
+      if (issued < my_steps) cp_async16(ring_s + dst_off * 4u, src);
       cp_async_commit();
+      src += kStepUnits * tc::kUnitWords;
+      dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kRingWords - 1);
       ++issued;
     };
 #pragma unroll 1
@@ -482,18 +500,25 @@ __global__ void __launch_bounds__(kTcThreads)
       return (warp == 0 && lane < Q && c < ce) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
     };
     // Activations: the tile [R rows x 32 Q] of xp at chunk c0, as 16-byte pieces (row,
-    // 8 columns); rows past M and chunks past ce read as 0.
+    // 8 columns); piece k of this thread is at xoff[k] from the block's first row, plus 32 c0.
+    // No bounds checks: rows past M read row M - 1 instead (an mma output row depends only on
+    // its own A row, and those rows are never stored), and the chunks of a last, partial
+    // iteration past ce read the following row or the scratch's tail padding (launch_tc);
+    // their values are never used (the iteration runs nq chunks).
     uint4 xv[S::kXVecs];
+    const __half* __restrict__ xblock = xp + m0 * ldxp;
+    unsigned xoff[S::kXVecs];
+#pragma unroll
+    for (int k = 0; k < S::kXVecs; ++k) {
+      const unsigned piece = static_cast<unsigned>(tid + kTcThreads * k);
+      const unsigned row = piece / (4 * Q), col8 = piece % (4 * Q);
+      const unsigned last = static_cast<unsigned>(M - 1 - m0);
+      xoff[k] = (row < last ? row : last) * static_cast<unsigned>(ldxp) + col8 * 8;
+    }
     auto load_x = [&](int c0) {
 #pragma unroll
-      for (int k = 0; k < S::kXVecs; ++k) {
-        const int piece = tid + kTcThreads * k;
-        const int row = piece / (4 * Q), col8 = piece % (4 * Q);
-        xv[k] = make_uint4(0, 0, 0, 0);
-        if (m0 + row < M && c0 + col8 / 4 < ce)
-          xv[k] = __ldg(reinterpret_cast<const uint4*>(xp + (m0 + row) * ldxp + static_cast<std::int64_t>(c0) * 32 +
-                                                      col8 * 8));
-      }
+      for (int k = 0; k < S::kXVecs; ++k)
+        xv[k] = __ldg(reinterpret_cast<const uint4*>(xblock + (xoff[k] + static_cast<unsigned>(c0) * 32)));
     };
     if (warp == 0 && lane < Q) dring[0][lane] = load_desc(cb);
     int4 dnext = load_desc(cb + Q);
@@ -508,7 +533,8 @@ __global__ void __launch_bounds__(kTcThreads)
       // B. The steps holding this iteration's chunks have landed (this thread's copies).
       {
         const int4 dl = dcur[nq - 1];
-        const int last_step = static_cast<int>((static_cast<std::int64_t>(dl.y) + (dl.z & 0xff) - 1 - s0) / kStepUnits);
+        const int last_step = (dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) / kStepUnits;
+#pragma unroll 1
         while (issued - kLookahead <= last_step) {
           issue_step();
           cp_async_wait<kLookahead>();
@@ -517,8 +543,8 @@ __global__ void __launch_bounds__(kTcThreads)
       // C. This iteration's activations and the next iteration's descriptors into shared memory.
 #pragma unroll
       for (int k = 0; k < S::kXVecs; ++k) {
-        const int piece = tid + kTcThreads * k;
-        const int row = piece / (4 * Q), col8 = piece % (4 * Q);
+        const unsigned piece = static_cast<unsigned>(tid + kTcThreads * k);
+        const unsigned row = piece / (4 * Q), col8 = piece % (4 * Q);
         *reinterpret_cast<uint4*>(xs + row * S::kXRow + col8 * 8) = xv[k];
       }
       if (warp == 0 && lane < Q) dring[(it + 1) & 1][lane] = dnext;
@@ -655,6 +681,15 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
 
 }  // namespace
 
+/// The smallest m sent to the tc kernel (see kTcMinRows), or EXL2_CUDA_TC_MIN_ROWS=1|2|3 at
+/// construction (smaller m run the GEMV), to measure the two kernels against each other.
+static int tc_min_rows(const DeviceLayer& L) {
+  const char* v = std::getenv("EXL2_CUDA_TC_MIN_ROWS");
+  const int r = v != nullptr ? std::atoi(v) : 0;
+  if (r >= 1 && r <= 3) return r;
+  return L.tc_tiles >= L.sm_count ? 1 : kTcMinRows;
+}
+
 bool tc_requested() noexcept {
   const char* v = std::getenv("EXL2_CUDA_TC");
   return v != nullptr && std::strcmp(v, "1") == 0;
@@ -670,8 +705,12 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
     EXL2_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(tc_gemm_kernel<1>)));
     if (attr.ptxVersion < 80) return;
   }
+  // The kernel addresses the activation rows of a block with 32-bit offsets (< 64 rows of
+  // 32 * num_chunks halves).
+  if (static_cast<std::int64_t>(L.num_chunks) * 32 * 64 > 0x7fffffffLL) return;
   const StreamTables tables = make_stream_tables(chunks_host, L.G);
   L.tc_tiles = (L.N + tc::kTileCols - 1) / tc::kTileCols;
+  L.tc_min_rows = tc_min_rows(L);
   L.tc_tile_words = tables.units * tc::kUnitWords;
   L.tc_chunks.allocate(tables.chunks.size(), "tc chunk table");
   EXL2_CUDA_CHECK(cudaMemcpyAsync(L.tc_chunks.get(), tables.chunks.data(), tables.chunks.size() * sizeof(int4),
@@ -702,12 +741,13 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
 }
 
 bool tc_usable(const DeviceLayer& L, std::int64_t m) noexcept {
-  return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= kTcMinRows && m <= kTcMaxRows;
+  return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= L.tc_min_rows && m <= kTcMaxRows;
 }
 
 void launch_tc(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
   const std::int64_t ldxp = static_cast<std::int64_t>(L.num_chunks) * 32;
-  StreamScratch xp(static_cast<std::size_t>(m * ldxp) * sizeof(__half), stream);
+  // + kXTailPad: the kernel's unchecked activation loads of a last, partial iteration.
+  StreamScratch xp(static_cast<std::size_t>(m * ldxp + kXTailPad) * sizeof(__half), stream);
   __half* xph = static_cast<__half*>(xp.get());
   tc_gather_x_kernel<<<grid_for(m * ldxp, kPackThreads), kPackThreads, 0, stream>>>(
       x, m, L.K, L.kernel_perm(), static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks, xph);

@@ -11,13 +11,16 @@
 
 namespace exl2::detail::cuda {
 
-/// The m range gemm() sends to the tc kernel when a layer has the tc layout. m = 1 and 2 stay
-/// on the GEMV kernel: at m = 2 it measured faster on 5 of 7 layers (H100, e.g. 4096x4096
-/// GPTQ-4 13.5 against 17.3 us, EXL2 4.5 bpw 8192x28672 101.8 against 112.5; the tc kernel
-/// wins only on the 4-bit 8192x28672 layers, 77 against 83 us). From m = 3 the tc kernel's
-/// time is flat up to m = 16 and 1.3-5x below the default path's (GEMV, or from m = 13 the
-/// Python API's dequantize + cuBLAS route).
-constexpr int kTcMinRows = 3;
+/// The m range gemm() sends to the tc kernel when a layer has the tc layout: kTcMinRows ..
+/// kTcMaxRows, and m = 1 on layers with at least one 128-column tile per multiprocessor
+/// (tc_usable). Measured on an H200 (GPTQ-4 and EXL2 2.5/4.0/4.5/6.0 bpw on the four bench
+/// shapes, `EXL2_CUDA_TC_MIN_ROWS=1`, against the GEMV in the same session): at m = 2 the tc
+/// kernel was faster on 18 of 20 layers and level on 2 (e.g. 14336x4096 GPTQ-4 26.9 against
+/// 33.1 us, 8192x28672 64.8 against 83.8); at m = 1 it was 5-9% faster on the five 8192x28672
+/// layers (224 tiles; GPTQ-4 64.6 against 69.7 us) and 2-3 us slower on the 32- and
+/// 112-tile layers (4096x4096 GPTQ-4 12.0 against 9.4 us: the activation gather's extra launch
+/// and the pipeline's fill are not hidden on a short K range).
+constexpr int kTcMinRows = 2;
 constexpr int kTcMaxRows = 64;
 
 /// True when EXL2_CUDA_TC=1 is set (read at each construction): build the tc layout.
