@@ -22,9 +22,17 @@ NOTES = [
     "floor_us = the layer's stored weight bytes (bits_per_weight * K * N / 8) / copy bandwidth measured in the "
     "same run; tb_s = those bytes / exl2_us; pct_floor = 100 * floor_us / exl2_us.",
     "dense_us = torch.matmul with the dequantized weight in the activation dtype, in the same run.",
-    "On CUDA, QMatrix.matmul with float16 m >= 13 rows (bfloat16 m >= 9) dequantizes into a scratch tensor and "
-    "calls torch.mm (cuBLAS); below that exl2's weight-streaming kernel runs.",
 ]
+#: Which kernel served which m, by the command's EXL2_CUDA_TC setting (``--routing`` overrides).
+ROUTING = {
+    False: "On CUDA, QMatrix.matmul with float16 m >= 13 rows (bfloat16 m >= 9) dequantizes into a scratch tensor "
+           "and calls torch.mm (cuBLAS); below that exl2's weight-streaming kernel runs.",
+    True: "With EXL2_CUDA_TC=1 (set before import and at construction) QMatrix.matmul on CUDA runs exl2's own "
+          "kernels for float16 m <= 64: the tensor-core kernel (src/cuda/tc_gemm.cu) for 2 <= m <= 64 and for "
+          "m = 1 on layers of at least one 128-column tile per multiprocessor (8192x28672 here), the "
+          "weight-streaming GEMV for the other m = 1; from m = 65 (bfloat16: m >= 9) it dequantizes into a "
+          "scratch tensor and calls torch.mm (cuBLAS).",
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -33,13 +41,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--command", required=True, help="the bench command line that produced it")
     p.add_argument("--previous", type=Path, default=DATA, help="data file whose reference section is kept")
     p.add_argument("--out", type=Path, default=DATA, help="where to write (default: %(default)s)")
+    p.add_argument("--routing", help="the note on which kernel served which m (default: from the command's "
+                                     "EXL2_CUDA_TC=1 or its absence)")
     args = p.parse_args(argv)
     new = json.loads(args.bench.read_text())
     if not new.get("rows"):
         p.error(f"bench: {args.bench} holds no rows")
     old = json.loads(args.previous.read_text()) if args.previous.is_file() else {}
     new["command"] = args.command
-    new["notes"] = NOTES
+    new["notes"] = NOTES + [args.routing or ROUTING["EXL2_CUDA_TC=1" in args.command]]
     if old.get("reference"):
         new["reference"] = old["reference"]
     args.out.write_text(json.dumps(new, indent=1) + "\n")

@@ -327,6 +327,16 @@ def test_performance_tables_match_the_json() -> None:
     assert (DOCS / "perf" / "h100_bench.png").is_file()
 
 
+def test_performance_tc_tables_match_the_json() -> None:
+    pp = _perf_plot()
+    tc = pp.load(pp.TC_JSON)
+    assert pp.page_tables(begin=pp.TC_BEGIN, end=pp.TC_END) == pp.tc_tables(tc, pp.load()), (
+        "docs/performance.md's tensor-core tables differ from docs/perf/h100_bench_tc.json: "
+        "run python docs/perf_plot.py --update-page"
+    )
+    assert "EXL2_CUDA_TC=1" in tc["command"]
+
+
 def test_performance_dense_threshold_is_current() -> None:
     """The page (and the plot) say float16 m >= 13 goes to dequantize + cuBLAS on CUDA."""
     import torch

@@ -137,6 +137,8 @@ def test_tc_routes_by_m(monkeypatch: pytest.MonkeyPatch) -> None:
             for m, kernel in ((1, m1_kernel), (2, "tc_gemm_kernel"), (TC_MAX_ROWS, "tc_gemm_kernel")):
                 x = torch.from_numpy(random_x(rng, (m, 256))).cuda()
                 kernels = _kernels_run(lambda: q.matmul(x))
+                if not kernels:  # e.g. under compute-sanitizer, which excludes the CUDA profiler
+                    pytest.skip("the CUDA profiler recorded no kernels")
                 other = "gemv_kernel" if kernel == "tc_gemm_kernel" else "tc_gemm_kernel"
                 assert _ran(kernels, kernel) and not _ran(kernels, other), (
                     f"N={q.out_features} m={m}: expected {kernel}, ran {sorted(kernels)}")

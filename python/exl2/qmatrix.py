@@ -50,8 +50,9 @@ def _dense_min_rows_from_env() -> dict:
 
 _DENSE_MIN_ROWS = _dense_min_rows_from_env()
 # Opt-in: with EXL2_CUDA_TC=1 set before import (and at construction), layers get the
-# tensor-core stream layout and float16 calls with m <= 64 stay native (the library runs its
-# GEMV for m <= 2 and the tensor-core kernel, src/cuda/tc_gemm.cu, for 3 <= m <= 64).
+# tensor-core stream layout and float16 calls with m <= 64 stay native (the library runs the
+# tensor-core kernel, src/cuda/tc_gemm.cu, for 2 <= m <= 64 and for m = 1 on large layers, its
+# GEMV for the other m = 1).
 _TC_MAX_ROWS = 64 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
 
 # The activation/output dtypes matmul and dequantize support.
