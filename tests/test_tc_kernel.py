@@ -143,3 +143,36 @@ def test_tc_routes_by_m(monkeypatch: pytest.MonkeyPatch) -> None:
                 assert _ran(kernels, kernel) and not _ran(kernels, other), (
                     f"N={q.out_features} m={m}: expected {kernel}, ran {sorted(kernels)}")
                 assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL
+
+
+@pytest.mark.parametrize("name", ["exl2_mixed", "exl2_n40_short_groups", "gptq_act_order", "gptq3_act_order",
+                                  "gptq8", "awq"])
+def test_tc_bfloat16_within_bound(name: str) -> None:
+    """bfloat16 through the tc kernel: weights bf16((q - z) * s) as dequantize(bfloat16) gives
+    them, fp32 accumulation (tensor cores: twice the accumulation term, as for the fused
+    bfloat16 kernel in test_cuda_bf16), the same bound as every other bfloat16 path; and
+    deterministic."""
+    from test_bf16 import assert_within_bound, bf16_weight, random_bf16_x
+
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    w = bf16_weight(layer)
+    with build(layer, "cuda") as q:
+        assert torch.equal(q.dequantize(torch.bfloat16).cpu(), torch.from_numpy(w).to(torch.bfloat16))
+        for m in [1, 2, 5, 16, 17, 33, 64]:
+            x = random_bf16_x(np.random.default_rng(m), m, K)
+            xt = torch.from_numpy(x).to(torch.bfloat16).cuda()
+            y = q.matmul(xt)
+            assert y.dtype == torch.bfloat16
+            assert_within_bound(y, layer, x, w, mag_term=1026 * 2.0**-23)
+            assert torch.equal(q.matmul(xt), y), f"m={m}: not deterministic"
+
+
+def test_tc_bfloat16_runs_the_tc_kernel() -> None:
+    layer = LAYERS["gptq_act_order"]
+    with build(layer, "cuda") as q:
+        x = torch.from_numpy(random_x(np.random.default_rng(5), (8, 1024))).to(torch.bfloat16).cuda()
+        kernels = _kernels_run(lambda: q.matmul(x))
+        if not kernels:  # e.g. under compute-sanitizer, which excludes the CUDA profiler
+            pytest.skip("the CUDA profiler recorded no kernels")
+        assert any("tc_gemm_kernel" in k and "bfloat16" in k for k in kernels), sorted(kernels)

@@ -50,9 +50,9 @@ def _dense_min_rows_from_env() -> dict:
 
 _DENSE_MIN_ROWS = _dense_min_rows_from_env()
 # Opt-in: with EXL2_CUDA_TC=1 set before import (and at construction), layers get the
-# tensor-core stream layout and float16 calls with m <= 64 stay native (the library runs the
-# tensor-core kernel, src/cuda/tc_gemm.cu, for 2 <= m <= 64 and for m = 1 on large layers, its
-# GEMV for the other m = 1).
+# tensor-core stream layout and float16 / bfloat16 calls with m <= 64 stay native (the library
+# runs the tensor-core kernel, src/cuda/tc_gemm.cu, for 2 <= m <= 64 and for m = 1 on large
+# layers, its GEMV for the other m = 1).
 _TC_MAX_ROWS = 64 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
 
 # The activation/output dtypes matmul and dequantize support.
@@ -362,7 +362,7 @@ class QMatrix:
         dev = self._device
         bf16 = x.dtype == torch.bfloat16
         if dev.type == "cuda":
-            if rows >= (_DENSE_MIN_ROWS[x.dtype] if bf16 else max(_DENSE_MIN_ROWS[x.dtype], _TC_MAX_ROWS + 1)):
+            if rows >= max(_DENSE_MIN_ROWS[x.dtype], _TC_MAX_ROWS + 1):
                 with _on_device(dev):
                     self._dense_matmul(x2, out2)
                 return out

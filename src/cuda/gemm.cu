@@ -320,11 +320,9 @@ bool mma_bf16_runs(const void* kernel) {
 
 template <class T>
 void gemm_rows(const DeviceLayer& layer, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
-  if constexpr (!kIsBf16<T>) {
-    if (tc_usable(layer, m)) {  // experimental, opt-in (EXL2_CUDA_TC=1 at construction), fp16 only
-      launch_tc(layer, x, m, out, stream);
-      return;
-    }
+  if (tc_usable(layer, m)) {  // opt-in (EXL2_CUDA_TC=1 at construction)
+    launch_tc(layer, x, m, out, stream);
+    return;
   }
   if (m <= kGemvMaxRows) {
     launch_gemv(layer, x, m, out, stream);

@@ -32,6 +32,7 @@
 // fixed order (chunks in order inside the fragments, then cluster ranks 0..S-1) and written
 // once: deterministic and graph-capture safe.
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -236,15 +237,25 @@ __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&a)[4], const void* s
 #endif
 }
 
-/// d += A (16x16, row-major fragment a) * B (16x8, fragment b0/b1), fp32 accumulation.
+/// d += A (16x16, row-major fragment a) * B (16x8, fragment b0/b1), inputs of type T (__half
+/// or __nv_bfloat16), fp32 accumulation.
+template <class T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
                                           std::uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (kIsBf16<T>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
 #else
   (void)d;
   (void)a;
@@ -300,17 +311,34 @@ __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w
   }
 }
 
-/// Decode one chunk's B fragments from the lane's words and accumulate (bit-exact:
-/// (1024 + q) - (1024 + z) is the exact q - z, one __hmul2 by the scale).
-template <int MT, int B>
+/// One B-fragment register: the pair of codes `qm` (fp16x2 1024 + q, from pair_with_magic) as
+/// two weights of type T. (1024 + q) - (1024 + z) is the exact q - z; float16: one __hmul2 by
+/// the scale (s2 = the fp16 scale twice) rounds like the reference, f16((q - z) * s);
+/// bfloat16: the exact fp32 product by the scale (s2 = its fp32 bits) rounded once to bfloat16,
+/// bf16((q - z) * s), as dequantize(bfloat16) gives.
+template <class T>
+__device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t qm, std::uint32_t z2, std::uint32_t s2) {
+  const __half2 d = __hsub2(u32_as_h2(qm), u32_as_h2(z2));
+  if constexpr (kIsBf16<T>) {
+    const float s = __uint_as_float(s2);
+    const float2 f = __half22float2(d);
+    const __nv_bfloat162 r = __floats2bfloat162_rn(f.x * s, f.y * s);
+    std::uint32_t u;
+    std::memcpy(&u, &r, 4);
+    return u;
+  } else {
+    return h2_as_u32(__hmul2(d, u32_as_h2(s2)));
+  }
+}
+
+/// Decode one chunk's B fragments from the lane's words and accumulate.
+template <int MT, int B, class T>
 __device__ __forceinline__ void tc_chunk_words(const std::uint32_t (&w)[8], const std::uint32_t (&a)[MT][2][4],
                                                const std::uint32_t (&s2)[4], const std::uint32_t (&z2)[4],
                                                float (&acc)[MT][4][4]) {
   std::uint32_t b[4][2][2];  // [n8 tile][k16 step][b0 / b1]
-#define EXL2_TC_PAIR(JJ, S, H)                                                                            \
-  b[JJ][S][H] = h2_as_u32(__hmul2(__hsub2(u32_as_h2(pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H)>(w)),   \
-                                          u32_as_h2(z2[JJ])),                                             \
-                                  u32_as_h2(s2[JJ])));
+#define EXL2_TC_PAIR(JJ, S, H) \
+  b[JJ][S][H] = decode_pair<T>(pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H)>(w), z2[JJ], s2[JJ]);
 #define EXL2_TC_TILE(JJ) EXL2_TC_PAIR(JJ, 0, 0) EXL2_TC_PAIR(JJ, 0, 1) EXL2_TC_PAIR(JJ, 1, 0) EXL2_TC_PAIR(JJ, 1, 1)
   EXL2_TC_TILE(0) EXL2_TC_TILE(1) EXL2_TC_TILE(2) EXL2_TC_TILE(3)
 #undef EXL2_TC_TILE
@@ -320,25 +348,25 @@ __device__ __forceinline__ void tc_chunk_words(const std::uint32_t (&w)[8], cons
 #pragma unroll
     for (int s = 0; s < 2; ++s)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma_16816(acc[mt][jj], a[mt][s], b[jj][s][0], b[jj][s][1]);
+      for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt][jj], a[mt][s], b[jj][s][0], b[jj][s][1]);
 }
 
-template <int MT, int B>
+template <int MT, int B, class T>
 __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, const std::uint32_t (&a)[MT][2][4],
                                          const std::uint32_t (&s2)[4], const std::uint32_t (&z2)[4],
                                          float (&acc)[MT][4][4]) {
   std::uint32_t w[8];
   ring_lane_words<B>(ring, wo, w);
-  tc_chunk_words<MT, B>(w, a, s2, z2, acc);
+  tc_chunk_words<MT, B, T>(w, a, s2, z2, acc);
 }
 
-/// The activations in the order the kernel reads them: xp[row, 32 * c + r] = x[row, perm[row0_c + r]]
+/// The activations (16-bit values of either type) in the order the kernel reads them: xp[row, 32 * c + r] = x[row, perm[row0_c + r]]
 /// for the rows r < rows_c of chunk c, else 0 (short chunks padded to 32 rows), then kXTailPad
 /// zeros. One thread per element; the reads are scattered (act-order) but small, the writes
 /// coalesced.
-__global__ void tc_gather_x_kernel(const __half* __restrict__ x, std::int64_t M, std::int64_t K,
+__global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int64_t M, std::int64_t K,
                                    const int* __restrict__ perm, const int4* __restrict__ tc_chunks, int num_chunks,
-                                   __half* __restrict__ xp) {
+                                   std::uint16_t* __restrict__ xp) {
   const std::int64_t ld = static_cast<std::int64_t>(num_chunks) * 32;
   const std::int64_t total = M * ld;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -346,7 +374,7 @@ __global__ void tc_gather_x_kernel(const __half* __restrict__ x, std::int64_t M,
     const std::int64_t row = i / ld;
     const int c = static_cast<int>((i % ld) >> 5), r = static_cast<int>(i & 31);
     const int4 d = __ldg(tc_chunks + c);
-    __half v = __ushort_as_half(0);
+    std::uint16_t v = 0;  // +0 in float16 and bfloat16
     if (r < ((d.z >> 8) & 0xff)) {
       const int k = d.x + r;
       v = x[row * K + (perm ? __ldg(perm + k) : k)];
@@ -356,16 +384,21 @@ __global__ void tc_gather_x_kernel(const __half* __restrict__ x, std::int64_t M,
   // The tail padding the tc kernel may read past the last row (kXTailPad), zeroed so that
   // nothing reads uninitialised memory.
   const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < kXTailPad) xp[total + t] = __ushort_as_half(0);
+  if (t < kXTailPad) xp[total + t] = 0;
 }
 
 /// A group's header words (fp16 scale | fp16 (1024 + zero) << 16, one per n8 tile of the
-/// lane) as the half2 operands of the decode: scale and 1024 + zero in both halves.
+/// lane) as the operands of decode_pair<T>: 1024 + zero in both halves of z2; the scale in
+/// both halves of s2 (float16) or as fp32 bits (bfloat16).
+template <class T>
 __device__ __forceinline__ void unpack_header(const uint4 h, std::uint32_t (&s2)[4], std::uint32_t (&z2)[4]) {
   const std::uint32_t hv[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj) {
-    s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
+    if constexpr (kIsBf16<T>)
+      s2[jj] = __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu))));
+    else
+      s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
     z2[jj] = __byte_perm(hv[jj], 0, 0x3232);
   }
 }
@@ -373,7 +406,7 @@ __device__ __forceinline__ void unpack_header(const uint4 h, std::uint32_t (&s2)
 /// Per chunk q of an iteration (descriptor d, b bits): on a group change the scales and zeros
 /// from the group's header unit in the ring, the A fragments from the activation tile, and
 /// the ring word where the lane's b code words start (returned).
-template <int MT, int kXRow>
+template <int MT, int kXRow, class T>
 __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const __half* xs, const int4& d, int q, int b,
                                               std::int64_t s0, int& header, std::uint32_t (&s2)[4],
                                               std::uint32_t (&z2)[4], std::uint32_t (&a)[MT][2][4]) {
@@ -382,7 +415,7 @@ __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const _
     header = d.w;
     const int hw =
         static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + (lane >> 2) * 4;
-    unpack_header(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), s2, z2);
+    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), s2, z2);
   }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -411,26 +444,27 @@ struct TcShape {
 
 /// One full iteration of TcShape<MT>::Q chunks of one bit width B, unrolled (see
 /// tc_gemm_kernel, F).
-template <int MT, int B>
+template <int MT, int B, class T>
 __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half* xs, const int4* dcur,
                                         std::int64_t s0, int& header, std::uint32_t (&s2)[4], std::uint32_t (&z2)[4],
                                         float (&acc)[MT][4][4]) {
 #pragma unroll
   for (int q = 0; q < TcShape<MT>::Q; ++q) {
     std::uint32_t a[MT][2][4];
-    const int wo = tc_chunk_setup<MT, TcShape<MT>::kXRow>(ring, xs, dcur[q], q, B, s0, header, s2, z2, a);
+    const int wo = tc_chunk_setup<MT, TcShape<MT>::kXRow, T>(ring, xs, dcur[q], q, B, s0, header, s2, z2, a);
     std::uint32_t w[8];
     ring_lane_words<B>(ring, wo, w);
-    tc_chunk_words<MT, B>(w, a, s2, z2, acc);
+    tc_chunk_words<MT, B, T>(w, a, s2, z2, acc);
   }
 }
 
-template <int MT>
+/// T: the activation / output type (__half or __nv_bfloat16); `xp` holds its bits.
+template <int MT, class T>
 __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     tc_gemm_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
                    const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
                    const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
-                   __half* __restrict__ out, std::int64_t N, int split) {
+                   T* __restrict__ out, std::int64_t N, int split) {
   using S = TcShape<MT>;
   constexpr int R = S::R, Q = S::Q;
   __shared__ __align__(128) std::uint32_t ring[kRingWords];
@@ -488,7 +522,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     // Scales and zeros of the current group: lane g's four columns 8*jj + g of its block.
     std::uint32_t s2[4] = {0, 0, 0, 0}, z2[4] = {0, 0, 0, 0};
     if (!first_starts_group)
-      unpack_header(__ldg(reinterpret_cast<const uint4*>(tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords +
+      unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords +
                                                           warp * 32 + g * 4)),
                     s2, z2);
     int header = first_starts_group ? -1 : dfirst.w;
@@ -562,12 +596,12 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       for (int q = 1; q < Q; ++q) uniform = uniform && (dcur[q].z & 0xff) == bits0;
       if (uniform) {
         switch (bits0) {
-          case 2: tc_iter<MT, 2>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 3: tc_iter<MT, 3>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 4: tc_iter<MT, 4>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 5: tc_iter<MT, 5>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 6: tc_iter<MT, 6>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 8: tc_iter<MT, 8>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 2: tc_iter<MT, 2, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 3: tc_iter<MT, 3, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 4: tc_iter<MT, 4, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 5: tc_iter<MT, 5, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 6: tc_iter<MT, 6, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 8: tc_iter<MT, 8, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
           default: break;  // rejected at construction
         }
       } else {
@@ -576,14 +610,14 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
           const int4 d = dcur[q];
           const int bits = d.z & 0xff;
           std::uint32_t a[MT][2][4];
-          const int wo = tc_chunk_setup<MT, S::kXRow>(ring, xs, d, q, bits, s0, header, s2, z2, a);
+          const int wo = tc_chunk_setup<MT, S::kXRow, T>(ring, xs, d, q, bits, s0, header, s2, z2, a);
           switch (bits) {
-            case 2: tc_chunk<MT, 2>(ring, wo, a, s2, z2, acc); break;
-            case 3: tc_chunk<MT, 3>(ring, wo, a, s2, z2, acc); break;
-            case 4: tc_chunk<MT, 4>(ring, wo, a, s2, z2, acc); break;
-            case 5: tc_chunk<MT, 5>(ring, wo, a, s2, z2, acc); break;
-            case 6: tc_chunk<MT, 6>(ring, wo, a, s2, z2, acc); break;
-            case 8: tc_chunk<MT, 8>(ring, wo, a, s2, z2, acc); break;
+            case 2: tc_chunk<MT, 2, T>(ring, wo, a, s2, z2, acc); break;
+            case 3: tc_chunk<MT, 3, T>(ring, wo, a, s2, z2, acc); break;
+            case 4: tc_chunk<MT, 4, T>(ring, wo, a, s2, z2, acc); break;
+            case 5: tc_chunk<MT, 5, T>(ring, wo, a, s2, z2, acc); break;
+            case 6: tc_chunk<MT, 6, T>(ring, wo, a, s2, z2, acc); break;
+            case 8: tc_chunk<MT, 8, T>(ring, wo, a, s2, z2, acc); break;
             default: break;  // rejected at construction
           }
         }
@@ -600,7 +634,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     const std::int64_t n = n_block + 8 * jj + 2 * t + (e & 1);
     if (row < M && n < N) {
       if (bias) v += __half2float(bias[n]);
-      out[row * N + n] = __float2half_rn(v);
+      out[row * N + n] = from_float<T>(v);
     }
   };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -628,7 +662,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       const std::int64_t n = tile * tc::kTileCols + i % tc::kTileCols;
       if (row < M && n < N) {
         if (bias) sum += __half2float(bias[n]);
-        out[row * N + n] = __float2half_rn(sum);
+        out[row * N + n] = from_float<T>(sum);
       }
     }
     cluster.sync();  // keep this block's shared memory alive for the readers
@@ -662,8 +696,8 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
-template <int MT>
-void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
+template <int MT, class T>
+void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
                     cudaStream_t stream) {
   const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
   if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
@@ -671,7 +705,7 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   // 4096x4096 13.3 us with 8 against 17.3 with 4, 14336x4096 30.3 against 43.7, 8192x28672
   // 73.3 against 78.0, 4096x14336 level.
   const int split = cluster_split(L, L.tc_tiles * mtiles, 16, L.tc_blocks_per_sm[MT], 8);
-  launch_clustered(tc_gemm_kernel<MT>, dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
+  launch_clustered(tc_gemm_kernel<MT, T>, dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
                                             static_cast<unsigned>(mtiles)),
                    dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", xp, m, ldxp,
                    static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
@@ -702,7 +736,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
     // older virtual architecture (JIT-compiled here) holds only traps, so such a layer
     // gets no tc layout.
     cudaFuncAttributes attr{};
-    EXL2_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(tc_gemm_kernel<1>)));
+    EXL2_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(tc_gemm_kernel<1, __half>)));
     if (attr.ptxVersion < 80) return;
   }
   // The kernel addresses the activation rows of a block with 32-bit offsets (< 64 rows of
@@ -729,11 +763,11 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   tc_pack_headers_kernel<<<grid_for(header_threads, kPackThreads), kPackThreads, 0, stream>>>(
       L.scales.get(), L.zeros.get(), L.N, L.G, L.tc_tiles, L.tc_tile_words, header.get(), L.tc_qweight.get());
   EXL2_CUDA_CHECK_LAUNCH("tc_pack_headers_kernel");
-  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[1], tc_gemm_kernel<1>,
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[1], tc_gemm_kernel<1, __half>,
                                                                 kTcThreads, 0));
-  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[2], tc_gemm_kernel<2>,
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[2], tc_gemm_kernel<2, __half>,
                                                                 kTcThreads, 0));
-  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[4], tc_gemm_kernel<4>,
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[4], tc_gemm_kernel<4, __half>,
                                                                 kTcThreads, 0));
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope.
@@ -744,20 +778,32 @@ bool tc_usable(const DeviceLayer& L, std::int64_t m) noexcept {
   return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= L.tc_min_rows && m <= kTcMaxRows;
 }
 
-void launch_tc(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
+template <class T>
+void launch_tc_for(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
   const std::int64_t ldxp = static_cast<std::int64_t>(L.num_chunks) * 32;
   // + kXTailPad: the kernel's unchecked activation loads of a last, partial iteration.
-  StreamScratch xp(static_cast<std::size_t>(m * ldxp + kXTailPad) * sizeof(__half), stream);
-  __half* xph = static_cast<__half*>(xp.get());
+  StreamScratch xp(static_cast<std::size_t>(m * ldxp + kXTailPad) * sizeof(std::uint16_t), stream);
+  std::uint16_t* xpb = static_cast<std::uint16_t*>(xp.get());
   tc_gather_x_kernel<<<grid_for(m * ldxp, kPackThreads), kPackThreads, 0, stream>>>(
-      x, m, L.K, L.kernel_perm(), static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks, xph);
+      reinterpret_cast<const std::uint16_t*>(x), m, L.K, L.kernel_perm(), static_cast<const int4*>(L.tc_chunks.get()),
+      L.num_chunks, xpb);
   EXL2_CUDA_CHECK_LAUNCH("tc_gather_x_kernel");
+  const __half* xph = reinterpret_cast<const __half*>(xpb);  // the kernel reads 16-bit values of T
   if (m <= 16)
     launch_tc_rows<1>(L, xph, m, ldxp, out, stream);
   else if (m <= 32)
     launch_tc_rows<2>(L, xph, m, ldxp, out, stream);
   else
     launch_tc_rows<4>(L, xph, m, ldxp, out, stream);
+}
+
+void launch_tc(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
+  launch_tc_for(L, x, m, out, stream);
+}
+
+void launch_tc(const DeviceLayer& L, const __nv_bfloat16* x, std::int64_t m, __nv_bfloat16* out,
+               cudaStream_t stream) {
+  launch_tc_for(L, x, m, out, stream);
 }
 
 }  // namespace exl2::detail::cuda

@@ -1,6 +1,7 @@
 // Internal: the experimental tensor-core kernel for small m (tc_gemm.cu, tc_layout.hpp).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -34,7 +35,10 @@ void build_tc_layout(DeviceLayer& layer, const std::vector<int4>& chunks_host, c
 /// True when the layer has the tc layout and gemm() should use it for m rows.
 bool tc_usable(const DeviceLayer& layer, std::int64_t m) noexcept;
 
-/// out[m, N] = x[m, K] @ W (+ bias) for 1 <= m <= kTcMaxRows; requires tc_usable.
+/// out[m, N] = x[m, K] @ W (+ bias) for 1 <= m <= kTcMaxRows, float16 or bfloat16 (the weights
+/// rounded to x's type as dequantize() gives them, fp32 accumulation); requires tc_usable.
 void launch_tc(const DeviceLayer& layer, const __half* x, std::int64_t m, __half* out, cudaStream_t stream);
+void launch_tc(const DeviceLayer& layer, const __nv_bfloat16* x, std::int64_t m, __nv_bfloat16* out,
+               cudaStream_t stream);
 
 }  // namespace exl2::detail::cuda
