@@ -126,16 +126,22 @@ def _ran(kernels: set, name: str) -> bool:
 
 def test_tc_routes_by_m(monkeypatch: pytest.MonkeyPatch) -> None:
     """Default routing with the tc layout: m >= 2 runs the tc kernel; m = 1 runs it on layers
-    of at least one 128-column tile per multiprocessor, else the GEMV."""
+    of at least one 128-column tile per multiprocessor and, where clusters of 16 run (compute
+    capability 9.0: H100, H200), on layers of K >= 8192; else the GEMV. The long-K layer also
+    runs the tc kernel's clusters of 16 (one tile, 256 chunks)."""
     monkeypatch.delenv("EXL2_CUDA_TC_MIN_ROWS")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rng = np.random.default_rng(4)
     small = R.random_gptq(rng, 256, 128 * (sms - 1), group_size=128)
     large = R.random_gptq(rng, 256, 128 * sms, group_size=128)
-    for layer, m1_kernel in ((small, "gemv_kernel"), (large, "tc_gemm_kernel")):
+    long_k = R.random_gptq(rng, 8192, 128, group_size=128, act_order=True, bias=True)
+    c16 = torch.cuda.get_device_capability()[0] == 9
+    for layer, m1_kernel in ((small, "gemv_kernel"), (large, "tc_gemm_kernel"),
+                             (long_k, "tc_gemm_kernel" if c16 else "gemv_kernel")):
+        K = layer["weight"].shape[0]
         with build(layer, "cuda") as q:
             for m, kernel in ((1, m1_kernel), (2, "tc_gemm_kernel"), (TC_MAX_ROWS, "tc_gemm_kernel")):
-                x = torch.from_numpy(random_x(rng, (m, 256))).cuda()
+                x = torch.from_numpy(random_x(rng, (m, K))).cuda()
                 kernels = _kernels_run(lambda: q.matmul(x))
                 if not kernels:  # e.g. under compute-sanitizer, which excludes the CUDA profiler
                     pytest.skip("the CUDA profiler recorded no kernels")

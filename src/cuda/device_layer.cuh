@@ -194,6 +194,7 @@ struct DeviceLayer {
   int sm_count = 1;   // multiprocessors of `device` (work partitioning)
   int cc_major = 0;   // compute capability major of `device` (9+: thread-block clusters)
   bool clusters = false;  // cc 9.0+ and the kernels' sm_90 code runs (cluster split-K usable)
+  bool cluster16 = false;  // the tc kernel's MT = 1 clusters may have 16 blocks (tc layout only)
   // Resident blocks per multiprocessor of each kernel instantiation, queried once at
   // construction (work partitioning without a host query per call).
   int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)
@@ -202,7 +203,7 @@ struct DeviceLayer {
   // The bfloat16 mma_kernel runs code compiled for compute capability 8.0+ on this
   // device (wmma bfloat16); false: bfloat16 with m > 16 uses GEMV slices (gemm.cu).
   bool mma_bf16 = false;
-  // Cap on the cluster split-K factor set by EXL2_CUDA_MAX_SPLIT (1, 2, 4 or 8) at
+  // Cap on the cluster split-K factor set by EXL2_CUDA_MAX_SPLIT (1, 2, 4, 8 or 16) at
   // construction, a tuning / measurement knob; 0: each kernel's default cap (see
   // cluster_split and src/cuda/README.md).
   int max_split = 0;
@@ -225,8 +226,8 @@ struct DeviceLayer {
   DeviceBuffer<int4> tc_chunks;       // [num_chunks]
   std::int64_t tc_tiles = 0;          // ceil(N / 128)
   std::int64_t tc_tile_words = 0;     // words of one tile's stream (128 per unit)
-  // Smallest m that gemm() sends to the tc kernel: 1 for layers of at least sm_count tiles,
-  // else kTcMinRows (tc_gemm.cuh); EXL2_CUDA_TC_MIN_ROWS at construction
+  // Smallest m that gemm() sends to the tc kernel: 1 for layers of at least sm_count tiles or
+  // kTcLongK chunks, else kTcMinRows (tc_gemm.cuh); EXL2_CUDA_TC_MIN_ROWS at construction
   // overrides it (1..3), a measurement knob like max_split.
   int tc_min_rows = 0;
 

@@ -293,11 +293,6 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
 #endif
 }
 
-/// Blocks of a kernel that fit the whole GPU at once (one wave), given how many fit one
-/// multiprocessor (at least 1).
-std::int64_t resident_blocks(const DeviceLayer& L, int blocks_per_sm) {
-  return static_cast<std::int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 1) * L.sm_count;
-}
 
 // The bfloat16 instantiations use the fp16 kernels' occupancy (queried at construction)
 // for the split choice: same shape, block size and launch bounds.
@@ -309,6 +304,7 @@ void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) 
   // H100 at m = 1 (EXL2_CUDA_MAX_SPLIT sweep, GPTQ-4): 4096x4096 9.8 us with 8 against 11.5 with
   // 4 and 14336x4096 24.1 against 29.6 (32 tiles), but 4096x14336 23.1 against 19.1 and
   // 8192x28672 71.5 against 68.7 (112 and 224 tiles).
+  // (Clusters of 16 measured level with 8 here: 4096x4096 and 14336x4096 at m = 1, H200.)
   const int cap = tiles * 4 < resident_blocks(L, L.gemv_blocks_per_sm[M]) ? 8 : 4;
   const int split = cluster_split(L, tiles, 2 * kWarps, L.gemv_blocks_per_sm[M], cap);
   launch_clustered(gemv_kernel<M, T>, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split)),
@@ -321,7 +317,7 @@ void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) 
 
 }  // namespace
 
-/// EXL2_CUDA_MAX_SPLIT = 1, 2, 4 or 8 caps the split-K factor of the layers built while it
+/// EXL2_CUDA_MAX_SPLIT = 1, 2, 4, 8 or 16 caps the split-K factor of the layers built while it
 /// is set (to measure the split heuristic); 0 when unset or anything else. Clusters of 8 blocks
 /// measured mixed for the GEMV kernels on the H100 (8192x28672, m = 1: split 8 76-107 us
 /// across runs of one session, 71.5 us in another, splits <= 4 68-69 us; 4096x4096 and
@@ -332,30 +328,55 @@ static int max_split_from_env() {
   const char* v = std::getenv("EXL2_CUDA_MAX_SPLIT");
   if (v == nullptr) return 0;
   const int s = std::atoi(v);
-  return (s == 1 || s == 2 || s == 4 || s == 8) ? s : 0;
+  return (s == 1 || s == 2 || s == 4 || s == 8 || s == 16) ? s : 0;
 }
 
 int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                   int max_split) {
   if (!L.clusters) return 1;
-  if (L.max_split > 0) max_split = L.max_split;  // EXL2_CUDA_MAX_SPLIT at construction
+  // EXL2_CUDA_MAX_SPLIT at construction replaces the cap, except that 16 needs a kernel that
+  // allows it (its caller passes 16).
+  if (L.max_split > 0) max_split = (L.max_split == 16 && max_split < 16) ? 8 : L.max_split;
   // Among the splits that leave each block enough chunks to amortise its reduction,
   // take the smallest whose last wave of blocks is within 5% as full as the best one:
   // a larger split only adds reduction work once the waves are balanced.
   const std::int64_t slots = resident_blocks(L, blocks_per_sm);
-  double eff[4] = {0, 0, 0, 0};
+  double eff[5] = {0, 0, 0, 0, 0};
   double best = 0.0;
-  for (int i = 0, split = 1; i < 4; ++i, split *= 2) {
+  for (int i = 0, split = 1; i < 5; ++i, split *= 2) {
     if (split > 1 && (L.num_chunks / split < min_chunks_per_block || split > max_split)) break;
     const std::int64_t blocks = tiles * split;
     const std::int64_t waves = (blocks + slots - 1) / slots;
     eff[i] = static_cast<double>(blocks) / static_cast<double>(waves * slots);
     if (eff[i] > best) best = eff[i];
   }
-  for (int i = 0, split = 1; i < 4; ++i, split *= 2) {
+  for (int i = 0, split = 1; i < 5; ++i, split *= 2) {
     if (eff[i] >= best - 0.05) return split;
   }
   return 1;
+}
+
+bool cluster16_launchable(const void* kernel, int threads) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, 16, 1);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 16;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // not supported here: no clusters of 16
+    return false;
+  }
+  return clusters > 0;
+}
+
+void allow_cluster16(const void* kernel) {
+  EXL2_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 }
 
 template <int... Ms>

@@ -25,13 +25,26 @@ void query_gemv_occupancy(DeviceLayer& layer);
 /// Fill layer.mma_blocks_per_sm (at construction, on the layer's device).
 void query_mma_occupancy(DeviceLayer& layer);
 
-/// Split-K factor (1, 2, 4 or 8 blocks of a thread-block cluster) for `tiles` output
+/// Split-K factor (1, 2, 4, 8 or 16 blocks of a thread-block cluster; 16 only for kernels
+/// that allow_cluster16 enabled) for `tiles` output
 /// tiles, given how many blocks of the kernel fit one multiprocessor, at most `max_split`
 /// (or the layer's EXL2_CUDA_MAX_SPLIT cap when one was set at construction); 1 below compute
 /// capability 9.0 or when the kernels lack their sm_90 code (layer.clusters false). Depends
 /// only on the shape, the device and the build.
 int cluster_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                   int max_split = 4);
+
+/// Blocks of a kernel that fit the whole GPU at once (one wave), given how many fit one
+/// multiprocessor (at least 1).
+inline std::int64_t resident_blocks(const DeviceLayer& L, int blocks_per_sm) {
+  return static_cast<std::int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 1) * L.sm_count;
+}
+
+/// Lets `kernel` be launched with clusters of more than 8 blocks (a non-portable size).
+void allow_cluster16(const void* kernel);
+/// True when clusters of 16 blocks of `kernel` (`threads` per block) fit this device (after
+/// allow_cluster16).
+bool cluster16_launchable(const void* kernel, int threads);
 
 /// Launch `kernel` on grid/block with a cluster of `split` blocks along `split_dim`
 /// (0 = x, 1 = y, 2 = z; a plain launch when split == 1).

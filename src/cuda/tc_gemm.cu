@@ -704,7 +704,13 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   // Up to 8 blocks per cluster: measured on the H100 (EXL2_CUDA_MAX_SPLIT sweep, GPTQ-4, m = 4):
   // 4096x4096 13.3 us with 8 against 17.3 with 4, 14336x4096 30.3 against 43.7, 8192x28672
   // 73.3 against 78.0, 4096x14336 level.
-  const int split = cluster_split(L, L.tc_tiles * mtiles, 16, L.tc_blocks_per_sm[MT], 8);
+  // MT = 1: clusters of 16 (at least 8 chunks a block) where the tiles do not fill one wave at
+  // 8. Measured on an H200 (GPTQ-4, m = 1..16, against a cap of 8): 4096x4096 11.3-11.7 against
+  // 12.0-12.3 us, 14336x4096 22.4-24.2 against 26.5-28.4; MT = 2 got slower (4096x4096 m = 32:
+  // 17.7 against 15.1 us), so it keeps 8.
+  const std::int64_t tiles = L.tc_tiles * mtiles;
+  const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, L.tc_blocks_per_sm[MT]);
+  const int split = cluster_split(L, tiles, c16 ? 8 : 16, L.tc_blocks_per_sm[MT], c16 ? 16 : 8);
   launch_clustered(tc_gemm_kernel<MT, T>, dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
                                             static_cast<unsigned>(mtiles)),
                    dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", xp, m, ldxp,
@@ -721,7 +727,7 @@ static int tc_min_rows(const DeviceLayer& L) {
   const char* v = std::getenv("EXL2_CUDA_TC_MIN_ROWS");
   const int r = v != nullptr ? std::atoi(v) : 0;
   if (r >= 1 && r <= 3) return r;
-  return L.tc_tiles >= L.sm_count ? 1 : kTcMinRows;
+  return L.tc_tiles >= L.sm_count || (L.cluster16 && L.num_chunks >= kTcLongK) ? 1 : kTcMinRows;
 }
 
 bool tc_requested() noexcept {
@@ -744,7 +750,6 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   if (static_cast<std::int64_t>(L.num_chunks) * 32 * 64 > 0x7fffffffLL) return;
   const StreamTables tables = make_stream_tables(chunks_host, L.G);
   L.tc_tiles = (L.N + tc::kTileCols - 1) / tc::kTileCols;
-  L.tc_min_rows = tc_min_rows(L);
   L.tc_tile_words = tables.units * tc::kUnitWords;
   L.tc_chunks.allocate(tables.chunks.size(), "tc chunk table");
   EXL2_CUDA_CHECK(cudaMemcpyAsync(L.tc_chunks.get(), tables.chunks.data(), tables.chunks.size() * sizeof(int4),
@@ -769,6 +774,13 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
                                                                 kTcThreads, 0));
   EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[4], tc_gemm_kernel<4, __half>,
                                                                 kTcThreads, 0));
+  if (L.clusters) {  // clusters of 16 for the MT = 1 kernels (launch_tc_rows), where they fit
+    allow_cluster16(reinterpret_cast<const void*>(tc_gemm_kernel<1, __half>));
+    allow_cluster16(reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16>));
+    L.cluster16 = cluster16_launchable(reinterpret_cast<const void*>(tc_gemm_kernel<1, __half>), kTcThreads) &&
+                  cluster16_launchable(reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16>), kTcThreads);
+  }
+  L.tc_min_rows = tc_min_rows(L);
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope.
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
