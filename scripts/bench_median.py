@@ -32,10 +32,11 @@ def merge(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             raise ValueError(f"run {i}: its rows (layer, m) differ from run 1's")
     rows = []
     for j, r0 in enumerate(first["rows"]):
-        med = {f: statistics.median(run["rows"][j][f] for run in runs) for f in ("exl2_us", "dense_us", "floor_us")}
+        med = {k: statistics.median(run["rows"][j][k] for run in runs) for k in ("exl2_us", "dense_us", "floor_us")}
         weight_bytes = r0["bpw"] * r0["K"] * r0["N"] / 8
-        rows.append(dict(r0, **med, vs_floor=med["exl2_us"] / med["floor_us"], vs_dense=med["exl2_us"] / med["dense_us"],
-                         tb_s=weight_bytes / (med["exl2_us"] * 1e-6) / 1e12, pct_floor=100 * med["floor_us"] / med["exl2_us"]))
+        t, d, f = med["exl2_us"], med["dense_us"], med["floor_us"]
+        rows.append(dict(r0, **med, vs_floor=t / f, vs_dense=t / d, tb_s=weight_bytes / (t * 1e-6) / 1e12,
+                         pct_floor=100 * f / t))
     out = dict(first, rows=rows, copy_bandwidth=statistics.median(run["copy_bandwidth"] for run in runs))
     out["timing"] = f"{first['timing']}; per row the median of {len(runs)} runs of the command"
     if all("eager_m1" in run for run in runs):

@@ -360,9 +360,9 @@ __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, cons
   tc_chunk_words<MT, B, T>(w, a, s2, z2, acc);
 }
 
-/// The activations (16-bit values of either type) in the order the kernel reads them: xp[row, 32 * c + r] = x[row, perm[row0_c + r]]
-/// for the rows r < rows_c of chunk c, else 0 (short chunks padded to 32 rows), then kXTailPad
-/// zeros. One thread per element; the reads are scattered (act-order) but small, the writes
+/// The activations (16-bit values of either type) in the order the kernel reads them:
+/// xp[row, 32 * c + r] = x[row, perm[row0_c + r]] for the rows r < rows_c of chunk c, else 0
+/// (short chunks padded to 32 rows), then kXTailPad zeros. One thread per element; the reads are scattered (act-order) but small, the writes
 /// coalesced.
 __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int64_t M, std::int64_t K,
                                    const int* __restrict__ perm, const int4* __restrict__ tc_chunks, int num_chunks,
@@ -522,9 +522,9 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     // Scales and zeros of the current group: lane g's four columns 8*jj + g of its block.
     std::uint32_t s2[4] = {0, 0, 0, 0}, z2[4] = {0, 0, 0, 0};
     if (!first_starts_group)
-      unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords +
-                                                          warp * 32 + g * 4)),
-                    s2, z2);
+      unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(
+                           tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords + warp * 32 + g * 4)),
+                       s2, z2);
     int header = first_starts_group ? -1 : dfirst.w;
 
     // Descriptors: lanes q < Q of warp 0 load chunk (first of iteration) + q, two iterations

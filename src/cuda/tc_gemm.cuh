@@ -13,14 +13,17 @@
 namespace exl2::detail::cuda {
 
 /// The m range gemm() sends to the tc kernel when a layer has the tc layout: kTcMinRows ..
-/// kTcMaxRows, and m = 1 on layers with at least one 128-column tile per multiprocessor or, where
-/// clusters of 16 run, at least kTcLongK chunks (K >= 8192; tc_usable). Measured on an H200 (GPTQ-4 and EXL2 2.5/4.0/4.5/6.0 bpw on the four bench
-/// shapes, `EXL2_CUDA_TC_MIN_ROWS=1`, against the GEMV in the same session): at m = 2 the tc
+/// kTcMaxRows, and m = 1 on layers with at least one 128-column tile per multiprocessor or,
+/// where clusters of 16 run, at least kTcLongK chunks (K >= 8192; tc_usable). Measured on an
+/// H200 (GPTQ-4 and EXL2 2.5/4.0/4.5/6.0 bpw on the four bench shapes,
+/// `EXL2_CUDA_TC_MIN_ROWS=1`, against the GEMV in the same session): at m = 2 the tc
 /// kernel was faster on 18 of 20 layers and level on 2 (e.g. 14336x4096 GPTQ-4 26.9 against
 /// 33.1 us, 8192x28672 64.8 against 83.8); at m = 1 it was 5-9% faster on the five 8192x28672
 /// layers (224 tiles; GPTQ-4 64.6 against 69.7 us) and 2-3 us slower on the 32- and
 /// 112-tile layers (4096x4096 GPTQ-4 12.0 against 9.4 us: the activation gather's extra launch
-/// and the pipeline's fill are not hidden on a short K range).
+/// and the pipeline's fill are not hidden on a short K range). bfloat16 the same way (H100:
+/// m = 2 4096x4096 14.0 against 14.9 us, 8192x28672 80.2 against 101.9; m = 1 4096x4096 14.0
+/// against 11.7).
 constexpr int kTcMinRows = 2;
 /// With clusters of 16 (tc_gemm.cu) the tc kernel also won at m = 1 on 14336x4096 (H200, GPTQ-4
 /// and EXL2 2.5/4.0/4.5/6.0 bpw: 22.1-31.0 against 24.5-34.6 us for the GEMV), not on 4096x4096
