@@ -294,20 +294,21 @@ __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int w
   }
 }
 
-/// Pair p of a lane's words with the magic exponent: fp16x2 (1024 + q_lo, 1024 + q_hi). For
-/// b = 2, 4, 8 the mask and the OR are one lop3 ((v & mask) | 0x64006400; ptxas emits two
-/// LOP3s for the plain C++ expression since both constants are immediates).
+/// Pair p of a lane's words with the magic exponent: fp16x2 (1024 + q_lo, 1024 + q_hi). Main
+/// pairs (tc::code_bit): a shift, then the mask and the OR in one lop3 ((v & mask) |
+/// 0x64006400; ptxas emits two LOP3s for the plain C++ expression since both constants are
+/// immediates); the spare pairs of b = 3, 5, 6 from their segments.
 template <int B, int P>
 __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
-  if constexpr (tc::pow2_bits(B)) {
-    constexpr int kHalf = 16 / B;  // pairs per word
+  if constexpr (P < tc::main_pairs(B)) {
+    constexpr int kN = tc::half_codes(B);
     constexpr std::uint32_t kMask = ((1u << B) - 1u) * 0x00010001u;
-    const std::uint32_t v = w[P / kHalf] >> ((P % kHalf) * B);
+    const std::uint32_t v = w[P / kN] >> ((P % kN) * B);
     std::uint32_t r;
     asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(kMask), "n"(0x64006400));
     return r;
   } else {
-    return tc::extract_pair<B>(w, P) | 0x64006400u;
+    return tc::spare_pair<B, P - tc::main_pairs(B)>(w) | 0x64006400u;
   }
 }
 

@@ -16,14 +16,17 @@
 // canonical layout, except short chunks (padded to 32 rows with the code z, i.e. weight 0)
 // and the column padding (code 0, scale 0).
 //
-// Within a lane's b words the 32 codes form a little-endian b-bit stream of 32 "virtual
-// rows". Pair p (p = 4*jj + 2*s + h, h = 0 for b0, 1 for b1) sits at virtual rows
-// (pair_lo(b, p), pair_hi(b, p)), chosen so that extraction is cheap:
-//   b = 2, 4, 8: both codes of a pair lie in one word, 16 bits apart, so one shift and
-//                one mask put them in the low bits of the two halves of a half2
-//                (then the magic-1024 trick makes fp16 1024 + q);
-//   b = 3, 5, 6: consecutive virtual rows 2p, 2p + 1 (codes may straddle words).
-// For b = 4, word jj holds exactly n8 tile jj's eight codes.
+// Within a lane's b words, pair p (p = 4*jj + 2*s + h, h = 0 for b0, 1 for b1) is placed
+// (code_bit) so that extraction is cheap: each 16-bit half of a word holds n = 16 / b codes
+// at offsets 0, b, .., (n - 1) b, and "main" pair p < b * n sits in word p / n at offset
+// (p % n) * b of both halves (low code in the low half, high code 16 bits up), so one shift
+// and one mask put the pair in the low bits of the two halves of a half2 (then the
+// magic-1024 trick makes fp16 1024 + q). b = 2, 4, 8 have only main pairs (for b = 4, word jj
+// holds exactly n8 tile jj's eight codes). b = 3, 5, 6 leave s = 16 - n b spare bits at the
+// top of every half (1, 1, 4): the remaining 16 - b n pairs (1, 1, 4) are stored in them, the
+// spare bits of words 0 .. b-1 read as one little-endian stream per half (a few shifts and
+// masks per pair; before this layout, 3/5/6-bit codes formed one b-bit stream across the
+// words and every code could straddle two words).
 //
 // Stream layout (what is stored). Columns are cut into tiles of kTileCols = 128 (four
 // 32-column blocks, one per warp of the kernel's block). Each tile's data is one contiguous
@@ -36,6 +39,7 @@
 // scales and zeros it needs arriving in the same stream just before the group's codes.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -84,11 +88,20 @@ EXL2_TC_HD constexpr std::uint32_t header_value(std::uint16_t scale_bits, std::u
 
 EXL2_TC_HD constexpr bool pow2_bits(int b) { return b == 2 || b == 4 || b == 8; }
 
-/// Virtual row (position in the lane's code stream) of the low / high code of pair p.
-EXL2_TC_HD constexpr int pair_lo(int b, int p) {
-  return pow2_bits(b) ? (p / (16 / b)) * (32 / b) + p % (16 / b) : 2 * p;
+/// Codes per 16-bit half of a lane word, pairs stored whole in one word, spare bits per half.
+EXL2_TC_HD constexpr int half_codes(int b) { return 16 / b; }
+EXL2_TC_HD constexpr int main_pairs(int b) { return b * half_codes(b) < kPairs ? b * half_codes(b) : kPairs; }
+EXL2_TC_HD constexpr int spare_bits(int b) { return 16 - b * half_codes(b); }
+
+/// Position (32 * word + bit) in the lane's b words of bit k of code e (0: low, 1: high) of
+/// pair p: main pairs at (word p / n, offset (p % n) b) of half e; the others in the spare
+/// bits, bit j b + k of the stream of the halves' spare bits (s per word, words in order).
+EXL2_TC_HD constexpr int code_bit(int b, int p, int e, int k) {
+  const int n = half_codes(b);
+  if (p < main_pairs(b)) return 32 * (p / n) + 16 * e + (p % n) * b + k;
+  const int s = spare_bits(b), sb = (p - main_pairs(b)) * b + k;
+  return 32 * (sb / s) + 16 * e + n * b + sb % s;
 }
-EXL2_TC_HD constexpr int pair_hi(int b, int p) { return pow2_bits(b) ? pair_lo(b, p) + 16 / b : 2 * p + 1; }
 
 /// Chunk row of the low code of pair p for lane quad index t (lane = 4*g + t); the high
 /// code is the next row. Column within the 32-column block: 8 * (p / 4) + g.
@@ -105,15 +118,43 @@ EXL2_TC_HD std::uint32_t stream_code(const std::uint32_t* w, int v) {
   return val & ((1u << B) - 1u);
 }
 
-/// Pair p of a lane's words: low code in bits 0..15, high code in bits 16..31.
+/// Pair p of a lane's words: low code in bits 0..15, high code in bits 16..31 (the
+/// reference extraction, bit by bit; the kernel's pair_with_magic is the fast equivalent).
 template <int B>
 EXL2_TC_HD std::uint32_t extract_pair(const std::uint32_t* w, int p) {
-  if constexpr (pow2_bits(B)) {
-    constexpr int kHalf = 16 / B;  // pairs per word
-    constexpr std::uint32_t kMask = ((1u << B) - 1u) * 0x00010001u;
-    return (w[p / kHalf] >> ((p % kHalf) * B)) & kMask;
+  std::uint32_t r = 0;
+  for (int e = 0; e < 2; ++e)
+    for (int k = 0; k < B; ++k) {
+      const int cb = code_bit(B, p, e, k);
+      r |= ((w[cb >> 5] >> (cb & 31)) & 1u) << (16 * e + k);
+    }
+  return r;
+}
+
+/// Bits [kLo, kLo + kLen) of both halves of `v`, moved to bit kTo of each half.
+template <int kLo, int kLen, int kTo>
+EXL2_TC_HD constexpr std::uint32_t half_bits(std::uint32_t v) {
+  constexpr std::uint32_t kMask = (((1u << kLen) - 1u) * 0x00010001u) << kTo;
+  if constexpr (kLo >= kTo)
+    return (v >> (kLo - kTo)) & kMask;
+  else
+    return (v << (kTo - kLo)) & kMask;
+}
+
+/// Code bits kK0 .. B-1 of both codes of spare pair J (pair main_pairs(B) + J; b = 3, 5, 6), at
+/// bits kK0.. of the two halves: segment by segment, the bits one word contributes each (one
+/// shift and one mask), as the kernel extracts them; equal to extract_pair (host-tested).
+template <int B, int J, int kK0 = 0, std::size_t kWords>
+EXL2_TC_HD std::uint32_t spare_pair(const std::uint32_t (&w)[kWords]) {
+  if constexpr (kK0 >= B) {
+    return 0u;
   } else {
-    return stream_code<B>(w, 2 * p) | (stream_code<B>(w, 2 * p + 1) << 16);
+    constexpr int kS = spare_bits(B), kN = half_codes(B);
+    constexpr int kSb = J * B + kK0;  // bit of the spare stream
+    constexpr int kWord = kSb / kS, kOff = kSb % kS;
+    constexpr int kLen = (kS - kOff) < (B - kK0) ? (kS - kOff) : (B - kK0);  // bits from this word
+    static_assert(kWord < static_cast<int>(kWords), "spare bits past the lane's words");
+    return half_bits<kN * B + kOff, kLen, kK0>(w[kWord]) | spare_pair<B, J, kK0 + kLen>(w);
   }
 }
 
@@ -124,13 +165,12 @@ EXL2_TC_HD void pack_lane(int g, int t, CodeFn&& code, std::uint32_t* w) {
   for (int i = 0; i < B; ++i) w[i] = 0;
   for (int p = 0; p < kPairs; ++p) {
     const int row = pair_row(p, t), col = pair_col(p, g);
-    const int v[2] = {pair_lo(B, p), pair_hi(B, p)};
     for (int e = 0; e < 2; ++e) {
       const std::uint32_t q = code(row + e, col);
-      const int bit = v[e] * B;
-      const int lo = bit >> 5, sh = bit & 31;
-      w[lo] |= q << sh;
-      if (sh + B > 32) w[lo + 1] |= q >> (32 - sh);
+      for (int k = 0; k < B; ++k) {
+        const int cb = code_bit(B, p, e, k);
+        w[cb >> 5] |= ((q >> k) & 1u) << (cb & 31);
+      }
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "cuda/tc_layout.hpp"
@@ -13,6 +14,22 @@
 namespace tc = exl2::detail::tc;
 
 static int g_failures = 0;
+
+// The kernel's extraction (tc_gemm.cu, pair_with_magic without the magic): main pairs one
+// shift and one mask, spare pairs tc::spare_pair.
+template <int B, int... Js>
+static std::uint32_t spare_pair_at(const std::uint32_t (&w)[B], int j, std::integer_sequence<int, Js...>) {
+  std::uint32_t r = 0;
+  ((j == Js ? (r = tc::spare_pair<B, Js>(w), 0) : 0), ...);
+  return r;
+}
+
+template <int B>
+static std::uint32_t fast_pair(const std::uint32_t (&w)[B], int p) {
+  constexpr int n = tc::half_codes(B);
+  if (p < tc::main_pairs(B)) return (w[p / n] >> ((p % n) * B)) & (((1u << B) - 1u) * 0x00010001u);
+  return spare_pair_at<B>(w, p - tc::main_pairs(B), std::make_integer_sequence<int, tc::kPairs - tc::main_pairs(B)>{});
+}
 
 template <int B>
 static void check_width(std::mt19937& rng) {
@@ -34,6 +51,10 @@ static void check_width(std::mt19937& rng) {
           ++g_failures;
         }
         const std::uint32_t packed = tc::extract_pair<B>(w, p);
+        if (fast_pair<B>(w, p) != packed) {
+          std::fprintf(stderr, "B=%d lane %d pair %d: the kernel's extraction differs\n", B, lane, p);
+          ++g_failures;
+        }
         const std::uint32_t lo = packed & 0xffffu, hi = packed >> 16;
         if (lo != codes[row][col] || hi != codes[row + 1][col]) {
           std::fprintf(stderr, "B=%d lane %d pair %d: got (%u, %u), want (%u, %u)\n", B, lane, p, lo, hi,
@@ -52,17 +73,32 @@ static void check_width(std::mt19937& rng) {
           return;
         }
   }
-  // Virtual rows of the pairs are a permutation of 0..31 (no two codes share bits).
-  bool used[32] = {};
-  for (int p = 0; p < tc::kPairs; ++p) {
-    for (const int v : {tc::pair_lo(B, p), tc::pair_hi(B, p)}) {
-      if (v < 0 || v >= 32 || used[v]) {
-        std::fprintf(stderr, "B=%d: virtual row %d reused or out of range\n", B, v);
-        ++g_failures;
-      } else {
-        used[v] = true;
+  // The code bits of the 32 codes are a permutation of the lane's 32 * B bits (no two codes
+  // share bits, no bit is left out).
+  std::vector<bool> used(32 * B, false);
+  for (int p = 0; p < tc::kPairs; ++p)
+    for (int e = 0; e < 2; ++e)
+      for (int k = 0; k < B; ++k) {
+        const int cb = tc::code_bit(B, p, e, k);
+        if (cb < 0 || cb >= 32 * B || used[cb]) {
+          std::fprintf(stderr, "B=%d: pair %d code %d bit %d at %d: reused or out of range\n", B, p, e, k, cb);
+          ++g_failures;
+        } else {
+          used[cb] = true;
+        }
       }
-    }
+  // Main pairs: both codes in one word, 16 bits apart (what the kernel's one-shift extraction
+  // relies on); b = 2, 4, 8 have no other pairs.
+  for (int p = 0; p < tc::main_pairs(B); ++p)
+    for (int k = 0; k < B; ++k)
+      if (tc::code_bit(B, p, 1, k) != tc::code_bit(B, p, 0, k) + 16 || tc::code_bit(B, p, 0, k) / 32 !=
+                                                                          tc::code_bit(B, p, 0, 0) / 32) {
+        std::fprintf(stderr, "B=%d: main pair %d is not one word's two halves\n", B, p);
+        ++g_failures;
+      }
+  if (tc::pow2_bits(B) && tc::main_pairs(B) != tc::kPairs) {
+    std::fprintf(stderr, "B=%d: expected only main pairs\n", B);
+    ++g_failures;
   }
 }
 
