@@ -301,11 +301,9 @@ __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int w
 template <int B, int P>
 __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
   if constexpr (P < tc::main_pairs(B)) {
-    constexpr int kN = tc::half_codes(B);
-    constexpr std::uint32_t kMask = ((1u << B) - 1u) * 0x00010001u;
-    const std::uint32_t v = w[P / kN] >> ((P % kN) * B);
+    const std::uint32_t v = tc::main_pair_shifted<B, P>(w);
     std::uint32_t r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(kMask), "n"(0x64006400));
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(tc::pair_mask(B)), "n"(0x64006400));
     return r;
   } else {
     return tc::spare_pair<B, P - tc::main_pairs(B)>(w) | 0x64006400u;
@@ -363,8 +361,8 @@ __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, cons
 
 /// The activations (16-bit values of either type) in the order the kernel reads them:
 /// xp[row, 32 * c + r] = x[row, perm[row0_c + r]] for the rows r < rows_c of chunk c, else 0
-/// (short chunks padded to 32 rows), then kXTailPad zeros. One thread per element; the reads are scattered (act-order) but small, the writes
-/// coalesced.
+/// (short chunks padded to 32 rows), then kXTailPad zeros. One thread per element; the reads
+/// are scattered (act-order) but small, the writes coalesced.
 __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int64_t M, std::int64_t K,
                                    const int* __restrict__ perm, const int4* __restrict__ tc_chunks, int num_chunks,
                                    std::uint16_t* __restrict__ xp) {

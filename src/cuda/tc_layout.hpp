@@ -131,6 +131,18 @@ EXL2_TC_HD std::uint32_t extract_pair(const std::uint32_t* w, int p) {
   return r;
 }
 
+/// Mask of a b-bit code in both halves of a word.
+EXL2_TC_HD constexpr std::uint32_t pair_mask(int b) { return ((1u << b) - 1u) * 0x00010001u; }
+
+/// Main pair P (P < main_pairs(B)) of a lane's words shifted to bit 0 of both halves; the
+/// bits above the codes are not cleared (the kernel masks them in the lop3 that adds the
+/// magic exponent, the host test with pair_mask).
+template <int B, int P, std::size_t kWords>
+EXL2_TC_HD constexpr std::uint32_t main_pair_shifted(const std::uint32_t (&w)[kWords]) {
+  static_assert(P < main_pairs(B), "not a main pair");
+  return w[P / half_codes(B)] >> ((P % half_codes(B)) * B);
+}
+
 /// Bits [kLo, kLo + kLen) of both halves of `v`, moved to bit kTo of each half.
 template <int kLo, int kLen, int kTo>
 EXL2_TC_HD constexpr std::uint32_t half_bits(std::uint32_t v) {

@@ -15,20 +15,22 @@ namespace tc = exl2::detail::tc;
 
 static int g_failures = 0;
 
-// The kernel's extraction (tc_gemm.cu, pair_with_magic without the magic): main pairs one
-// shift and one mask, spare pairs tc::spare_pair.
-template <int B, int... Js>
-static std::uint32_t spare_pair_at(const std::uint32_t (&w)[B], int j, std::integer_sequence<int, Js...>) {
-  std::uint32_t r = 0;
-  ((j == Js ? (r = tc::spare_pair<B, Js>(w), 0) : 0), ...);
-  return r;
+// The kernel's extraction (tc_gemm.cu, pair_with_magic without the magic): main pairs
+// tc::main_pair_shifted and the mask, spare pairs tc::spare_pair (P is a template argument
+// there: dispatched here over every pair index).
+template <int B, int P>
+static std::uint32_t fast_pair_at(const std::uint32_t (&w)[B]) {
+  if constexpr (P < tc::main_pairs(B))
+    return tc::main_pair_shifted<B, P>(w) & tc::pair_mask(B);
+  else
+    return tc::spare_pair<B, P - tc::main_pairs(B)>(w);
 }
 
-template <int B>
-static std::uint32_t fast_pair(const std::uint32_t (&w)[B], int p) {
-  constexpr int n = tc::half_codes(B);
-  if (p < tc::main_pairs(B)) return (w[p / n] >> ((p % n) * B)) & (((1u << B) - 1u) * 0x00010001u);
-  return spare_pair_at<B>(w, p - tc::main_pairs(B), std::make_integer_sequence<int, tc::kPairs - tc::main_pairs(B)>{});
+template <int B, int... Ps>
+static std::uint32_t fast_pair(const std::uint32_t (&w)[B], int p, std::integer_sequence<int, Ps...>) {
+  std::uint32_t r = 0;
+  ((p == Ps ? (r = fast_pair_at<B, Ps>(w), 0) : 0), ...);
+  return r;
 }
 
 template <int B>
@@ -51,7 +53,7 @@ static void check_width(std::mt19937& rng) {
           ++g_failures;
         }
         const std::uint32_t packed = tc::extract_pair<B>(w, p);
-        if (fast_pair<B>(w, p) != packed) {
+        if (fast_pair<B>(w, p, std::make_integer_sequence<int, tc::kPairs>{}) != packed) {
           std::fprintf(stderr, "B=%d lane %d pair %d: the kernel's extraction differs\n", B, lane, p);
           ++g_failures;
         }
