@@ -767,6 +767,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   tc_pack_headers_kernel<<<grid_for(header_threads, kPackThreads), kPackThreads, 0, stream>>>(
       L.scales.get(), L.zeros.get(), L.N, L.G, L.tc_tiles, L.tc_tile_words, header.get(), L.tc_qweight.get());
   EXL2_CUDA_CHECK_LAUNCH("tc_pack_headers_kernel");
+  // (The bfloat16 instantiations fit as many blocks: same launch bounds, no spills.)
   EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[1], tc_gemm_kernel<1, __half>,
                                                                 kTcThreads, 0));
   EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[2], tc_gemm_kernel<2, __half>,
