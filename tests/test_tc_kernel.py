@@ -27,9 +27,8 @@ def _tc_on(monkeypatch: pytest.MonkeyPatch) -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the tc kernel needs compute capability 8.0+")
     monkeypatch.setenv("EXL2_CUDA_TC", "1")
-    # Route every m the tc kernel serves to it: m = 1 too (by default only on layers of at least
-    # one 128-column tile per multiprocessor; test_tc_routes_by_m checks that rule), and not
-    # to the dense path of the Python API.
+    # Route every m the tc kernel serves to it: m = 1 too (by default only on large or long-K
+    # layers; test_tc_routes_by_m checks that rule), and not to the dense path of the Python API.
     monkeypatch.setenv("EXL2_CUDA_TC_MIN_ROWS", "1")
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", TC_MAX_ROWS)
 

@@ -293,7 +293,6 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : M <= 2 ? 2 : 1)
 #endif
 }
 
-
 // The bfloat16 instantiations use the fp16 kernels' occupancy (queried at construction)
 // for the split choice: same shape, block size and launch bounds.
 template <int M, class T>
