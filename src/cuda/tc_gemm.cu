@@ -790,6 +790,8 @@ bool tc_usable(const DeviceLayer& L, std::int64_t m) noexcept {
   return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= L.tc_min_rows && m <= kTcMaxRows;
 }
 
+namespace {
+
 template <class T>
 void launch_tc_for(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
   const std::int64_t ldxp = static_cast<std::int64_t>(L.num_chunks) * 32;
@@ -808,6 +810,8 @@ void launch_tc_for(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cud
   else
     launch_tc_rows<4>(L, xph, m, ldxp, out, stream);
 }
+
+}  // namespace
 
 void launch_tc(const DeviceLayer& L, const __half* x, std::int64_t m, __half* out, cudaStream_t stream) {
   launch_tc_for(L, x, m, out, stream);
