@@ -451,9 +451,7 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
   for (int q = 0; q < TcShape<MT>::Q; ++q) {
     std::uint32_t a[MT][2][4];
     const int wo = tc_chunk_setup<MT, TcShape<MT>::kXRow, T>(ring, xs, dcur[q], q, B, s0, header, s2, z2, a);
-    std::uint32_t w[8];
-    ring_lane_words<B>(ring, wo, w);
-    tc_chunk_words<MT, B, T>(w, a, s2, z2, acc);
+    tc_chunk<MT, B, T>(ring, wo, a, s2, z2, acc);
   }
 }
 
