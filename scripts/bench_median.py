@@ -15,7 +15,10 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
+
+from exl2.bench import make_row
 
 
 def merge(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -32,11 +35,10 @@ def merge(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             raise ValueError(f"run {i}: its rows (layer, m) differ from run 1's")
     rows = []
     for j, r0 in enumerate(first["rows"]):
-        med = {k: statistics.median(run["rows"][j][k] for run in runs) for k in ("exl2_us", "dense_us", "floor_us")}
-        weight_bytes = r0["bpw"] * r0["K"] * r0["N"] / 8
-        t, d, f = med["exl2_us"], med["dense_us"], med["floor_us"]
-        rows.append(dict(r0, **med, vs_floor=t / f, vs_dense=t / d, tb_s=weight_bytes / (t * 1e-6) / 1e12,
-                         pct_floor=100 * f / t))
+        t, d, f = (statistics.median(run["rows"][j][k] for run in runs) for k in ("exl2_us", "dense_us", "floor_us"))
+        # The bench's own row builder derives the ratio columns from the medians.
+        dtypes = SimpleNamespace(dtype=r0["dtype"], dense_dtype=r0["dense_dtype"])
+        rows.append(make_row(r0["layer"], r0["K"], r0["N"], r0["m"], r0["bpw"], t, d, f, dtypes))
     out = dict(first, rows=rows, copy_bandwidth=statistics.median(run["copy_bandwidth"] for run in runs))
     out["timing"] = f"{first['timing']}; per row the median of {len(runs)} runs of the command"
     if all("eager_m1" in run for run in runs):
