@@ -355,6 +355,19 @@ int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_b
   return 1;
 }
 
+int single_wave_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
+                      int max_split) {
+  if (!L.clusters) return 1;
+  if (L.max_split > 0) max_split = (L.max_split == 16 && max_split < 16) ? 8 : L.max_split;
+  const std::int64_t slots = resident_blocks(L, blocks_per_sm);
+  int best = 1;
+  for (int split = 2; split <= max_split && split <= 16; split *= 2) {
+    if (L.num_chunks / split < min_chunks_per_block || tiles * split > slots) break;
+    best = split;
+  }
+  return best;
+}
+
 bool cluster16_launchable(const void* kernel, int threads) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(1, 16, 1);

@@ -34,6 +34,13 @@ void query_mma_occupancy(DeviceLayer& layer);
 int cluster_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                   int max_split = 4);
 
+/// Split-K factor for kernels whose extra waves cost more than the reduction saves (the tc
+/// kernel's 64-row tiles): the largest power of two (at most `max_split` or the layer's
+/// EXL2_CUDA_MAX_SPLIT cap, each block keeping `min_chunks_per_block` chunks) whose blocks all
+/// fit one wave; 1 when even that does not fit, or where cluster_split returns 1.
+int single_wave_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
+                      int max_split);
+
 /// Blocks of a kernel that fit the whole GPU at once (one wave), given how many fit one
 /// multiprocessor (at least 1).
 inline std::int64_t resident_blocks(const DeviceLayer& L, int blocks_per_sm) {

@@ -705,9 +705,15 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   // 8. Measured on an H200 (GPTQ-4, m = 1..16, against a cap of 8): 4096x4096 11.3-11.7 against
   // 12.0-12.3 us, 14336x4096 22.4-24.2 against 26.5-28.4; MT = 2 got slower (4096x4096 m = 32:
   // 17.7 against 15.1 us), so it keeps 8.
+  // MT = 4: the largest split whose blocks fit one wave. Its 64 x 128 partial tiles make the
+  // reduction and the extra waves of cluster_split's choice cost more than they save; measured
+  // on the H100 (GPTQ-4, every split forced in turn, m = 33 / 64): 8192x28672 134.7 / 142.8 us at
+  // split 1 against 150.1 / 148.4 at cluster_split's 8; 4096x14336 46.7 / 47.2 at 2 against
+  // 53.1 / 53.8 at 8; 4096x4096 and 14336x4096 unchanged (8 either way).
   const std::int64_t tiles = L.tc_tiles * mtiles;
   const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, L.tc_blocks_per_sm[MT]);
-  const int split = cluster_split(L, tiles, c16 ? 8 : 16, L.tc_blocks_per_sm[MT], c16 ? 16 : 8);
+  const int split = MT == 4 ? single_wave_split(L, tiles, 16, L.tc_blocks_per_sm[MT], 8)
+                            : cluster_split(L, tiles, c16 ? 8 : 16, L.tc_blocks_per_sm[MT], c16 ? 16 : 8);
   launch_clustered(tc_gemm_kernel<MT, T>, dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
                                             static_cast<unsigned>(mtiles)),
                    dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", xp, m, ldxp,
