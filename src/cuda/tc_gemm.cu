@@ -300,7 +300,16 @@ __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int w
 /// immediates); the spare pairs of b = 3, 5, 6 from their segments.
 template <int B, int P>
 __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
-  if constexpr (P < tc::main_pairs(B)) {
+  if constexpr (B == 4) {
+    // One shift per word instead of three: pairs at offsets 4 and 12 stay 16 q
+    // (tc::pair4_bits; decode_pair4 scales them back exactly).
+    const std::uint32_t v = (P % 4) >= 2 ? (w[P / 4] >> 8) : w[P / 4];
+    std::uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n"
+        : "=r"(r)
+        : "r"(v), "n"(tc::pair4_times16(P) ? 0x00F000F0 : 0x000F000F), "n"(0x64006400));
+    return r;
+  } else if constexpr (P < tc::main_pairs(B)) {
     const std::uint32_t v = tc::main_pair_shifted<B, P>(w);
     std::uint32_t r;
     asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(tc::pair_mask(B)), "n"(0x64006400));
@@ -316,8 +325,7 @@ __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w
 /// bfloat16: the exact fp32 product by the scale (s2 = its fp32 bits) rounded once to bfloat16,
 /// bf16((q - z) * s), as dequantize(bfloat16) gives.
 template <class T>
-__device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t qm, std::uint32_t z2, std::uint32_t s2) {
-  const __half2 d = __hsub2(u32_as_h2(qm), u32_as_h2(z2));
+__device__ __forceinline__ std::uint32_t scale_pair(__half2 d, std::uint32_t s2) {
   if constexpr (kIsBf16<T>) {
     const float s = __uint_as_float(s2);
     const float2 f = __half22float2(d);
@@ -330,14 +338,43 @@ __device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t qm, std::uint
   }
 }
 
+template <class T>
+__device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t qm, std::uint32_t z2, std::uint32_t s2) {
+  return scale_pair<T>(__hsub2(u32_as_h2(qm), u32_as_h2(z2)), s2);
+}
+
+/// b = 4, pair P: as decode_pair, except that the pairs held as 16 q (tc::pair4_times16) give
+/// q - z as (1024 + 16 q) / 16 - (64 + z) in one fma (exact: every step is an integer below
+/// 2048 or a power-of-two division of one), z64 = fp16x2 64 + z.
+template <class T, int P>
+__device__ __forceinline__ std::uint32_t decode_pair4(std::uint32_t qm, std::uint32_t z2, std::uint32_t z64,
+                                                      std::uint32_t s2) {
+  if constexpr (tc::pair4_times16(P))
+    return scale_pair<T>(__hfma2(u32_as_h2(qm), __float2half2_rn(0.0625f), __hneg2(u32_as_h2(z64))), s2);
+  else
+    return decode_pair<T>(qm, z2, s2);
+}
+
+/// The current group's decode constants for the lane's four columns 8 jj + g (from the group's
+/// header, unpack_header): the scale s2 (fp16 twice, or fp32 bits for bfloat16), z2 = fp16x2
+/// 1024 + zero, and z64 = fp16x2 64 + zero (for the b = 4 pairs held as 16 q).
+struct GroupConsts {
+  std::uint32_t s2[4] = {0, 0, 0, 0};
+  std::uint32_t z2[4] = {0, 0, 0, 0};
+  std::uint32_t z64[4] = {0, 0, 0, 0};
+};
+
 /// Decode one chunk's B fragments from the lane's words and accumulate.
 template <int MT, int B, class T>
 __device__ __forceinline__ void tc_chunk_words(const std::uint32_t (&w)[8], const std::uint32_t (&a)[MT][2][4],
-                                               const std::uint32_t (&s2)[4], const std::uint32_t (&z2)[4],
-                                               float (&acc)[MT][4][4]) {
+                                               const GroupConsts& gc, float (&acc)[MT][4][4]) {
   std::uint32_t b[4][2][2];  // [n8 tile][k16 step][b0 / b1]
-#define EXL2_TC_PAIR(JJ, S, H) \
-  b[JJ][S][H] = decode_pair<T>(pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H)>(w), z2[JJ], s2[JJ]);
+#define EXL2_TC_PAIR(JJ, S, H)                                                                                   \
+  if constexpr (B == 4)                                                                                        \
+    b[JJ][S][H] = decode_pair4<T, 4 * (JJ) + 2 * (S) + (H)>(pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H)>(w),    \
+                                                           gc.z2[JJ], gc.z64[JJ], gc.s2[JJ]);                  \
+  else                                                                                                         \
+    b[JJ][S][H] = decode_pair<T>(pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H)>(w), gc.z2[JJ], gc.s2[JJ]);
 #define EXL2_TC_TILE(JJ) EXL2_TC_PAIR(JJ, 0, 0) EXL2_TC_PAIR(JJ, 0, 1) EXL2_TC_PAIR(JJ, 1, 0) EXL2_TC_PAIR(JJ, 1, 1)
   EXL2_TC_TILE(0) EXL2_TC_TILE(1) EXL2_TC_TILE(2) EXL2_TC_TILE(3)
 #undef EXL2_TC_TILE
@@ -352,11 +389,10 @@ __device__ __forceinline__ void tc_chunk_words(const std::uint32_t (&w)[8], cons
 
 template <int MT, int B, class T>
 __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, const std::uint32_t (&a)[MT][2][4],
-                                         const std::uint32_t (&s2)[4], const std::uint32_t (&z2)[4],
-                                         float (&acc)[MT][4][4]) {
+                                         const GroupConsts& gc, float (&acc)[MT][4][4]) {
   std::uint32_t w[8];
   ring_lane_words<B>(ring, wo, w);
-  tc_chunk_words<MT, B, T>(w, a, s2, z2, acc);
+  tc_chunk_words<MT, B, T>(w, a, gc, acc);
 }
 
 /// The activations (16-bit values of either type) in the order the kernel reads them:
@@ -387,18 +423,20 @@ __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int
 }
 
 /// A group's header words (fp16 scale | fp16 (1024 + zero) << 16, one per n8 tile of the
-/// lane) as the operands of decode_pair<T>: 1024 + zero in both halves of z2; the scale in
-/// both halves of s2 (float16) or as fp32 bits (bfloat16).
+/// lane) as the decode constants of decode_pair<T> / decode_pair4<T>: 1024 + zero and 64 + zero
+/// in both halves of z2 and z64; the scale in both halves of s2 (float16) or as fp32 bits
+/// (bfloat16).
 template <class T>
-__device__ __forceinline__ void unpack_header(const uint4 h, std::uint32_t (&s2)[4], std::uint32_t (&z2)[4]) {
+__device__ __forceinline__ void unpack_header(const uint4 h, GroupConsts& gc) {
   const std::uint32_t hv[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj) {
     if constexpr (kIsBf16<T>)
-      s2[jj] = __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu))));
+      gc.s2[jj] = __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu))));
     else
-      s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
-    z2[jj] = __byte_perm(hv[jj], 0, 0x3232);
+      gc.s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
+    gc.z2[jj] = __byte_perm(hv[jj], 0, 0x3232);
+    gc.z64[jj] = h2_as_u32(__hsub2(u32_as_h2(gc.z2[jj]), __float2half2_rn(960.0f)));  // exact
   }
 }
 
@@ -407,14 +445,14 @@ __device__ __forceinline__ void unpack_header(const uint4 h, std::uint32_t (&s2)
 /// the ring word where the lane's b code words start (returned).
 template <int MT, int kXRow, class T>
 __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const __half* xs, const int4& d, int q, int b,
-                                              std::int64_t s0, int& header, std::uint32_t (&s2)[4],
-                                              std::uint32_t (&z2)[4], std::uint32_t (&a)[MT][2][4]) {
+                                              std::int64_t s0, int& header, GroupConsts& gc,
+                                              std::uint32_t (&a)[MT][2][4]) {
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   if (d.w != header) {
     header = d.w;
     const int hw =
         static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + (lane >> 2) * 4;
-    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), s2, z2);
+    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), gc);
   }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -445,13 +483,13 @@ struct TcShape {
 /// tc_gemm_kernel, F).
 template <int MT, int B, class T>
 __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half* xs, const int4* dcur,
-                                        std::int64_t s0, int& header, std::uint32_t (&s2)[4], std::uint32_t (&z2)[4],
+                                        std::int64_t s0, int& header, GroupConsts& gc,
                                         float (&acc)[MT][4][4]) {
 #pragma unroll
   for (int q = 0; q < TcShape<MT>::Q; ++q) {
     std::uint32_t a[MT][2][4];
-    const int wo = tc_chunk_setup<MT, TcShape<MT>::kXRow, T>(ring, xs, dcur[q], q, B, s0, header, s2, z2, a);
-    tc_chunk<MT, B, T>(ring, wo, a, s2, z2, acc);
+    const int wo = tc_chunk_setup<MT, TcShape<MT>::kXRow, T>(ring, xs, dcur[q], q, B, s0, header, gc, a);
+    tc_chunk<MT, B, T>(ring, wo, a, gc, acc);
   }
 }
 
@@ -517,11 +555,11 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     for (int p = 0; p < kLookahead; ++p) issue_step();
 
     // Scales and zeros of the current group: lane g's four columns 8*jj + g of its block.
-    std::uint32_t s2[4] = {0, 0, 0, 0}, z2[4] = {0, 0, 0, 0};
+    GroupConsts gc;
     if (!first_starts_group)
       unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(
                            tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords + warp * 32 + g * 4)),
-                       s2, z2);
+                       gc);
     int header = first_starts_group ? -1 : dfirst.w;
 
     // Descriptors: lanes q < Q of warp 0 load chunk (first of iteration) + q, two iterations
@@ -593,12 +631,12 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       for (int q = 1; q < Q; ++q) uniform = uniform && (dcur[q].z & 0xff) == bits0;
       if (uniform) {
         switch (bits0) {
-          case 2: tc_iter<MT, 2, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 3: tc_iter<MT, 3, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 4: tc_iter<MT, 4, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 5: tc_iter<MT, 5, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 6: tc_iter<MT, 6, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
-          case 8: tc_iter<MT, 8, T>(ring, xs, dcur, s0, header, s2, z2, acc); break;
+          case 2: tc_iter<MT, 2, T>(ring, xs, dcur, s0, header, gc, acc); break;
+          case 3: tc_iter<MT, 3, T>(ring, xs, dcur, s0, header, gc, acc); break;
+          case 4: tc_iter<MT, 4, T>(ring, xs, dcur, s0, header, gc, acc); break;
+          case 5: tc_iter<MT, 5, T>(ring, xs, dcur, s0, header, gc, acc); break;
+          case 6: tc_iter<MT, 6, T>(ring, xs, dcur, s0, header, gc, acc); break;
+          case 8: tc_iter<MT, 8, T>(ring, xs, dcur, s0, header, gc, acc); break;
           default: break;  // rejected at construction
         }
       } else {
@@ -607,14 +645,14 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
           const int4 d = dcur[q];
           const int bits = d.z & 0xff;
           std::uint32_t a[MT][2][4];
-          const int wo = tc_chunk_setup<MT, S::kXRow, T>(ring, xs, d, q, bits, s0, header, s2, z2, a);
+          const int wo = tc_chunk_setup<MT, S::kXRow, T>(ring, xs, d, q, bits, s0, header, gc, a);
           switch (bits) {
-            case 2: tc_chunk<MT, 2, T>(ring, wo, a, s2, z2, acc); break;
-            case 3: tc_chunk<MT, 3, T>(ring, wo, a, s2, z2, acc); break;
-            case 4: tc_chunk<MT, 4, T>(ring, wo, a, s2, z2, acc); break;
-            case 5: tc_chunk<MT, 5, T>(ring, wo, a, s2, z2, acc); break;
-            case 6: tc_chunk<MT, 6, T>(ring, wo, a, s2, z2, acc); break;
-            case 8: tc_chunk<MT, 8, T>(ring, wo, a, s2, z2, acc); break;
+            case 2: tc_chunk<MT, 2, T>(ring, wo, a, gc, acc); break;
+            case 3: tc_chunk<MT, 3, T>(ring, wo, a, gc, acc); break;
+            case 4: tc_chunk<MT, 4, T>(ring, wo, a, gc, acc); break;
+            case 5: tc_chunk<MT, 5, T>(ring, wo, a, gc, acc); break;
+            case 6: tc_chunk<MT, 6, T>(ring, wo, a, gc, acc); break;
+            case 8: tc_chunk<MT, 8, T>(ring, wo, a, gc, acc); break;
             default: break;  // rejected at construction
           }
         }

@@ -143,6 +143,18 @@ EXL2_TC_HD constexpr std::uint32_t main_pair_shifted(const std::uint32_t (&w)[kW
   return w[P / half_codes(B)] >> ((P % half_codes(B)) * B);
 }
 
+/// b = 4, pair P (word P / 4, offset 4 (P % 4) of both halves) as the kernel extracts it with
+/// one shift per word: offsets 0 and 8 as the code itself (w & 0x000F000F, (w >> 8) & ..),
+/// offsets 4 and 12 as 16 times the code (w & 0x00F000F0, (w >> 8) & ..; pair4_times16), which
+/// the magic-1024 trick turns into 1024 + 16 q, exact like 1024 + q.
+EXL2_TC_HD constexpr bool pair4_times16(int p) { return p % 2 == 1; }
+template <int P, std::size_t kWords>
+EXL2_TC_HD constexpr std::uint32_t pair4_bits(const std::uint32_t (&w)[kWords]) {
+  static_assert(P >= 0 && P < 16 && P / 4 < static_cast<int>(kWords), "b = 4 has 16 pairs in 4 words");
+  constexpr std::uint32_t kMask = pair4_times16(P) ? 0x00F000F0u : 0x000F000Fu;
+  return ((P % 4) >= 2 ? (w[P / 4] >> 8) : w[P / 4]) & kMask;
+}
+
 /// Bits [kLo, kLo + kLen) of both halves of `v`, moved to bit kTo of each half.
 template <int kLo, int kLen, int kTo>
 EXL2_TC_HD constexpr std::uint32_t half_bits(std::uint32_t v) {
