@@ -221,7 +221,7 @@ struct DeviceLayer {
   // layout of tc_layout.hpp: per tile of 128 columns one contiguous stream of 512-byte
   // units (a header unit of scales/zeros per group, then b units per chunk of b bits),
   // [tc_tiles, tc_tile_words] words, and the per-chunk table
-  //   int4 { first permuted row, first code unit, bits | rows << 8, header unit }.
+  //   int4 { first permuted row, first code unit, bits | rows << 8 | uniform flags (tc::uniform_flags), header unit }.
   DeviceBuffer<std::uint32_t> tc_qweight;
   DeviceBuffer<int4> tc_chunks;       // [num_chunks]
   std::int64_t tc_tiles = 0;          // ceil(N / 128)

@@ -81,7 +81,7 @@ static_assert((kRingWords & (kRingWords - 1)) == 0, "the ring is indexed with a 
 
 /// Per chunk the tc descriptor, per group its header unit; `units` = stream length.
 struct StreamTables {
-  std::vector<int4> chunks;           // { row0, first code unit, bits | rows << 8, header unit }
+  std::vector<int4> chunks;           // { row0, first code unit, bits | rows << 8 | flags, header unit }
   std::vector<std::int32_t> header;   // [G] header unit of each group
   std::int64_t units = 0;
 };
@@ -102,7 +102,8 @@ StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t
   t.chunks.resize(canonical.size());
   t.header.assign(static_cast<std::size_t>(G), -1);
   for (int c = 0; c < n; ++c) {
-    t.chunks[c] = make_int4(canonical[c].x, static_cast<int>(unit0[c]), canonical[c].z, static_cast<int>(header[c]));
+    t.chunks[c] = make_int4(canonical[c].x, static_cast<int>(unit0[c]), canonical[c].z | tc::uniform_flags(n, bits.data(), c),
+                            static_cast<int>(header[c]));
     t.header[static_cast<std::size_t>(group[c])] = static_cast<std::int32_t>(header[c]);
   }
   return t;
@@ -602,7 +603,8 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       // B. The steps holding this iteration's chunks have landed (this thread's copies).
       {
         const int4 dl = dcur[nq - 1];
-        const int last_step = (dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) / kStepUnits;
+        const int last_step = static_cast<int>(static_cast<unsigned>(dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) /
+                                               static_cast<unsigned>(kStepUnits));
 #pragma unroll 1
         while (issued - kLookahead <= last_step) {
           issue_step();
@@ -625,11 +627,9 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       // F. Consume the chunks: unrolled over the Q chunks when they share one bit width (every
       //    full iteration of a fixed-width layer), so ptxas can overlap one chunk's shared-
       //    memory loads and decoding with the previous chunk's mma; else one chunk at a time.
-      bool uniform = nq == Q;
-      const int bits0 = dcur[0].z & 0xff;
-#pragma unroll
-      for (int q = 1; q < Q; ++q) uniform = uniform && (dcur[q].z & 0xff) == bits0;
-      if (uniform) {
+      const int z0 = dcur[0].z;
+      const int bits0 = z0 & 0xff;
+      if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
         switch (bits0) {
           case 2: tc_iter<MT, 2, T>(ring, xs, dcur, s0, header, gc, acc); break;
           case 3: tc_iter<MT, 3, T>(ring, xs, dcur, s0, header, gc, acc); break;

@@ -81,6 +81,21 @@ inline std::int64_t place_units(int n, const int* group, const int* bits, std::i
   return u;
 }
 
+/// Flags in bits 16 and up of a tc chunk descriptor's `z` (bits | rows << 8 below them):
+/// chunks c .. c + q - 1 all exist and share chunk c's bit width, for the kernel's iterations of
+/// q = 4 (MT = 1, 2) and q = 2 (MT = 4) chunks, which then run unrolled for that width without
+/// comparing the q widths themselves.
+EXL2_TC_HD constexpr int uniform_flag_bit(int q) { return q == 4 ? 16 : 17; }
+inline int uniform_flags(int n, const int* bits, int c) {
+  int flags = 0;
+  for (int q : {2, 4}) {
+    bool same = c + q <= n;
+    for (int k = 1; same && k < q; ++k) same = bits[c + k] == bits[c];
+    if (same) flags |= 1 << uniform_flag_bit(q);
+  }
+  return flags;
+}
+
 /// Header value of a column: fp16 scale bits, and fp16 (1024 + zero) for the exact q - z.
 EXL2_TC_HD constexpr std::uint32_t header_value(std::uint16_t scale_bits, std::uint32_t zero) {
   return scale_bits | ((0x6400u + zero) << 16);

@@ -187,10 +187,40 @@ static void check_place_units(std::mt19937& rng) {
   }
 }
 
+// The uniform-iteration flags of the chunk descriptors: bit uniform_flag_bit(q) of chunk c is
+// set exactly when chunks c .. c + q - 1 exist and all have chunk c's width, and the flags sit
+// above the bits | rows << 8 fields.
+static void check_uniform_flags(std::mt19937& rng) {
+  const int widths[3] = {3, 4, 8};
+  for (int trial = 0; trial < 200; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 12);
+    std::vector<int> bits(n);
+    for (int& b : bits) b = widths[rng() % (trial % 2 ? 3 : 1)];  // half the trials: one width
+    for (int c = 0; c < n; ++c) {
+      const int flags = tc::uniform_flags(n, bits.data(), c);
+      if ((flags & 0xffff) != 0) {
+        std::fprintf(stderr, "uniform_flags overlaps the bits / rows fields\n");
+        ++g_failures;
+        return;
+      }
+      for (int q : {2, 4}) {
+        bool want = c + q <= n;
+        for (int k = 0; want && k < q; ++k) want = bits[c + k] == bits[c];
+        if (((flags >> tc::uniform_flag_bit(q)) & 1) != (want ? 1 : 0)) {
+          std::fprintf(stderr, "uniform_flags: n %d chunk %d q %d wrong\n", n, c, q);
+          ++g_failures;
+          return;
+        }
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(1234);
   check_header();
   check_place_units(rng);
+  check_uniform_flags(rng);
   check_width<2>(rng);
   check_width<3>(rng);
   check_width<4>(rng);
