@@ -99,6 +99,26 @@ def test_tc_deterministic_and_graph_safe(m: int) -> None:
         assert torch.equal(out, first)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_tc_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch.dtype) -> None:
+    """x = rows of the identity: output row i is 1.0 * W[k_i, :] accumulated in fp32 with zeros,
+    so it must equal dequantize(dtype)[k_i, :] exactly. This checks the kernel's own decode (every
+    width, pair position, zero, scale and the padding of short chunks) bit for bit, for the
+    tile heights of m = 16, 32 and 64 (MT = 1, 2, 4) and clusters of several blocks."""
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    with build(layer, "cuda", bias=False) as q:
+        w = q.dequantize(dtype)
+        for rows in (16, 32, 64):
+            for k0 in range(0, K, rows):
+                k = torch.arange(k0, min(k0 + rows, K), device="cuda")
+                x = torch.zeros((k.numel(), K), dtype=dtype, device="cuda")
+                x[torch.arange(k.numel(), device="cuda"), k] = 1.0
+                y = q.matmul(x)
+                assert torch.equal(y, w[k]), f"rows {k0}..{k0 + k.numel() - 1} (tiles of {rows})"
+
+
 def test_tc_large_layer_and_batch_dims() -> None:
     rng = np.random.default_rng(3)
     layer = R.random_gptq(rng, 4096, 1024, group_size=128, act_order=True)

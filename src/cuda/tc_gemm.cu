@@ -299,24 +299,30 @@ __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int w
 /// pairs (tc::code_bit): a shift, then the mask and the OR in one lop3 ((v & mask) |
 /// 0x64006400; ptxas emits two LOP3s for the plain C++ expression since both constants are
 /// immediates); the spare pairs of b = 3, 5, 6 from their segments.
-template <int B, int P>
+/// bfloat16 decodes widths up to 6 bits in bfloat16 arithmetic (decode_pair_bf16, magic 128);
+/// float16, and bfloat16 8-bit codes, in float16 (magic 1024).
+template <int B, class T>
+inline constexpr bool kBf16Decode = kIsBf16<T> && B <= 6;
+
+template <int B, int P, class T>
 __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
-  if constexpr (B == 4) {
+  constexpr std::uint32_t kMagic = kBf16Decode<B, T> ? 0x43004300u : 0x64006400u;  // 128 / 1024, x2
+  if constexpr (B == 4 && !kIsBf16<T>) {
     // One shift per word instead of three: pairs at offsets 4 and 12 stay 16 q
     // (tc::pair4_bits; decode_pair4 scales them back exactly).
     const std::uint32_t v = (P % 4) >= 2 ? (w[P / 4] >> 8) : w[P / 4];
     std::uint32_t r;
     asm("lop3.b32 %0, %1, %2, %3, 0xea;\n"
         : "=r"(r)
-        : "r"(v), "n"(tc::pair4_times16(P) ? 0x00F000F0 : 0x000F000F), "n"(0x64006400));
+        : "r"(v), "n"(tc::pair4_times16(P) ? 0x00F000F0 : 0x000F000F), "n"(kMagic));
     return r;
   } else if constexpr (P < tc::main_pairs(B)) {
     const std::uint32_t v = tc::main_pair_shifted<B, P>(w);
     std::uint32_t r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(tc::pair_mask(B)), "n"(0x64006400));
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(tc::pair_mask(B)), "n"(kMagic));
     return r;
   } else {
-    return tc::spare_pair<B, P - tc::main_pairs(B)>(w) | 0x64006400u;
+    return tc::spare_pair<B, P - tc::main_pairs(B)>(w) | kMagic;
   }
 }
 
@@ -346,7 +352,7 @@ __device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t qm, std::uint
 
 /// b = 4, pair P: as decode_pair, except that the pairs held as 16 q (tc::pair4_times16) give
 /// q - z as (1024 + 16 q) / 16 - (64 + z) in one fma (exact: every step is an integer below
-/// 2048 or a power-of-two division of one), z64 = fp16x2 64 + z.
+/// 2048 or a power-of-two division of one), z64 = fp16x2 64 + z (GroupConsts::zx).
 template <class T, int P>
 __device__ __forceinline__ std::uint32_t decode_pair4(std::uint32_t qm, std::uint32_t z2, std::uint32_t z64,
                                                       std::uint32_t s2) {
@@ -356,13 +362,34 @@ __device__ __forceinline__ std::uint32_t decode_pair4(std::uint32_t qm, std::uin
     return decode_pair<T>(qm, z2, s2);
 }
 
+/// bfloat16, b <= 6: the pair `qm` (bf16x2 128 + q, exact for q < 128) minus zb = bf16x2 128 + z is
+/// the exact q - z (|q - z| <= 64); the scale s (fp16) is split into s_hi = bf16(s) and s_lo = s -
+/// s_hi (<= 3 significant bits, so exact in bfloat16), packed as sp = s_hi | s_lo << 16. Then
+/// d * s_lo is exact (|d * k| <= 256 for s_lo = k 2^e, |k| <= 4) and fma(d, s_hi, d * s_lo)
+/// rounds the exact d * s once: bf16((q - z) * s), the bits decode_pair<bfloat16> gives, in three
+/// bfloat16 operations instead of a conversion to fp32 and back.
+__device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std::uint32_t zb, std::uint32_t sp) {
+  __nv_bfloat162 q, z, spp;
+  std::memcpy(&q, &qm, 4);
+  std::memcpy(&z, &zb, 4);
+  std::memcpy(&spp, &sp, 4);
+  const __nv_bfloat162 d = __hsub2(q, z);
+  const __nv_bfloat162 r = __hfma2(d, __low2bfloat162(spp), __hmul2(d, __high2bfloat162(spp)));
+  std::uint32_t u;
+  std::memcpy(&u, &r, 4);
+  return u;
+}
+
 /// The current group's decode constants for the lane's four columns 8 jj + g (from the group's
-/// header, unpack_header): the scale s2 (fp16 twice, or fp32 bits for bfloat16), z2 = fp16x2
-/// 1024 + zero, and z64 = fp16x2 64 + zero (for the b = 4 pairs held as 16 q).
+/// header, unpack_header):
+///   float16:  s2 = the scale twice, z2 = fp16x2 1024 + zero, zx = fp16x2 64 + zero (b = 4 pairs
+///             held as 16 q);
+///   bfloat16: s2 = s_hi | s_lo << 16 (decode_pair_bf16), z2 = fp16x2 1024 + zero (8-bit codes,
+///             decoded in float16), zx = bf16x2 128 + zero (b <= 6).
 struct GroupConsts {
   std::uint32_t s2[4] = {0, 0, 0, 0};
   std::uint32_t z2[4] = {0, 0, 0, 0};
-  std::uint32_t z64[4] = {0, 0, 0, 0};
+  std::uint32_t zx[4] = {0, 0, 0, 0};
 };
 
 /// Decode one chunk's B fragments from the lane's words and accumulate.
@@ -370,12 +397,24 @@ template <int MT, int B, class T>
 __device__ __forceinline__ void tc_chunk_words(const std::uint32_t (&w)[8], const std::uint32_t (&a)[MT][2][4],
                                                const GroupConsts& gc, float (&acc)[MT][4][4]) {
   std::uint32_t b[4][2][2];  // [n8 tile][k16 step][b0 / b1]
-#define EXL2_TC_PAIR(JJ, S, H)                                                                                   \
-  if constexpr (B == 4)                                                                                        \
-    b[JJ][S][H] = decode_pair4<T, 4 * (JJ) + 2 * (S) + (H)>(pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H)>(w),    \
-                                                           gc.z2[JJ], gc.z64[JJ], gc.s2[JJ]);                  \
-  else                                                                                                         \
-    b[JJ][S][H] = decode_pair<T>(pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H)>(w), gc.z2[JJ], gc.s2[JJ]);
+  std::uint32_t s32[4];      // bfloat16, 8-bit codes: the fp32 scale s_hi + s_lo (exact)
+  if constexpr (kIsBf16<T> && !kBf16Decode<B, T>) {
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj)
+      s32[jj] = __float_as_uint(__uint_as_float(gc.s2[jj] << 16) + __uint_as_float(gc.s2[jj] & 0xffff0000u));
+  }
+#define EXL2_TC_PAIR(JJ, S, H)                                                                          \
+  {                                                                                                   \
+    const std::uint32_t qm = pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H), T>(w);                      \
+    if constexpr (kBf16Decode<B, T>)                                                                  \
+      b[JJ][S][H] = decode_pair_bf16(qm, gc.zx[JJ], gc.s2[JJ]);                                        \
+    else if constexpr (kIsBf16<T>)                                                                    \
+      b[JJ][S][H] = decode_pair<T>(qm, gc.z2[JJ], s32[JJ]);                                            \
+    else if constexpr (B == 4)                                                                        \
+      b[JJ][S][H] = decode_pair4<T, 4 * (JJ) + 2 * (S) + (H)>(qm, gc.z2[JJ], gc.zx[JJ], gc.s2[JJ]);    \
+    else                                                                                              \
+      b[JJ][S][H] = decode_pair<T>(qm, gc.z2[JJ], gc.s2[JJ]);                                          \
+  }
 #define EXL2_TC_TILE(JJ) EXL2_TC_PAIR(JJ, 0, 0) EXL2_TC_PAIR(JJ, 0, 1) EXL2_TC_PAIR(JJ, 1, 0) EXL2_TC_PAIR(JJ, 1, 1)
   EXL2_TC_TILE(0) EXL2_TC_TILE(1) EXL2_TC_TILE(2) EXL2_TC_TILE(3)
 #undef EXL2_TC_TILE
@@ -424,20 +463,24 @@ __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int
 }
 
 /// A group's header words (fp16 scale | fp16 (1024 + zero) << 16, one per n8 tile of the
-/// lane) as the decode constants of decode_pair<T> / decode_pair4<T>: 1024 + zero and 64 + zero
-/// in both halves of z2 and z64; the scale in both halves of s2 (float16) or as fp32 bits
-/// (bfloat16).
+/// lane) as the GroupConsts of type T.
 template <class T>
 __device__ __forceinline__ void unpack_header(const uint4 h, GroupConsts& gc) {
   const std::uint32_t hv[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj) {
-    if constexpr (kIsBf16<T>)
-      gc.s2[jj] = __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu))));
-    else
-      gc.s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
     gc.z2[jj] = __byte_perm(hv[jj], 0, 0x3232);
-    gc.z64[jj] = h2_as_u32(__hsub2(u32_as_h2(gc.z2[jj]), __float2half2_rn(960.0f)));  // exact
+    if constexpr (kIsBf16<T>) {
+      const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu)));
+      const __nv_bfloat16 hi = __float2bfloat16_rn(s);
+      const __nv_bfloat16 lo = __float2bfloat16_rn(s - __bfloat162float(hi));  // exact (<= 3 bits)
+      gc.s2[jj] = static_cast<std::uint32_t>(__bfloat16_as_ushort(hi)) |
+                  (static_cast<std::uint32_t>(__bfloat16_as_ushort(lo)) << 16);
+      gc.zx[jj] = gc.z2[jj] - 0x21002100u;  // fp16 bits 0x6400 + z -> bf16 bits 0x4300 + z (128 + z)
+    } else {
+      gc.s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
+      gc.zx[jj] = h2_as_u32(__hsub2(u32_as_h2(gc.z2[jj]), __float2half2_rn(960.0f)));  // 64 + z, exact
+    }
   }
 }
 
