@@ -307,14 +307,12 @@ inline constexpr bool kBf16Decode = kIsBf16<T> && B <= 6;
 template <int B, int P, class T>
 __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
   constexpr std::uint32_t kMagic = kBf16Decode<B, T> ? 0x43004300u : 0x64006400u;  // 128 / 1024, x2
-  if constexpr (B == 4 && !kIsBf16<T>) {
-    // One shift per word instead of three: pairs at offsets 4 and 12 stay 16 q
-    // (tc::pair4_bits; decode_pair4 scales them back exactly).
-    const std::uint32_t v = (P % 4) >= 2 ? (w[P / 4] >> 8) : w[P / 4];
+  if constexpr (!kIsBf16<T> && tc::pair_scaled_layout(B) && P < tc::main_pairs(B)) {
+    // b <= 5: one shift per two pairs; odd pairs stay 2^b q (tc::main_pair_scaled; decode_pair_f16
+    // scales them back exactly).
+    const std::uint32_t v = tc::main_pair_scaled_word<B, P>(w);
     std::uint32_t r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n"
-        : "=r"(r)
-        : "r"(v), "n"(tc::pair4_times16(P) ? 0x00F000F0 : 0x000F000F), "n"(kMagic));
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(tc::main_pair_scaled_mask<B, P>()), "n"(kMagic));
     return r;
   } else if constexpr (P < tc::main_pairs(B)) {
     const std::uint32_t v = tc::main_pair_shifted<B, P>(w);
@@ -350,16 +348,17 @@ __device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t qm, std::uint
   return scale_pair<T>(__hsub2(u32_as_h2(qm), u32_as_h2(z2)), s2);
 }
 
-/// b = 4, pair P: as decode_pair, except that the pairs held as 16 q (tc::pair4_times16) give
-/// q - z as (1024 + 16 q) / 16 - (64 + z) in one fma (exact: every step is an integer below
-/// 2048 or a power-of-two division of one), z64 = fp16x2 64 + z (GroupConsts::zx).
-template <class T, int P>
-__device__ __forceinline__ std::uint32_t decode_pair4(std::uint32_t qm, std::uint32_t z2, std::uint32_t z64,
-                                                      std::uint32_t s2) {
-  if constexpr (tc::pair4_times16(P))
-    return scale_pair<T>(__hfma2(u32_as_h2(qm), __float2half2_rn(0.0625f), __hneg2(u32_as_h2(z64))), s2);
+/// float16, pair P of b bits: as decode_pair, except that the pairs held as 2^b q
+/// (tc::pair_times_k) give q - z as (1024 + 2^b q) / 2^b - (1024 / 2^b + z) in one fma (exact:
+/// every step is an integer below 2048 or a power-of-two division of one); zx = fp16x2
+/// 1024 / 2^b + z (GroupConsts::zx).
+template <int B, int P>
+__device__ __forceinline__ std::uint32_t decode_pair_f16(std::uint32_t qm, std::uint32_t z2, std::uint32_t zx,
+                                                         std::uint32_t s2) {
+  if constexpr (tc::pair_times_k(B, P))
+    return scale_pair<__half>(__hfma2(u32_as_h2(qm), __float2half2_rn(1.0f / (1 << B)), __hneg2(u32_as_h2(zx))), s2);
   else
-    return decode_pair<T>(qm, z2, s2);
+    return decode_pair<__half>(qm, z2, s2);
 }
 
 /// bfloat16, b <= 6: the pair `qm` (bf16x2 128 + q, exact for q < 128) minus zb = bf16x2 128 + z is
@@ -382,8 +381,8 @@ __device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std:
 
 /// The current group's decode constants for the lane's four columns 8 jj + g (from the group's
 /// header, unpack_header):
-///   float16:  s2 = the scale twice, z2 = fp16x2 1024 + zero, zx = fp16x2 64 + zero (b = 4 pairs
-///             held as 16 q);
+///   float16:  s2 = the scale twice, z2 = fp16x2 1024 + zero, zx = fp16x2 1024 / 2^b + zero (for
+///             the pairs held as 2^b q, b <= 5; b = the group's width);
 ///   bfloat16: s2 = s_hi | s_lo << 16 (decode_pair_bf16), z2 = fp16x2 1024 + zero (8-bit codes,
 ///             decoded in float16), zx = bf16x2 128 + zero (b <= 6).
 struct GroupConsts {
@@ -410,10 +409,8 @@ __device__ __forceinline__ void tc_chunk_words(const std::uint32_t (&w)[8], cons
       b[JJ][S][H] = decode_pair_bf16(qm, gc.zx[JJ], gc.s2[JJ]);                                        \
     else if constexpr (kIsBf16<T>)                                                                    \
       b[JJ][S][H] = decode_pair<T>(qm, gc.z2[JJ], s32[JJ]);                                            \
-    else if constexpr (B == 4)                                                                        \
-      b[JJ][S][H] = decode_pair4<T, 4 * (JJ) + 2 * (S) + (H)>(qm, gc.z2[JJ], gc.zx[JJ], gc.s2[JJ]);    \
     else                                                                                              \
-      b[JJ][S][H] = decode_pair<T>(qm, gc.z2[JJ], gc.s2[JJ]);                                          \
+      b[JJ][S][H] = decode_pair_f16<B, 4 * (JJ) + 2 * (S) + (H)>(qm, gc.z2[JJ], gc.zx[JJ], gc.s2[JJ]); \
   }
 #define EXL2_TC_TILE(JJ) EXL2_TC_PAIR(JJ, 0, 0) EXL2_TC_PAIR(JJ, 0, 1) EXL2_TC_PAIR(JJ, 1, 0) EXL2_TC_PAIR(JJ, 1, 1)
   EXL2_TC_TILE(0) EXL2_TC_TILE(1) EXL2_TC_TILE(2) EXL2_TC_TILE(3)
@@ -463,9 +460,10 @@ __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int
 }
 
 /// A group's header words (fp16 scale | fp16 (1024 + zero) << 16, one per n8 tile of the
-/// lane) as the GroupConsts of type T.
+/// lane) as the GroupConsts of type T, for the group's code width b (every chunk of a group has
+/// its group's width).
 template <class T>
-__device__ __forceinline__ void unpack_header(const uint4 h, GroupConsts& gc) {
+__device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts& gc) {
   const std::uint32_t hv[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj) {
@@ -479,7 +477,8 @@ __device__ __forceinline__ void unpack_header(const uint4 h, GroupConsts& gc) {
       gc.zx[jj] = gc.z2[jj] - 0x21002100u;  // fp16 bits 0x6400 + z -> bf16 bits 0x4300 + z (128 + z)
     } else {
       gc.s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
-      gc.zx[jj] = h2_as_u32(__hsub2(u32_as_h2(gc.z2[jj]), __float2half2_rn(960.0f)));  // 64 + z, exact
+      // 1024 / 2^b + z = (1024 + z) - (1024 - 1024 / 2^b), exact (b <= 5; unused above)
+      gc.zx[jj] = h2_as_u32(__hsub2(u32_as_h2(gc.z2[jj]), __float2half2_rn(1024.0f - static_cast<float>(1024 >> b))));
     }
   }
 }
@@ -496,7 +495,7 @@ __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const _
     header = d.w;
     const int hw =
         static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + (lane >> 2) * 4;
-    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), gc);
+    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), b, gc);
   }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -603,7 +602,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     if (!first_starts_group)
       unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(
                            tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords + warp * 32 + g * 4)),
-                       gc);
+                       dfirst.z & 0xff, gc);
     int header = first_starts_group ? -1 : dfirst.w;
 
     // Descriptors: lanes q < Q of warp 0 load chunk (first of iteration) + q, two iterations

@@ -158,16 +158,28 @@ EXL2_TC_HD constexpr std::uint32_t main_pair_shifted(const std::uint32_t (&w)[kW
   return w[P / half_codes(B)] >> ((P % half_codes(B)) * B);
 }
 
-/// b = 4, pair P (word P / 4, offset 4 (P % 4) of both halves) as the kernel extracts it with
-/// one shift per word: offsets 0 and 8 as the code itself (w & 0x000F000F, (w >> 8) & ..),
-/// offsets 4 and 12 as 16 times the code (w & 0x00F000F0, (w >> 8) & ..; pair4_times16), which
-/// the magic-1024 trick turns into 1024 + 16 q, exact like 1024 + q.
-EXL2_TC_HD constexpr bool pair4_times16(int p) { return p % 2 == 1; }
-template <int P, std::size_t kWords>
-EXL2_TC_HD constexpr std::uint32_t pair4_bits(const std::uint32_t (&w)[kWords]) {
-  static_assert(P >= 0 && P < 16 && P / 4 < static_cast<int>(kWords), "b = 4 has 16 pairs in 4 words");
-  constexpr std::uint32_t kMask = pair4_times16(P) ? 0x00F000F0u : 0x000F000Fu;
-  return ((P % 4) >= 2 ? (w[P / 4] >> 8) : w[P / 4]) & kMask;
+/// b <= 5, main pair P (word P / n, offset j b with j = P % n, n = 16 / b codes per half) as the
+/// kernel extracts it with one shift per two pairs: from w >> 2 b (j / 2), the code itself for
+/// even j (mask at bit 0) and 2^b times the code for odd j (mask at bit b; pair_times_k). Both
+/// fit the 10 mantissa bits of fp16 1024 (2 b <= 10), so the magic-1024 trick gives 1024 + q or
+/// 1024 + 2^b q, both exact. Wider codes (6, 8 bits) are shifted down (main_pair_shifted).
+EXL2_TC_HD constexpr bool pair_scaled_layout(int b) { return b <= 5; }
+EXL2_TC_HD constexpr bool pair_times_k(int b, int p) {
+  return pair_scaled_layout(b) && p < main_pairs(b) && (p % half_codes(b)) % 2 == 1;
+}
+/// The shifted word of main_pair_scaled (the kernel masks it in the lop3 that adds the magic).
+template <int B, int P, std::size_t kWords>
+EXL2_TC_HD constexpr std::uint32_t main_pair_scaled_word(const std::uint32_t (&w)[kWords]) {
+  static_assert(pair_scaled_layout(B) && P < main_pairs(B), "a main pair of b <= 5");
+  return w[P / half_codes(B)] >> (2 * B * ((P % half_codes(B)) / 2));
+}
+template <int B, int P>
+EXL2_TC_HD constexpr std::uint32_t main_pair_scaled_mask() {
+  return pair_mask(B) << (B * ((P % half_codes(B)) % 2));
+}
+template <int B, int P, std::size_t kWords>
+EXL2_TC_HD constexpr std::uint32_t main_pair_scaled(const std::uint32_t (&w)[kWords]) {
+  return main_pair_scaled_word<B, P>(w) & main_pair_scaled_mask<B, P>();
 }
 
 /// Bits [kLo, kLo + kLen) of both halves of `v`, moved to bit kTo of each half.

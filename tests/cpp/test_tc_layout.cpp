@@ -15,14 +15,14 @@ namespace tc = exl2::detail::tc;
 
 static int g_failures = 0;
 
-// The kernel's extraction (tc_gemm.cu, pair_with_magic without the magic): b = 4
-// tc::pair4_bits (16 q for tc::pair4_times16 pairs, scaled back here), other main pairs
+// The kernel's extraction (tc_gemm.cu, pair_with_magic without the magic): main pairs of
+// b <= 5 tc::main_pair_scaled (2^b q for tc::pair_times_k pairs, scaled back here), other main pairs
 // tc::main_pair_shifted and the mask, spare pairs tc::spare_pair (P is a template argument
 // there: dispatched here over every pair index).
 template <int B, int P>
 static std::uint32_t fast_pair_at(const std::uint32_t (&w)[B]) {
-  if constexpr (B == 4)
-    return tc::pair4_bits<P>(w) >> (tc::pair4_times16(P) ? 4 : 0);
+  if constexpr (tc::pair_scaled_layout(B) && P < tc::main_pairs(B))
+    return tc::main_pair_scaled<B, P>(w) >> (tc::pair_times_k(B, P) ? B : 0);
   else if constexpr (P < tc::main_pairs(B))
     return tc::main_pair_shifted<B, P>(w) & tc::pair_mask(B);
   else
