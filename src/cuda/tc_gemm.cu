@@ -26,8 +26,9 @@
 // Q = 4 chunks (2 for MT = 4): two barriers, one activation tile, one descriptor set.
 //
 // Per chunk a warp reads its lane's b words from the ring, decodes 16 half2 B-fragment
-// registers (magic 1024: (1024 + q) - (1024 + z) is the exact q - z, one __hmul2 by the
-// scale rounds like the reference: f16((q - z) * s)), loads its A fragments with ldmatrix and
+// registers (magic 1024: (1024 + q) - (1024 + z) is the exact q - z, or (1024 + 2^b q) / 2^b -
+// (1024 / 2^b + z) for the pairs kept 2^b times their code; one __hmul2 by the scale rounds like
+// the reference: f16((q - z) * s); bfloat16: decode_pair_bf16), loads its A fragments with ldmatrix and
 // issues 8 * MT mma.m16n8k16 with fp32 accumulation. Every output element is summed in a
 // fixed order (chunks in order inside the fragments, then cluster ranks 0..S-1) and written
 // once: deterministic and graph-capture safe.
