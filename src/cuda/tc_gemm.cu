@@ -17,7 +17,7 @@
 //
 // Memory pipeline: because the stream layout stores a tile's data for consecutive chunks
 // contiguously, a block's whole K range is one contiguous byte range of the tile's stream.
-// All 128 threads copy it into a shared-memory ring with cp.async, 2 KB per step (16 bytes a
+// All 128 threads copy it into a shared-memory ring with cp.async, 4 KB per step (2 x 16 bytes a
 // thread), kLookahead steps ahead of what the current iteration consumes, whatever the
 // layer's bit widths. Scales and zeros arrive in the same stream (a header unit before each
 // group's codes). The activations are first gathered by perm into a chunk-padded copy
@@ -62,17 +62,22 @@ constexpr int kPackThreads = 256;
 // Q - 1 = 3 chunks of 32 past the last row's end.
 constexpr int kXTailPad = 4 * 32;
 
-// The shared-memory ring: kRingSteps steps of kStepUnits units (one 16-byte cp.async per
-// thread and step). Copies run kLookahead steps ahead of the last step the current iteration
-// needs. Refills are issued after the barrier that ends the previous iteration, so only the
-// current iteration's data must survive them: at most Q = 4 chunks of up to 8 units plus a
-// header unit each (36 units), which span at most 10 steps; hence kLookahead <= kRingSteps - 10.
+// The shared-memory ring: kRingSteps steps of kStepUnits units (kStepCopies 16-byte cp.asyncs
+// per thread and step). Copies run kLookahead steps ahead of the last step the current
+// iteration needs. Refills are issued after the barrier that ends the previous iteration, so
+// only the current iteration's data must survive them: at most Q = 4 chunks of up to 8 units
+// plus a header unit each (36 units), which span at most 6 steps of 8 units; hence
+// kLookahead <= kRingSteps - 6. Steps of 4 KB (2 copies a thread) measured 2-5% faster than
+// steps of 2 KB with 6 steps (12 KB) of lookahead (H100, same session: 8192x28672 GPTQ-4 m = 8
+// 65.1 -> 61.7 us, 14336x4096 m = 1 22.0 -> 21.3): half the copy-loop bookkeeping per byte;
+// 10 steps of 2 KB lookahead had measured slower than 6, so the 8 KB here lose nothing.
 // The ring is 32 KB so that 6 blocks (24 warps) fit a multiprocessor: Nsight Compute showed
 // this kernel bound by instruction latency (fixed-latency dependencies) at low occupancy; a
 // 64 KB ring with 21 steps in flight (2 blocks per multiprocessor) measured 1.7x slower.
-constexpr int kStepUnits = kTcThreads * 4 / tc::kUnitWords;  // 4 units = 2 KB
-constexpr int kRingSteps = 16;
-constexpr int kLookahead = kRingSteps - 10;
+constexpr int kStepCopies = 2;
+constexpr int kStepUnits = kStepCopies * kTcThreads * 4 / tc::kUnitWords;  // 8 units = 4 KB
+constexpr int kRingSteps = 8;
+constexpr int kLookahead = kRingSteps - 6;
 constexpr int kRingWords = kRingSteps * kStepUnits * tc::kUnitWords;  // 32 KB
 static_assert((kRingWords & (kRingWords - 1)) == 0, "the ring is indexed with a mask");
 
@@ -578,18 +583,22 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     const bool first_starts_group = dfirst.y == dfirst.w + 1;
     const std::int64_t s0 = first_starts_group ? dfirst.w : dfirst.y;
     const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
-    // Step p copies units s0 + 4p .. s0 + 4p + 3 (thread tid: unit tid / 32, 16 bytes), so
-    // this thread copies in steps p < my_steps only. The copy loop is a large share of the
-    // kernel's instructions (a step per 4 units): source pointer, ring offset and step bound
+    // Step p copies units s0 + 8p .. s0 + 8p + 7 (thread tid: units tid / 32 and 4 + tid / 32,
+    // 16 bytes each), so this thread copies its first piece in steps p < my_steps and its second
+    // in steps p < my_steps1 only. The copy loop is a large share of the
+    // kernel's instructions (a step per 8 units): source pointer, ring offset and step bound
     // are kept incrementally in registers instead of being recomputed from s0 each step.
     const std::uint32_t* __restrict__ src = tsrc + s0 * tc::kUnitWords + tid * 4;
     const int my_steps = (static_cast<int>(s1 - s0) - tid / 32 + kStepUnits - 1) / kStepUnits;
+    const int my_steps1 = (static_cast<int>(s1 - s0) - 4 - tid / 32 + kStepUnits - 1) / kStepUnits;
     unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(ring));
     asm("" : "+r"(ring_s));  // opaque: keep it in a register (else ptxas recomputes it per copy)
     int issued = 0;
     unsigned dst_off = static_cast<unsigned>(tid * 4);  // ring word of this thread's next copy
     auto issue_step = [&]() {
       if (issued < my_steps) cp_async16(ring_s + dst_off * 4u, src);
+      if (issued < my_steps1) cp_async16(ring_s + (dst_off + 4u * tc::kUnitWords) * 4u, src + 4 * tc::kUnitWords);
+      static_assert(kStepCopies == 2, "issue_step copies two pieces per thread");
       cp_async_commit();
       src += kStepUnits * tc::kUnitWords;
       dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kRingWords - 1);
