@@ -301,15 +301,16 @@ __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int w
   }
 }
 
-/// Pair p of a lane's words with the magic exponent: fp16x2 (1024 + q_lo, 1024 + q_hi). Main
-/// pairs (tc::code_bit): a shift, then the mask and the OR in one lop3 ((v & mask) |
-/// 0x64006400; ptxas emits two LOP3s for the plain C++ expression since both constants are
-/// immediates); the spare pairs of b = 3, 5, 6 from their segments.
 /// bfloat16 decodes widths up to 6 bits in bfloat16 arithmetic (decode_pair_bf16, magic 128);
 /// float16, and bfloat16 8-bit codes, in float16 (magic 1024).
 template <int B, class T>
 inline constexpr bool kBf16Decode = kIsBf16<T> && B <= 6;
 
+/// Pair P of a lane's words with the magic exponent: fp16x2 (1024 + q_lo, 1024 + q_hi), or
+/// 1024 + 2^b q for the float16 pairs tc::pair_times_k, or bf16x2 128 + q (kBf16Decode). Main
+/// pairs (tc::code_bit): a shift, then the mask and the OR in one lop3 ((v & mask) | magic;
+/// ptxas emits two LOP3s for the plain C++ expression since both constants are immediates);
+/// the spare pairs of b = 3, 5, 6 from their segments.
 template <int B, int P, class T>
 __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
   constexpr std::uint32_t kMagic = kBf16Decode<B, T> ? 0x43004300u : 0x64006400u;  // 128 / 1024, x2
@@ -330,11 +331,11 @@ __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w
   }
 }
 
-/// One B-fragment register: the pair of codes `qm` (fp16x2 1024 + q, from pair_with_magic) as
-/// two weights of type T. (1024 + q) - (1024 + z) is the exact q - z; float16: one __hmul2 by
-/// the scale (s2 = the fp16 scale twice) rounds like the reference, f16((q - z) * s);
-/// bfloat16: the exact fp32 product by the scale (s2 = its fp32 bits) rounded once to bfloat16,
-/// bf16((q - z) * s), as dequantize(bfloat16) gives.
+/// One B-fragment register from the exact q - z of two codes (fp16x2 d) as two weights of type T:
+/// float16: one __hmul2 by the scale (s2 = the fp16 scale twice) rounds like the reference,
+/// f16((q - z) * s); bfloat16: the exact fp32 product by the scale (s2 = its fp32 bits) rounded
+/// once to bfloat16, bf16((q - z) * s), as dequantize(bfloat16) gives. decode_pair: d =
+/// (1024 + q) - (1024 + z) from the pair `qm` of pair_with_magic.
 template <class T>
 __device__ __forceinline__ std::uint32_t scale_pair(__half2 d, std::uint32_t s2) {
   if constexpr (kIsBf16<T>) {
@@ -585,9 +586,9 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
     // Step p copies units s0 + 8p .. s0 + 8p + 7 (thread tid: units tid / 32 and 4 + tid / 32,
     // 16 bytes each), so this thread copies its first piece in steps p < my_steps and its second
-    // in steps p < my_steps1 only. The copy loop is a large share of the
-    // kernel's instructions (a step per 8 units): source pointer, ring offset and step bound
-    // are kept incrementally in registers instead of being recomputed from s0 each step.
+    // in steps p < my_steps1 only. The copy loop is a large share of the kernel's instructions
+    // (a step per 8 units): source pointer, ring offset and step bound are kept incrementally
+    // in registers instead of being recomputed from s0 each step.
     const std::uint32_t* __restrict__ src = tsrc + s0 * tc::kUnitWords + tid * 4;
     const int my_steps = (static_cast<int>(s1 - s0) - tid / 32 + kStepUnits - 1) / kStepUnits;
     const int my_steps1 = (static_cast<int>(s1 - s0) - 4 - tid / 32 + kStepUnits - 1) / kStepUnits;
