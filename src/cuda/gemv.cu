@@ -33,6 +33,7 @@
 #include <utility>
 
 #include "cuda/gemv.cuh"
+#include "cuda/split_rule.hpp"
 
 namespace cg = cooperative_groups;
 
@@ -333,39 +334,15 @@ static int max_split_from_env() {
 int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                   int max_split) {
   if (!L.clusters) return 1;
-  // EXL2_CUDA_MAX_SPLIT at construction replaces the cap, except that 16 needs a kernel that
-  // allows it (its caller passes 16).
-  if (L.max_split > 0) max_split = (L.max_split == 16 && max_split < 16) ? 8 : L.max_split;
-  // Among the splits that leave each block enough chunks to amortise its reduction,
-  // take the smallest whose last wave of blocks is within 5% as full as the best one:
-  // a larger split only adds reduction work once the waves are balanced.
-  const std::int64_t slots = resident_blocks(L, blocks_per_sm);
-  double eff[5] = {0, 0, 0, 0, 0};
-  double best = 0.0;
-  for (int i = 0, split = 1; i < 5; ++i, split *= 2) {
-    if (split > 1 && (L.num_chunks / split < min_chunks_per_block || split > max_split)) break;
-    const std::int64_t blocks = tiles * split;
-    const std::int64_t waves = (blocks + slots - 1) / slots;
-    eff[i] = static_cast<double>(blocks) / static_cast<double>(waves * slots);
-    if (eff[i] > best) best = eff[i];
-  }
-  for (int i = 0, split = 1; i < 5; ++i, split *= 2) {
-    if (eff[i] >= best - 0.05) return split;
-  }
-  return 1;
+  return split_rule::by_waves(tiles, resident_blocks(L, blocks_per_sm), L.num_chunks, min_chunks_per_block,
+                              split_rule::capped(max_split, L.max_split));
 }
 
 int single_wave_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                       int max_split) {
   if (!L.clusters) return 1;
-  if (L.max_split > 0) max_split = (L.max_split == 16 && max_split < 16) ? 8 : L.max_split;
-  const std::int64_t slots = resident_blocks(L, blocks_per_sm);
-  int best = 1;
-  for (int split = 2; split <= max_split && split <= 16; split *= 2) {
-    if (L.num_chunks / split < min_chunks_per_block || tiles * split > slots) break;
-    best = split;
-  }
-  return best;
+  return split_rule::single_wave(tiles, resident_blocks(L, blocks_per_sm), L.num_chunks, min_chunks_per_block,
+                                 split_rule::capped(max_split, L.max_split));
 }
 
 bool cluster16_launchable(const void* kernel, int threads) {

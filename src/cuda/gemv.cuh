@@ -30,14 +30,15 @@ void query_mma_occupancy(DeviceLayer& layer);
 /// tiles, given how many blocks of the kernel fit one multiprocessor, at most `max_split`
 /// (or the layer's EXL2_CUDA_MAX_SPLIT cap when one was set at construction); 1 below compute
 /// capability 9.0 or when the kernels lack their sm_90 code (layer.clusters false). Depends
-/// only on the shape, the device and the build.
+/// only on the shape, the device and the build. The rule itself: split_rule::by_waves.
 int cluster_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                   int max_split = 4);
 
 /// Split-K factor for kernels whose extra waves cost more than the reduction saves (the tc
 /// kernel's 64-row tiles): the largest power of two (at most `max_split` or the layer's
 /// EXL2_CUDA_MAX_SPLIT cap, each block keeping `min_chunks_per_block` chunks) whose blocks all
-/// fit one wave; 1 when even that does not fit, or where cluster_split returns 1.
+/// fit one wave (split_rule::single_wave); 1 when even 2 does not fit, or where cluster_split
+/// returns 1.
 int single_wave_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                       int max_split);
 
