@@ -99,6 +99,10 @@ StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t
     group[c] = canonical[c].w;
     bits[c] = canonical[c].z & 0xff;
     if (group[c] < 0 || group[c] >= G) internal_error("tc layout: chunk group out of range");
+    // The kernel derives a group's decode constants for its width once, from the header
+    // (unpack_header): every chunk of a group must have that width.
+    if (c > 0 && group[c] == group[c - 1] && bits[c] != bits[c - 1])
+      internal_error("tc layout: chunk widths differ within a group");
   }
   std::vector<std::int64_t> unit0(canonical.size()), header(canonical.size());
   StreamTables t;
