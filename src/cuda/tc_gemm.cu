@@ -315,21 +315,23 @@ inline constexpr bool kBf16Decode = kIsBf16<T> && B <= 6;
 /// pairs (tc::code_bit): a shift, then the mask and the OR in one lop3 ((v & mask) | magic;
 /// ptxas emits two LOP3s for the plain C++ expression since both constants are immediates);
 /// the spare pairs of b = 3, 5, 6 from their segments.
+/// (v & kMask) | kMagic in one lop3.
+template <std::uint32_t kMask, std::uint32_t kMagic>
+__device__ __forceinline__ std::uint32_t mask_or_magic(std::uint32_t v) {
+  std::uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(kMask), "n"(kMagic));
+  return r;
+}
+
 template <int B, int P, class T>
 __device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
   constexpr std::uint32_t kMagic = kBf16Decode<B, T> ? 0x43004300u : 0x64006400u;  // 128 / 1024, x2
   if constexpr (!kIsBf16<T> && tc::pair_scaled_layout(B) && P < tc::main_pairs(B)) {
     // b <= 5: one shift per two pairs; odd pairs stay 2^b q (tc::main_pair_scaled; decode_pair_f16
     // scales them back exactly).
-    const std::uint32_t v = tc::main_pair_scaled_word<B, P>(w);
-    std::uint32_t r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(tc::main_pair_scaled_mask<B, P>()), "n"(kMagic));
-    return r;
+    return mask_or_magic<tc::main_pair_scaled_mask<B, P>(), kMagic>(tc::main_pair_scaled_word<B, P>(w));
   } else if constexpr (P < tc::main_pairs(B)) {
-    const std::uint32_t v = tc::main_pair_shifted<B, P>(w);
-    std::uint32_t r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(tc::pair_mask(B)), "n"(kMagic));
-    return r;
+    return mask_or_magic<tc::pair_mask(B), kMagic>(tc::main_pair_shifted<B, P>(w));
   } else {
     return tc::spare_pair<B, P - tc::main_pairs(B)>(w) | kMagic;
   }
