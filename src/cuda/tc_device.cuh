@@ -1,0 +1,306 @@
+// Internal: device code shared by the tc kernels (tc_gemm.cu: mma.sync, any m up to 64;
+// tc_wgmma.cu: wgmma, Hopper, larger m): the shared-memory ring's geometry, the PTX helpers, and
+// the decode of a chunk's codes (tc stream layout, tc_layout.hpp) into 16-bit B-fragment
+// registers of the activation type.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cuda/device_layer.cuh"
+#include "cuda/tc_layout.hpp"
+
+namespace exl2::detail::cuda {
+
+constexpr int kTcWarps = tc::kTileBlocks;  // one warp per 32-column block of the tile
+constexpr int kTcThreads = 32 * kTcWarps;
+// Halves past the gathered activations' end that the kernel may read (and ignore): up to
+// Q - 1 = 3 chunks of 32 past the last row's end.
+constexpr int kXTailPad = 4 * 32;
+
+// The shared-memory ring: kRingSteps steps of kStepUnits units (kStepCopies 16-byte cp.asyncs
+// per thread and step). Copies run kLookahead steps ahead of the last step the current
+// iteration needs. Refills are issued after the barrier that ends the previous iteration, so
+// only the current iteration's data must survive them: at most Q = 4 chunks of up to 8 units
+// plus a header unit each (36 units), which span at most 6 steps of 8 units; hence
+// kLookahead <= kRingSteps - 6. Steps of 4 KB (2 copies a thread) measured 2-5% faster than
+// steps of 2 KB with 6 steps (12 KB) of lookahead (H100, same session: 8192x28672 GPTQ-4 m = 8
+// 65.1 -> 61.7 us, 14336x4096 m = 1 22.0 -> 21.3): half the copy-loop bookkeeping per byte;
+// 10 steps of 2 KB lookahead had measured slower than 6, so the 8 KB here lose nothing.
+// The ring is 32 KB so that 6 blocks (24 warps) fit a multiprocessor: Nsight Compute showed
+// this kernel bound by instruction latency (fixed-latency dependencies) at low occupancy; a
+// 64 KB ring with 21 steps in flight (2 blocks per multiprocessor) measured 1.7x slower.
+constexpr int kStepCopies = 2;
+constexpr int kStepUnits = kStepCopies * kTcThreads * 4 / tc::kUnitWords;  // 8 units = 4 KB
+constexpr int kRingSteps = 8;
+constexpr int kLookahead = kRingSteps - 6;
+constexpr int kRingWords = kRingSteps * kStepUnits * tc::kUnitWords;  // 32 KB
+static_assert((kRingWords & (kRingWords - 1)) == 0, "the ring is indexed with a mask");
+
+// ---------------------------------------------------------------------------------
+// PTX helpers (compute capability 8.0+; the kernel is never launched below, tc_usable).
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ __half2 u32_as_h2(std::uint32_t u) {
+  __half2 h;
+  std::memcpy(&h, &u, 4);
+  return h;
+}
+__device__ __forceinline__ std::uint32_t h2_as_u32(__half2 h) {
+  std::uint32_t u;
+  std::memcpy(&u, &h, 4);
+  return u;
+}
+
+/// 16-byte asynchronous copy global -> shared (`smem`: a shared-window address, converted once
+/// by the caller).
+__device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
+#else
+  (void)smem;
+  (void)gmem;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+/// The four 8x8 matrices of a 16x16 fp16 A fragment from shared memory (row addresses
+/// supplied per lane as for mma.m16n8k16's a0..a3).
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&a)[4], const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(s));
+#else
+  (void)a;
+  (void)smem;
+  __trap();
+#endif
+}
+
+/// d += A (16x16, row-major fragment a) * B (16x8, fragment b0/b1), inputs of type T (__half
+/// or __nv_bfloat16), fp32 accumulation.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                          std::uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kIsBf16<T>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  (void)d;
+  (void)a;
+  (void)b0;
+  (void)b1;
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------
+// The GEMM kernel.
+// ---------------------------------------------------------------------------------
+
+/// The b words of a lane from the ring, starting at ring word `wo` (for b = 2, 4, 6, 8 a
+/// multiple of 2, 4, 2, 8 words, and the ring a multiple of 8 words: vector loads never
+/// straddle its end).
+template <int B>
+__device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int wo, std::uint32_t (&w)[8]) {
+  if constexpr (B == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(ring + wo);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (B == 8) {
+    const uint4 v0 = *reinterpret_cast<const uint4*>(ring + wo);
+    const uint4 v1 = *reinterpret_cast<const uint4*>(ring + wo + 4);
+    w[0] = v0.x, w[1] = v0.y, w[2] = v0.z, w[3] = v0.w;
+    w[4] = v1.x, w[5] = v1.y, w[6] = v1.z, w[7] = v1.w;
+  } else if constexpr (B == 2 || B == 6) {
+#pragma unroll
+    for (int i = 0; i < B / 2; ++i) {
+      const uint2 v = *reinterpret_cast<const uint2*>(ring + ((wo + 2 * i) & (kRingWords - 1)));
+      w[2 * i] = v.x, w[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < B; ++i) w[i] = ring[(wo + i) & (kRingWords - 1)];
+  }
+}
+
+/// bfloat16 decodes widths up to 6 bits in bfloat16 arithmetic (decode_pair_bf16, magic 128);
+/// float16, and bfloat16 8-bit codes, in float16 (magic 1024).
+template <int B, class T>
+inline constexpr bool kBf16Decode = kIsBf16<T> && B <= 6;
+
+/// Pair P of a lane's words with the magic exponent: fp16x2 (1024 + q_lo, 1024 + q_hi), or
+/// 1024 + 2^b q for the float16 pairs tc::pair_times_k, or bf16x2 128 + q (kBf16Decode). Main
+/// pairs (tc::code_bit): a shift, then the mask and the OR in one lop3 ((v & mask) | magic;
+/// ptxas emits two LOP3s for the plain C++ expression since both constants are immediates);
+/// the spare pairs of b = 3, 5, 6 from their segments.
+/// (v & kMask) | kMagic in one lop3.
+template <std::uint32_t kMask, std::uint32_t kMagic>
+__device__ __forceinline__ std::uint32_t mask_or_magic(std::uint32_t v) {
+  std::uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "n"(kMask), "n"(kMagic));
+  return r;
+}
+
+template <int B, int P, class T>
+__device__ __forceinline__ std::uint32_t pair_with_magic(const std::uint32_t (&w)[8]) {
+  constexpr std::uint32_t kMagic = kBf16Decode<B, T> ? 0x43004300u : 0x64006400u;  // 128 / 1024, x2
+  if constexpr (!kIsBf16<T> && tc::pair_scaled_layout(B) && P < tc::main_pairs(B)) {
+    // b <= 5: one shift per two pairs; odd pairs stay 2^b q (tc::main_pair_scaled; decode_pair_f16
+    // scales them back exactly).
+    return mask_or_magic<tc::main_pair_scaled_mask<B, P>(), kMagic>(tc::main_pair_scaled_word<B, P>(w));
+  } else if constexpr (P < tc::main_pairs(B)) {
+    return mask_or_magic<tc::pair_mask(B), kMagic>(tc::main_pair_shifted<B, P>(w));
+  } else {
+    return tc::spare_pair<B, P - tc::main_pairs(B)>(w) | kMagic;
+  }
+}
+
+/// One B-fragment register from the exact q - z of two codes (fp16x2 d) as two weights of type T:
+/// float16: one __hmul2 by the scale (s2 = the fp16 scale twice) rounds like the reference,
+/// f16((q - z) * s); bfloat16: the exact fp32 product by the scale (s2 = its fp32 bits) rounded
+/// once to bfloat16, bf16((q - z) * s), as dequantize(bfloat16) gives. decode_pair: d =
+/// (1024 + q) - (1024 + z) from the pair `qm` of pair_with_magic.
+template <class T>
+__device__ __forceinline__ std::uint32_t scale_pair(__half2 d, std::uint32_t s2) {
+  if constexpr (kIsBf16<T>) {
+    const float s = __uint_as_float(s2);
+    const float2 f = __half22float2(d);
+    const __nv_bfloat162 r = __floats2bfloat162_rn(f.x * s, f.y * s);
+    std::uint32_t u;
+    std::memcpy(&u, &r, 4);
+    return u;
+  } else {
+    return h2_as_u32(__hmul2(d, u32_as_h2(s2)));
+  }
+}
+
+template <class T>
+__device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t qm, std::uint32_t z2, std::uint32_t s2) {
+  return scale_pair<T>(__hsub2(u32_as_h2(qm), u32_as_h2(z2)), s2);
+}
+
+/// float16, pair P of b bits: as decode_pair, except that the pairs held as 2^b q
+/// (tc::pair_times_k) give q - z as (1024 + 2^b q) / 2^b - (1024 / 2^b + z) in one fma (exact:
+/// every step is an integer below 2048 or a power-of-two division of one); zx = fp16x2
+/// 1024 / 2^b + z (GroupConsts::zx).
+template <int B, int P>
+__device__ __forceinline__ std::uint32_t decode_pair_f16(std::uint32_t qm, std::uint32_t z2, std::uint32_t zx,
+                                                         std::uint32_t s2) {
+  if constexpr (tc::pair_times_k(B, P))
+    return scale_pair<__half>(__hfma2(u32_as_h2(qm), __float2half2_rn(1.0f / (1 << B)), __hneg2(u32_as_h2(zx))), s2);
+  else
+    return decode_pair<__half>(qm, z2, s2);
+}
+
+/// bfloat16, b <= 6: the pair `qm` (bf16x2 128 + q, exact for q < 128) minus zb = bf16x2 128 + z is
+/// the exact q - z (|q - z| <= 64); the scale s (fp16) is split into s_hi = bf16(s) and s_lo = s -
+/// s_hi (<= 3 significant bits, so exact in bfloat16), packed as sp = s_hi | s_lo << 16. Then
+/// d * s_lo is exact (|d * k| <= 256 for s_lo = k 2^e, |k| <= 4) and fma(d, s_hi, d * s_lo)
+/// rounds the exact d * s once: bf16((q - z) * s), the bits decode_pair<bfloat16> gives, in three
+/// bfloat16 operations instead of a conversion to fp32 and back.
+__device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std::uint32_t zb, std::uint32_t sp) {
+  __nv_bfloat162 q, z, spp;
+  std::memcpy(&q, &qm, 4);
+  std::memcpy(&z, &zb, 4);
+  std::memcpy(&spp, &sp, 4);
+  const __nv_bfloat162 d = __hsub2(q, z);
+  const __nv_bfloat162 r = __hfma2(d, __low2bfloat162(spp), __hmul2(d, __high2bfloat162(spp)));
+  std::uint32_t u;
+  std::memcpy(&u, &r, 4);
+  return u;
+}
+
+/// The current group's decode constants for the lane's four columns 8 jj + g (from the group's
+/// header, unpack_header):
+///   float16:  s2 = the scale twice, z2 = fp16x2 1024 + zero, zx = fp16x2 1024 / 2^b + zero (for
+///             the pairs held as 2^b q, b <= 5; b = the group's width);
+///   bfloat16: s2 = s_hi | s_lo << 16 (decode_pair_bf16), z2 = fp16x2 1024 + zero (8-bit codes,
+///             decoded in float16), zx = bf16x2 128 + zero (b <= 6).
+struct GroupConsts {
+  std::uint32_t s2[4] = {0, 0, 0, 0};
+  std::uint32_t z2[4] = {0, 0, 0, 0};
+  std::uint32_t zx[4] = {0, 0, 0, 0};
+};
+
+/// One chunk's 16 B-fragment registers of a lane, decoded from its words `w` with the group's
+/// constants: b[jj][s][h] holds rows 16 s + 2 t (+ 8 h), + 1 of column 8 jj + g of the warp's
+/// 32-column block (mma.m16n8k16 B operand of n8 tile jj, k16 step s; lane = 4 g + t).
+template <int B, class T>
+__device__ __forceinline__ void decode_chunk(const std::uint32_t (&w)[8], const GroupConsts& gc,
+                                             std::uint32_t (&b)[4][2][2]) {
+  std::uint32_t s32[4];  // bfloat16, 8-bit codes: the fp32 scale s_hi + s_lo (exact)
+  if constexpr (kIsBf16<T> && !kBf16Decode<B, T>) {
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj)
+      s32[jj] = __float_as_uint(__uint_as_float(gc.s2[jj] << 16) + __uint_as_float(gc.s2[jj] & 0xffff0000u));
+  }
+#define EXL2_TC_PAIR(JJ, S, H)                                                                          \
+  {                                                                                                   \
+    const std::uint32_t qm = pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H), T>(w);                      \
+    if constexpr (kBf16Decode<B, T>)                                                                  \
+      b[JJ][S][H] = decode_pair_bf16(qm, gc.zx[JJ], gc.s2[JJ]);                                        \
+    else if constexpr (kIsBf16<T>)                                                                    \
+      b[JJ][S][H] = decode_pair<T>(qm, gc.z2[JJ], s32[JJ]);                                            \
+    else                                                                                              \
+      b[JJ][S][H] = decode_pair_f16<B, 4 * (JJ) + 2 * (S) + (H)>(qm, gc.z2[JJ], gc.zx[JJ], gc.s2[JJ]); \
+  }
+#define EXL2_TC_TILE(JJ) EXL2_TC_PAIR(JJ, 0, 0) EXL2_TC_PAIR(JJ, 0, 1) EXL2_TC_PAIR(JJ, 1, 0) EXL2_TC_PAIR(JJ, 1, 1)
+  EXL2_TC_TILE(0) EXL2_TC_TILE(1) EXL2_TC_TILE(2) EXL2_TC_TILE(3)
+#undef EXL2_TC_TILE
+#undef EXL2_TC_PAIR
+}
+
+/// A group's header words (fp16 scale | fp16 (1024 + zero) << 16, one per n8 tile of the
+/// lane) as the GroupConsts of type T, for the group's code width b (every chunk of a group has
+/// its group's width).
+template <class T>
+__device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts& gc) {
+  const std::uint32_t hv[4] = {h.x, h.y, h.z, h.w};
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    gc.z2[jj] = __byte_perm(hv[jj], 0, 0x3232);
+    if constexpr (kIsBf16<T>) {
+      const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu)));
+      const __nv_bfloat16 hi = __float2bfloat16_rn(s);
+      const __nv_bfloat16 lo = __float2bfloat16_rn(s - __bfloat162float(hi));  // exact (<= 3 bits)
+      gc.s2[jj] = static_cast<std::uint32_t>(__bfloat16_as_ushort(hi)) |
+                  (static_cast<std::uint32_t>(__bfloat16_as_ushort(lo)) << 16);
+      gc.zx[jj] = gc.z2[jj] - 0x21002100u;  // fp16 bits 0x6400 + z -> bf16 bits 0x4300 + z (128 + z)
+    } else {
+      gc.s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
+      // 1024 / 2^b + z = (1024 + z) - (1024 - 1024 / 2^b), exact (b <= 5; unused above)
+      gc.zx[jj] = h2_as_u32(__hsub2(u32_as_h2(gc.z2[jj]), __float2half2_rn(1024.0f - static_cast<float>(1024 >> b))));
+    }
+  }
+}
+
+}  // namespace exl2::detail::cuda
