@@ -35,9 +35,10 @@ TC_LAYERS = ("gptq4 g128 act 8192x28672", "exl2 4.0bpw 8192x28672", "gptq4 g128 
 TC_MS = (1, 2, 4, 8, 16, 32, 64)
 
 #: From this many rows on, QMatrix.matmul on CUDA dequantizes and calls cuBLAS (exl2/qmatrix.py);
-#: with EXL2_CUDA_TC=1 from TC_DENSE_MIN_ROWS (qmatrix._TC_MAX_ROWS + 1).
+#: with EXL2_CUDA_TC=1 on the H100 (whose data these are) from TC_DENSE_MIN_ROWS
+#: (qmatrix._WGMMA_MAX_ROWS + 1: the wgmma kernel serves 64 < m <= 256 there).
 DENSE_MIN_ROWS = 13
-TC_DENSE_MIN_ROWS = 65
+TC_DENSE_MIN_ROWS = 257
 #: The layers that get a table and a line in the plot (the 4-bit formats the reference kernels
 #: are compared on); the other EXL2 widths are summarised per shape.
 MAIN_LAYER_PREFIXES = ("gptq4 ", "exl2 4.0bpw ")
@@ -188,7 +189,7 @@ def update_page(data: Dict[str, Any], page: Path = PAGE, tc: Optional[Dict[str, 
 
 def plot(data: Dict[str, Any], png: Path = DEFAULT_PNG) -> None:
     """Time per call against m, log-log, one panel per weight shape (shaded: the m that take the
-    dequantize + cuBLAS route, from m = 65 for an EXL2_CUDA_TC=1 run)."""
+    dequantize + cuBLAS route, from m = 257 for an EXL2_CUDA_TC=1 run)."""
     dense_min = TC_DENSE_MIN_ROWS if "EXL2_CUDA_TC=1" in data.get("command", "") else DENSE_MIN_ROWS
     import matplotlib
 

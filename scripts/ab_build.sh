@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B builds on one GPU machine, so that two versions of the kernels are timed in one session:
-# this tree is installed into the environment (pip, sm_90 only), and every variant
+# this tree is installed into the environment (pip, sm_90a only), and every variant
 # ab/variants/NAME/ (a src/ tree laid over a copy of this one) into /tmp/pkg_NAME, all at once.
 # Time a variant with PYTHONPATH=/tmp/pkg_NAME (check exl2.__file__).
 #
@@ -13,7 +13,7 @@ set -u
 cd "$(dirname "$0")/.."
 LOG=${OUT:-/tmp/ab}
 mkdir -p "$LOG"
-export EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90-real CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-6}
+export EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90a-real CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-6}
 t0=$(date +%s)
 for v in ab/variants/*/; do
   [[ -d "$v" ]] || continue

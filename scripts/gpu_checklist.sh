@@ -27,7 +27,7 @@ run() {  # run NAME CMD...: log to $LOG/NAME.log, keep the first failure's statu
 
 for stage in "$@"; do
   case "${stage}" in
-    build) run build env EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90-real CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    build) run build env EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90a-real CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
              "${PY}" -m pip install --no-build-isolation --no-deps -q . ;;
     test) run test "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests --ignore=tests/test_tc_kernel.py ;;
     tc) run tc env EXL2_CUDA_TC=1 "${PY}" -m pytest -q -p no:cacheprovider tests/test_tc_kernel.py ;;

@@ -175,7 +175,7 @@ def _cmake_options() -> set:
 
 _ENV_VALUES = {
     "EXL2_CUDA": re.compile(r"^(AUTO|ON|OFF)$"),
-    "EXL2_CUDA_ARCHITECTURES": re.compile(r"^(auto|release|host|\d+(-real|-virtual)?(;\d+(-real|-virtual)?)*)$"),
+    "EXL2_CUDA_ARCHITECTURES": re.compile(r"^(auto|release|host|\d+a?(-real|-virtual)?(;\d+a?(-real|-virtual)?)*)$"),
     "CMAKE_BUILD_PARALLEL_LEVEL": re.compile(r"^\d+$"),
     "EXL2_CUDA_TC": re.compile(r"^[01]$"),  # read by src/cuda/tc_gemm.cu and python/exl2/qmatrix.py
 }

@@ -36,7 +36,7 @@ repo = pytest.mark.skipif(not IS_REPO, reason="needs the repository (.github/, .
 PKG = Path(exl2.__file__).resolve().parent
 SNIPPET = Path(__file__).resolve().parent / "typing_snippet.py"
 
-RELEASE_ARCHS = "75-real;80-real;86-real;89-real;90-real;100-real;120-real;120-virtual"
+RELEASE_ARCHS = "75-real;80-real;86-real;89-real;90a-real;100-real;120-real;120-virtual"
 
 
 def _toml(path: Path) -> dict:

@@ -31,6 +31,9 @@ def _tc_on(monkeypatch: pytest.MonkeyPatch) -> None:
     # layers; test_tc_routes_by_m checks that rule), and not to the dense path of the Python API.
     monkeypatch.setenv("EXL2_CUDA_TC_MIN_ROWS", "1")
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", TC_MAX_ROWS)
+    # The mma.sync kernel for every m up to 64 (on compute capability 9.0 the wgmma kernel takes
+    # m >= 33 by default; tests/test_tc_wgmma.py covers it).
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "65")
 
 
 def _layers():

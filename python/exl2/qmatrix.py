@@ -51,9 +51,31 @@ def _dense_min_rows_from_env() -> dict:
 _DENSE_MIN_ROWS = _dense_min_rows_from_env()
 # Opt-in: with EXL2_CUDA_TC=1 set before import (and at construction), layers get the
 # tensor-core stream layout and float16 / bfloat16 calls with m <= 64 stay native (the library
-# runs the tensor-core kernel, src/cuda/tc_gemm.cu, for 2 <= m <= 64 and for m = 1 on large
-# layers, its GEMV for the other m = 1).
+# runs its tensor-core kernels, src/cuda/tc_gemm.cu and tc_wgmma.cu, for 2 <= m <= 64 and for
+# m = 1 on large layers, its GEMV for the other m = 1).
 _TC_MAX_ROWS = 64 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
+# On compute capability 9.0 (H100, H200) with a build that holds sm_90a code, the tc layout also
+# has the library's wgmma kernel (src/cuda/tc_wgmma.cu), which serves m up to _WGMMA_MAX_ROWS
+# natively on layers of at least _WGMMA_MIN_WEIGHTS weights. Measured on the H100 (GPTQ-4, same
+# session): 8192x28672 184 us at m = 128 against about 445 for the dense route, 730 against 639
+# at m = 512; on smaller layers its few blocks lose to the dense route from m = 128 on (H200,
+# 4096x4096: 42.7 against about 28 us).
+_WGMMA_MAX_ROWS = 256
+_WGMMA_MIN_WEIGHTS = 1 << 25
+
+
+def _native_max_rows(device: torch.device, weights: int) -> int:
+    """The largest m that matmul on `device` sends to the library's own kernels instead of the
+    dense route (besides _DENSE_MIN_ROWS), for a layer of `weights` = K * N: _TC_MAX_ROWS, or
+    _WGMMA_MAX_ROWS where the wgmma kernel runs and the layer is large enough."""
+    if _TC_MAX_ROWS == 0 or device.type != "cuda" or weights < _WGMMA_MIN_WEIGHTS:
+        return _TC_MAX_ROWS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index) == (9, 0) and any(
+            a.startswith("90a") for a in _ext.cuda_architectures().split()):
+        return max(_TC_MAX_ROWS, _WGMMA_MAX_ROWS)
+    return _TC_MAX_ROWS
+
 
 # The activation/output dtypes matmul and dequantize support.
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -114,7 +136,7 @@ class QMatrix:
     garbage collected.
     """
 
-    __slots__ = ("_native", "_device", "_bias", "_k", "_n")
+    __slots__ = ("_native", "_device", "_bias", "_k", "_n", "_native_rows")
 
     def __init__(self, native: Any, device: torch.device, bias: Optional[dict] = None) -> None:
         # Internal: use from_exl2 / from_gptq / from_awq. `bias` holds our own copies on
@@ -125,6 +147,7 @@ class QMatrix:
         self._bias = bias
         self._k = int(native.in_features)  # cached: read on every matmul
         self._n = int(native.out_features)
+        self._native_rows = _native_max_rows(device, self._k * self._n)  # cached: read on every matmul
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -362,7 +385,7 @@ class QMatrix:
         dev = self._device
         bf16 = x.dtype == torch.bfloat16
         if dev.type == "cuda":
-            if rows >= max(_DENSE_MIN_ROWS[x.dtype], _TC_MAX_ROWS + 1):
+            if rows >= max(_DENSE_MIN_ROWS[x.dtype], self._native_rows + 1):
                 with _on_device(dev):
                     self._dense_matmul(x2, out2)
                 return out

@@ -121,6 +121,7 @@ void fill_common(DeviceLayer& L, const LayerMeta& meta, int device, cudaStream_t
   L.num_chunks = static_cast<int>(chunks_host.size());
   EXL2_CUDA_CHECK(cudaDeviceGetAttribute(&L.sm_count, cudaDevAttrMultiProcessorCount, device));
   EXL2_CUDA_CHECK(cudaDeviceGetAttribute(&L.cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  EXL2_CUDA_CHECK(cudaDeviceGetAttribute(&L.cc_minor, cudaDevAttrComputeCapabilityMinor, device));
   query_gemv_occupancy(L);
   query_mma_occupancy(L);
 

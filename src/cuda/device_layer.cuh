@@ -193,6 +193,7 @@ struct DeviceLayer {
   int num_chunks = 0;
   int sm_count = 1;   // multiprocessors of `device` (work partitioning)
   int cc_major = 0;   // compute capability major of `device` (9+: thread-block clusters)
+  int cc_minor = 0;   // and minor (9.0: the wgmma tc kernel)
   bool clusters = false;  // cc 9.0+ and the kernels' sm_90 code runs (cluster split-K usable)
   bool cluster16 = false;  // the tc kernel's MT = 1 clusters may have 16 blocks (tc layout only)
   // Resident blocks per multiprocessor of each kernel instantiation, queried once at
@@ -200,6 +201,7 @@ struct DeviceLayer {
   int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)
   int mma_blocks_per_sm[2] = {};    // small tile, large tile
   int tc_blocks_per_sm[5] = {};     // index: m tiles of 16 rows (1, 2, 4); tc layout only
+  int tc_wgmma_blocks_per_sm[3] = {};  // wgmma kernel shapes (tc_wgmma.cu); tc layout only
   // The bfloat16 mma_kernel runs code compiled for compute capability 8.0+ on this
   // device (wmma bfloat16); false: bfloat16 with m > 16 uses GEMV slices (gemm.cu).
   bool mma_bf16 = false;
@@ -230,6 +232,10 @@ struct DeviceLayer {
   // kTcLongK chunks, else kTcMinRows (tc_gemm.cuh); EXL2_CUDA_TC_MIN_ROWS at construction
   // overrides it (1..3), a measurement knob like max_split.
   int tc_min_rows = 0;
+  // The tc layout may use the wgmma kernel (tc_wgmma.cu) for m > kTcMaxRows: compute capability
+  // 9.0 and the build holds its sm_90a code (query_tc_wgmma).
+  bool tc_wgmma = false;
+  int tc_wgmma_min_rows = 0;  // smallest m sent to it (tc_gemm.cu)
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.
   const int* kernel_perm() const noexcept { return identity_perm ? nullptr : perm.get(); }

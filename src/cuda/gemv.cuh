@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "cuda/device_layer.cuh"
@@ -54,15 +55,15 @@ void allow_cluster16(const void* kernel);
 /// allow_cluster16).
 bool cluster16_launchable(const void* kernel, int threads);
 
-/// Launch `kernel` on grid/block with a cluster of `split` blocks along `split_dim`
-/// (0 = x, 1 = y, 2 = z; a plain launch when split == 1).
+/// Launch `kernel` on grid/block with `smem_bytes` of dynamic shared memory and a cluster of
+/// `split` blocks along `split_dim` (0 = x, 1 = y, 2 = z; a plain launch when split == 1).
 template <typename... KArgs, typename... Args>
-void launch_clustered(void (*kernel)(KArgs...), dim3 grid, dim3 block, int split, int split_dim,
-                      cudaStream_t stream, const char* name, Args... args) {
+void launch_clustered_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_bytes, int split,
+                           int split_dim, cudaStream_t stream, const char* name, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem_bytes;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   if (split > 1) {
@@ -75,6 +76,13 @@ void launch_clustered(void (*kernel)(KArgs...), dim3 grid, dim3 block, int split
   }
   const cudaError_t st = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
   if (st != cudaSuccess) throw_cuda_error(st, name, __FILE__, __LINE__);
+}
+
+/// launch_clustered_smem without dynamic shared memory.
+template <typename... KArgs, typename... Args>
+void launch_clustered(void (*kernel)(KArgs...), dim3 grid, dim3 block, int split, int split_dim,
+                      cudaStream_t stream, const char* name, Args... args) {
+  launch_clustered_smem(kernel, grid, block, 0, split, split_dim, stream, name, args...);
 }
 
 }  // namespace exl2::detail::cuda

@@ -303,4 +303,38 @@ __device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts&
   }
 }
 
+/// A chunk's group constants and code words: on a group change (header unit d.w differs from
+/// `header`) the scales and zeros of the lane's four columns from the group's header unit in the
+/// ring; returns the ring word where the lane's b code words start. `s0`: the stream unit at
+/// ring word 0 (modulo the ring).
+template <class T>
+__device__ __forceinline__ void load_group_header(const std::uint32_t* ring, const int4& d, int b, std::int64_t s0,
+                                                  int& header, GroupConsts& gc, int lane, int warp) {
+  if (d.w != header) {
+    header = d.w;
+    const int hw =
+        static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + (lane >> 2) * 4;
+    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), b, gc);
+  }
+}
+
+/// (lane, warp of the 4-warp group that owns the tile's stream, as above)
+__device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_t s0, int lane, int warp) {
+  return (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kRingWords - 1)) +
+          warp * 32 * b + lane * b) &
+         (kRingWords - 1);
+}
+
+/// The same for blocks of one 4-warp group (lane and warp from threadIdx.x).
+template <class T>
+__device__ __forceinline__ void load_group_header(const std::uint32_t* ring, const int4& d, int b, std::int64_t s0,
+                                                  int& header, GroupConsts& gc) {
+  load_group_header<T>(ring, d, b, s0, header, gc, static_cast<int>(threadIdx.x) & 31,
+                       static_cast<int>(threadIdx.x) >> 5);
+}
+
+__device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_t s0) {
+  return chunk_lane_word(d, b, s0, static_cast<int>(threadIdx.x) & 31, static_cast<int>(threadIdx.x) >> 5);
+}
+
 }  // namespace exl2::detail::cuda

@@ -49,6 +49,7 @@
 #include "cuda/tc_gemm.cuh"
 #include "cuda/tc_device.cuh"
 #include "cuda/tc_layout.hpp"
+#include "cuda/tc_wgmma.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -228,22 +229,15 @@ template <int MT, int kXRow, class T>
 __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const __half* xs, const int4& d, int q, int b,
                                               std::int64_t s0, int& header, GroupConsts& gc,
                                               std::uint32_t (&a)[MT][2][4]) {
-  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  if (d.w != header) {
-    header = d.w;
-    const int hw =
-        static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + (lane >> 2) * 4;
-    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), b, gc);
-  }
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  load_group_header<T>(ring, d, b, s0, header, gc);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int s = 0; s < 2; ++s)
       ldmatrix_x4(a[mt][s],
                   xs + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kXRow + 32 * q + 16 * s + (lane >> 4) * 8);
-  return (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kRingWords - 1)) +
-          warp * 32 * b + lane * b) &
-         (kRingWords - 1);
+  return chunk_lane_word(d, b, s0);
 }
 
 // Chunks per iteration ("super-chunk"): one barrier pair, one activation tile and one
@@ -555,6 +549,16 @@ static int tc_min_rows(const DeviceLayer& L) {
   return L.tc_tiles >= L.sm_count || (L.cluster16 && L.num_chunks >= kTcLongK) ? 1 : kTcMinRows;
 }
 
+/// The smallest m sent to the wgmma kernel where the layer has it: kTcWgmmaMinRows, or
+/// EXL2_CUDA_WGMMA_MIN_ROWS=17..65 at construction (65: only above the mma.sync kernel's range),
+/// to measure the two kernels against each other and to test the wgmma kernel's 64-row tiles.
+static int tc_wgmma_min_rows() {
+  const char* v = std::getenv("EXL2_CUDA_WGMMA_MIN_ROWS");
+  const int r = v != nullptr ? std::atoi(v) : 0;
+  if (r >= 17 && r <= kTcMaxRows + 1) return r;
+  return kTcWgmmaMinRows;
+}
+
 bool tc_requested() noexcept {
   const char* v = std::getenv("EXL2_CUDA_TC");
   return v != nullptr && std::strcmp(v, "1") == 0;
@@ -607,13 +611,16 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
                   cluster16_launchable(reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16>), kTcThreads);
   }
   L.tc_min_rows = tc_min_rows(L);
+  query_tc_wgmma(L);
+  L.tc_wgmma_min_rows = tc_wgmma_min_rows();
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope.
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
 bool tc_usable(const DeviceLayer& L, std::int64_t m) noexcept {
-  return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= L.tc_min_rows && m <= kTcMaxRows;
+  return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= L.tc_min_rows &&
+         (m <= kTcMaxRows || L.tc_wgmma);
 }
 
 namespace {
@@ -629,7 +636,9 @@ void launch_tc_for(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cud
       L.num_chunks, xpb);
   EXL2_CUDA_CHECK_LAUNCH("tc_gather_x_kernel");
   const __half* xph = reinterpret_cast<const __half*>(xpb);  // the kernel reads 16-bit values of T
-  if (m <= 16)
+  if (L.tc_wgmma && m >= L.tc_wgmma_min_rows)
+    launch_tc_wgmma(L, xph, m, ldxp, out, stream);
+  else if (m <= 16)
     launch_tc_rows<1>(L, xph, m, ldxp, out, stream);
   else if (m <= 32)
     launch_tc_rows<2>(L, xph, m, ldxp, out, stream);

@@ -1,4 +1,5 @@
-// Internal: the experimental tensor-core kernel for small m (tc_gemm.cu, tc_layout.hpp).
+// Internal: the experimental tensor-core kernels on the tc stream layout (tc_gemm.cu: mma.sync,
+// m <= 64; tc_wgmma.cu: wgmma on Hopper, larger m; tc_layout.hpp).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,7 +31,14 @@ constexpr int kTcMinRows = 2;
 /// (11.3-13.5 against 9.4-12.0): a block's K range must be long enough to amortise the gather
 /// launch and the pipeline's fill.
 constexpr int kTcLongK = 256;  // chunks of 32 rows
+/// The mma.sync kernel's largest m; above it the wgmma kernel (tc_wgmma.cu) serves any m where the
+/// layer has it (compute capability 9.0, sm_90a build: layer.tc_wgmma), else the default kernels.
 constexpr int kTcMaxRows = 64;
+/// Where the layer has the wgmma kernel, it serves m from here on: its 64-row tiles beat the
+/// mma.sync kernel's at m = 33 and 64 on the four bench shapes (H200, GPTQ-4, same session:
+/// 8192x28672 121.8 / 131.9 against 132.0 / 137.1 us, 14336x4096 44.5 / 49.2 against 50.2 / 52.4,
+/// 4096x4096 19.4 / 20.7 against 20.7 / 21.5; H100, 8192x28672 m = 64: 131.8 against 136).
+constexpr int kTcWgmmaMinRows = 33;
 
 /// True when EXL2_CUDA_TC=1 is set (read at each construction): build the tc layout.
 bool tc_requested() noexcept;
@@ -40,10 +48,11 @@ bool tc_requested() noexcept;
 /// Synchronises the stream.
 void build_tc_layout(DeviceLayer& layer, const std::vector<int4>& chunks_host, cudaStream_t stream);
 
-/// True when the layer has the tc layout and gemm() should use it for m rows.
+/// True when the layer has the tc layout and gemm() should use it for m rows (m <= kTcMaxRows, or
+/// any m with the wgmma kernel).
 bool tc_usable(const DeviceLayer& layer, std::int64_t m) noexcept;
 
-/// out[m, N] = x[m, K] @ W (+ bias) for 1 <= m <= kTcMaxRows, float16 or bfloat16 (the weights
+/// out[m, N] = x[m, K] @ W (+ bias) for the m of tc_usable, float16 or bfloat16 (the weights
 /// rounded to x's type as dequantize() gives them, fp32 accumulation); requires tc_usable.
 void launch_tc(const DeviceLayer& layer, const __half* x, std::int64_t m, __half* out, cudaStream_t stream);
 void launch_tc(const DeviceLayer& layer, const __nv_bfloat16* x, std::int64_t m, __nv_bfloat16* out,

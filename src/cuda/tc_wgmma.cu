@@ -1,0 +1,536 @@
+// Hopper tensor-core kernel for larger m, on the tc stream layout (tc_layout.hpp): wgmma with the
+// decoded weights as the register operand of a transposed product.
+//
+// The product is computed as out^T = W^T x^T: per block (one warpgroup, 4 warps) a tile of 128
+// output columns (warp w: columns 32w .. 32w+31, as in the mma.sync tc kernel) by R = 64 or 128
+// activation rows. The weights are wgmma's A operand (64 x 16 per instruction, from registers):
+// the B fragments decode_chunk gives for two n8 tiles of the mma.sync kernel are exactly one
+// A fragment of 16 columns (a0 = tile 2h b0, a1 = tile 2h+1 b0, a2 = tile 2h b1, a3 = tile 2h+1
+// b1), so warp w's half h (columns 32w + 16h ..) is row block w of instruction h's A. The
+// activations are the B operand (R x 16, K-major, from shared memory). Per chunk of 32 rows a
+// warpgroup issues 2 (halves) x 2 (k16 steps) wgmma.m64nRk16 with fp32 accumulators (acc[h]).
+//
+// Memory: the weight stream goes through the same cp.async ring as the mma.sync kernel
+// (tc_device.cuh); the activation tile of each iteration (R rows x 32 Q columns of the gathered
+// copy) is copied with cp.async into one of two buffers in the no-swizzle K-major core-matrix
+// layout wgmma reads (8 rows x 16 bytes per core matrix, 128 contiguous bytes), one iteration
+// ahead. Blocks of one column tile are consecutive (blockIdx.x = row tile), so the m / R blocks
+// that read the same weight stream run together and it comes from DRAM about once.
+//
+// Order: every output element is summed in a fixed order (chunks in order, k inside a chunk in
+// the instruction's order, then cluster ranks 0..S-1 when the chunk range is split): deterministic.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "core/cuda_backend.hpp"
+#include "cuda/cuda_check.cuh"
+#include "cuda/device_layer.cuh"
+#include "cuda/gemv.cuh"
+#include "cuda/tc_device.cuh"
+#include "cuda/tc_layout.hpp"
+#include "cuda/tc_wgmma.cuh"
+#include "cuda/wgmma_ops.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace exl2::detail::cuda {
+
+namespace {
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define EXL2_WGMMA_ASM(text) asm volatile(text ::: "memory")
+#else
+#define EXL2_WGMMA_ASM(text) __trap()
+#endif
+
+// 1 in the device code compiled for sm_90a (read by query_tc_wgmma with cudaMemcpyFromSymbol),
+// 0 in every other compilation pass.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ const int tc_wgmma_compiled = 1;
+#else
+__device__ const int tc_wgmma_compiled = 0;
+#endif
+
+/// Orders this thread's register writes before the warpgroup's next wgmma reads them.
+__device__ __forceinline__ void wgmma_fence() { EXL2_WGMMA_ASM("wgmma.fence.sync.aligned;\n"); }
+__device__ __forceinline__ void wgmma_commit() { EXL2_WGMMA_ASM("wgmma.commit_group.sync.aligned;\n"); }
+__device__ __forceinline__ void wgmma_wait_all() { EXL2_WGMMA_ASM("wgmma.wait_group.sync.aligned 0;\n"); }
+/// Marks the A registers as used here: placed after the wait for the wgmma that read them, it
+/// keeps them allocated until then, so that ptxas gives the next chunk's A fragments other
+/// registers instead of waiting for the group before decoding into the same ones.
+__device__ __forceinline__ void keep_until_here(std::uint32_t (&a)[2][2][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+      asm volatile("" : "+r"(a[h][s][0]), "+r"(a[h][s][1]), "+r"(a[h][s][2]), "+r"(a[h][s][3]));
+}
+
+/// Waits until at most one of the warpgroup's wgmma groups is pending.
+__device__ __forceinline__ void wgmma_wait_one() { EXL2_WGMMA_ASM("wgmma.wait_group.sync.aligned 1;\n"); }
+/// Makes this thread's completed shared-memory writes (here: cp.async) visible to wgmma.
+__device__ __forceinline__ void fence_proxy_async() { EXL2_WGMMA_ASM("fence.proxy.async.shared::cta;\n"); }
+
+/// Waits until at most n of this thread's cp.async groups are pending (n clamped to 0..7).
+__device__ __forceinline__ void cp_async_wait_at_most(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+  }
+}
+
+/// R: activation rows per block (the wgmma N); WG: 4-warp groups per block, each with its own
+/// 128-column tile and weight ring, all sharing one activation tile (WG times fewer activation
+/// reads from L2 per output).
+template <int R, int WG>
+struct WgShape {
+  static constexpr int Q = 4;                   // chunks per iteration
+  static constexpr int kK8 = 4 * Q;             // 16-byte pieces per activation row and iteration
+  // Ring refills are issued after the barrier that ends the previous iteration, so only the
+  // current iteration's Q chunks (up to 9 units each) must survive them: they span at most 6
+  // steps of the 8-step ring (as in tc_gemm_kernel).
+  static constexpr int kAhead = kRingSteps - 6;
+  static constexpr int kThreads = kTcThreads * WG;
+  static constexpr int kXHalves = R * 32 * Q;   // one activation buffer
+  static constexpr int kXPieces = R * 4 * Q / kThreads;  // 16-byte pieces per thread and iteration
+  static constexpr int kAcc = R / 2;            // fp32 accumulators per thread and wgmma
+  static constexpr std::size_t kRingBytes = kRingWords * 4;
+  static constexpr std::size_t kXBytes = static_cast<std::size_t>(kXHalves) * 2;
+  // Two activation buffers: the next iteration's is filled while the current one's wgmma run.
+  static constexpr int kXBuffers = 2;
+  static constexpr std::size_t kSmemBytes = WG * kRingBytes + kXBuffers * kXBytes + 2 * Q * sizeof(int4);
+  // Split-K (WG = 1 only): the cluster reduction reuses the ring and the activation buffers for
+  // an R x 128 fp32 tile.
+  static constexpr bool kCanSplit = WG == 1;
+  static_assert(!kCanSplit || static_cast<std::size_t>(R) * tc::kTileCols * 4 <= kRingBytes + kXBuffers * kXBytes,
+                "reduction tile");
+  static_assert(R * 4 * Q % kThreads == 0 && kThreads % (8 * kK8) == 0, "activation pieces / threads");
+  static_assert(Q % 2 == 0, "wg_iter pairs the chunks");
+  // Registers: R = 128 needs about 230 a thread (two blocks of one group, or one of two, per SM).
+  static constexpr int kMinBlocks = R == 128 ? 2 / WG : (WG == 1 ? 3 : 1);
+};
+
+/// wgmma shared-memory descriptor of a K-major no-swizzle operand at shared address `addr`:
+/// core matrices adjacent in K are `lbo` bytes apart, adjacent in the row dimension `sbo`.
+__device__ __forceinline__ std::uint64_t smem_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+  return static_cast<std::uint64_t>((addr >> 4) & 0x3fffu) | (static_cast<std::uint64_t>((lbo >> 4) & 0x3fffu) << 16) |
+         (static_cast<std::uint64_t>((sbo >> 4) & 0x3fffu) << 32);
+}
+
+/// Byte offset, in an activation buffer, of k16 step s of chunk q (columns 32 q + 16 s ..): the
+/// buffer is 64-column atoms of R rows x 128 bytes (128-byte swizzle), and a k16 step advances 32
+/// bytes inside one (the hardware applies the XOR pattern to the advanced start address).
+template <int R>
+__host__ __device__ constexpr unsigned kstep_offset(int q, int s) {
+  return static_cast<unsigned>(((32 * q + 16 * s) / 64) * R * 128 + ((32 * q + 16 * s) % 64) * 2);
+}
+
+template <int R, class T>
+__device__ __forceinline__ void wg_mma(float (&d)[R / 2], const std::uint32_t (&a)[4], std::uint64_t desc) {
+  if constexpr (R == 128) {
+    if constexpr (kIsBf16<T>) wgmma::wgmma_m64n128k16_bf16(d, a, desc);
+    else wgmma::wgmma_m64n128k16_f16(d, a, desc);
+  } else {
+    static_assert(R == 64, "R = 64 or 128");
+    if constexpr (kIsBf16<T>) wgmma::wgmma_m64n64k16_bf16(d, a, desc);
+    else wgmma::wgmma_m64n64k16_f16(d, a, desc);
+  }
+}
+
+/// Chunk q of an iteration: decode, then 4 wgmma (halves h = 0, 1 x k16 steps s = 0, 1) reading
+/// the activation buffer whose descriptor (k16 step 0 of chunk 0) is xdesc; committed as one group.
+/// The A registers stay untouched until the caller's wgmma_wait_all.
+template <int R, int B, class T>
+__device__ __forceinline__ void wg_chunk(const std::uint32_t* ring, int wo, const GroupConsts& gc, int q,
+                                         std::uint64_t xdesc, float (&acc)[2][R / 2], std::uint32_t (&a)[2][2][4]) {
+  std::uint32_t w[8];
+  ring_lane_words<B>(ring, wo, w);
+  std::uint32_t b[4][2][2];
+  decode_chunk<B, T>(w, gc, b);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      a[h][s][0] = b[2 * h][s][0];
+      a[h][s][1] = b[2 * h + 1][s][0];
+      a[h][s][2] = b[2 * h][s][1];
+      a[h][s][3] = b[2 * h + 1][s][1];
+    }
+  std::uint64_t desc[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    desc[s] = xdesc + static_cast<std::uint64_t>(kstep_offset<R>(q, s) >> 4);
+    asm volatile("" : "+l"(desc[s]));  // computed before the fence, not between the wgmma
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wg_mma<R, T>(acc[h], a[h][s], desc[s]);
+  wgmma_commit();
+}
+
+/// One chunk on its own (iterations of mixed widths or a partial last one): no wgmma stays in
+/// flight past the width switch, which lets ptxas keep the wgmma asynchronous elsewhere.
+template <int R, int B, class T>
+__device__ __forceinline__ void wg_chunk_sync(const std::uint32_t* ring, int wo, const GroupConsts& gc, int q,
+                                              std::uint64_t xdesc, float (&acc)[2][R / 2]) {
+  std::uint32_t a[2][2][4];
+  wg_chunk<R, B, T>(ring, wo, gc, q, xdesc, acc, a);
+  wgmma_wait_all();
+}
+
+/// One full iteration (Q chunks of width B, Q = 2 or 4): each chunk decodes while the previous
+/// chunk's wgmma run, in the other of two register sets (keep_until_here makes ptxas give them
+/// distinct registers); all groups complete before the iteration's end. (Keeping a group in
+/// flight across iterations made ptxas serialise every wgmma of the kernel.)
+template <int R, int Q, int B, class T>
+__device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* dcur, std::int64_t s0, int& header,
+                                        GroupConsts& gc, std::uint64_t xdesc, float (&acc)[2][R / 2], int lane,
+                                        int warp) {
+  std::uint32_t a0[2][2][4], a1[2][2][4];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    if (q >= 2) {
+      wgmma_wait_one();  // chunk q - 2 has completed: its register set is free
+      keep_until_here((q & 1) ? a1 : a0);
+    }
+    load_group_header<T>(ring, dcur[q], B, s0, header, gc, lane, warp);
+    wg_chunk<R, B, T>(ring, chunk_lane_word(dcur[q], B, s0, lane, warp), gc, q, xdesc, acc, (q & 1) ? a1 : a0);
+  }
+  wgmma_wait_all();
+  keep_until_here(a0);
+  keep_until_here(a1);
+}
+
+template <int R, int WG, class T>
+__global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMinBlocks)
+    tc_wgmma_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
+                    const std::uint32_t* __restrict__ stream, std::int64_t tile_words, std::int64_t tiles,
+                    const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
+                    T* __restrict__ out, std::int64_t N, int split) {
+  using S = WgShape<R, WG>;
+  constexpr int Q = S::Q;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int grp = tid / kTcThreads;      // the thread's 4-warp group
+  const int gtid = tid % kTcThreads;     // its index in the group
+  const int lane = tid & 31;
+  const int warp = gtid >> 5;            // warp in the group
+  const int g = lane >> 2, t = lane & 3;
+  const int rank = static_cast<int>(blockIdx.y);  // cluster rank (the cluster spans grid.y)
+  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * R;
+  // The group's tile; a group past the last tile (last block) repeats the last one and stores nothing.
+  const std::int64_t tile_raw = static_cast<std::int64_t>(blockIdx.z) * WG + grp;
+  const bool has_tile = tile_raw < tiles;
+  const std::int64_t tile = has_tile ? tile_raw : tiles - 1;
+  const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
+  std::uint32_t* ring = reinterpret_cast<std::uint32_t*>(smem + grp * S::kRingBytes);
+  int4* dring = reinterpret_cast<int4*>(smem + WG * S::kRingBytes + S::kXBuffers * S::kXBytes);  // [2][Q]
+
+  const int cb = static_cast<int>(static_cast<std::int64_t>(num_chunks) * rank / split);
+  const int ce = static_cast<int>(static_cast<std::int64_t>(num_chunks) * (rank + 1) / split);
+
+  float acc[2][S::kAcc];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < S::kAcc; ++e) acc[h][e] = 0.0f;
+
+  if (cb < ce) {
+    // The group's weight ring, as in tc_gemm_kernel (see there); every group covers the same
+    // chunks (the tiles' streams share one unit layout), so one descriptor table serves all.
+    const int4 dfirst = __ldg(tc_chunks + cb);
+    const int4 dlast = __ldg(tc_chunks + ce - 1);
+    const bool first_starts_group = dfirst.y == dfirst.w + 1;
+    const std::int64_t s0 = first_starts_group ? dfirst.w : dfirst.y;
+    const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
+    const std::uint32_t* __restrict__ src = tsrc + s0 * tc::kUnitWords + gtid * 4;
+    const int my_steps = (static_cast<int>(s1 - s0) - gtid / 32 + kStepUnits - 1) / kStepUnits;
+    const int my_steps1 = (static_cast<int>(s1 - s0) - 4 - gtid / 32 + kStepUnits - 1) / kStepUnits;
+    unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(ring));
+    asm("" : "+r"(ring_s));
+    int issued = 0;
+    unsigned dst_off = static_cast<unsigned>(gtid * 4);
+    auto issue_step = [&]() {
+      if (issued < my_steps) cp_async16(ring_s + dst_off * 4u, src);
+      if (issued < my_steps1) cp_async16(ring_s + (dst_off + 4u * tc::kUnitWords) * 4u, src + 4 * tc::kUnitWords);
+      static_assert(kStepCopies == 2, "issue_step copies two pieces per thread");
+      cp_async_commit();
+      src += kStepUnits * tc::kUnitWords;
+      dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kRingWords - 1);
+      ++issued;
+    };
+
+    // Activations: the tile of an iteration (R rows x 32 Q columns of the gathered copy) in the
+    // K-major 128-byte-swizzle layout wgmma reads, 16 bytes (8 columns) per cp.async: 64-column
+    // atoms of R rows x 128 bytes, piece c of row r at 16 (c ^ (r & 7)). Lanes 8j..8j+7 fill one
+    // row of an atom (no bank conflicts) from 128 contiguous global bytes. The unswizzled
+    // core-matrix layout (8 rows x 16 bytes per 128 contiguous bytes) measured 25-30% slower at
+    // m = 128..2048 (H100): the tensor cores' reads of it conflict in the banks. Rows
+    // past M are not copied (their buffer rows hold stale values; an output row depends only on
+    // its own activation row, and those rows are never stored); the chunks of a last, partial
+    // iteration past ce read the next row or the scratch's tail padding (unused: only its nq
+    // chunks run).
+    const std::int64_t rows_here = M - m0;  // > 0
+    const unsigned smem_s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const unsigned xs_s = smem_s + static_cast<unsigned>(WG * S::kRingBytes);
+    if ((xs_s & 1023u) != 0) __trap();  // swizzle atoms must be 1024-byte aligned
+    const __half* __restrict__ xblock = xp + m0 * ldxp;
+    // Piece i of this thread: a row and a 16-byte column piece k8 (8 columns), at shared offset
+    // xso[i] in the buffer, global offset xoff[i] from the block's first row and chunk.
+    unsigned xoff[S::kXPieces], xso[S::kXPieces];
+    bool xrow[S::kXPieces];
+#pragma unroll
+    for (int i = 0; i < S::kXPieces; ++i) {
+      const unsigned p = static_cast<unsigned>(tid) + static_cast<unsigned>(S::kThreads) * i;
+      // lanes 8j..8j+7: one row's 8 pieces of an atom (128 contiguous bytes either side).
+      const unsigned c = p & 7u, ra = p >> 3;
+      const unsigned row = ra % R, k8 = (ra / R) * 8 + c;
+      xso[i] = (ra / R) * R * 128u + row * 128u + ((c ^ (row & 7u)) * 16u);
+      xrow[i] = row < rows_here;
+      xoff[i] = row * static_cast<unsigned>(ldxp) + k8 * 8u;
+    }
+    auto issue_x = [&](int c0, int buf) {
+#pragma unroll
+      for (int i = 0; i < S::kXPieces; ++i)
+        if (xrow[i])
+          cp_async16(xs_s + static_cast<unsigned>(buf * S::kXBytes) + xso[i],
+                     xblock + (xoff[i] + static_cast<unsigned>(c0) * 32u));
+      cp_async_commit();
+    };
+    // Descriptor of buffer 0 (k16 step 0; buffer b is b kXBytes further): 128-byte swizzle mode
+    // (bit 62), 8-row groups 1024 bytes apart (the leading offset is unused for this layout).
+    const std::uint64_t xdesc0 = smem_desc(xs_s, 16, 1024) | (1ull << 62);
+
+    issue_x(cb, 0);
+    int x_mark = issued;  // ring groups committed before the newest activation group
+#pragma unroll 1
+    for (int p = 0; p < S::kAhead; ++p) issue_step();
+
+    GroupConsts gc;
+    if (!first_starts_group)
+      unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(
+                           tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords + warp * 32 + g * 4)),
+                       dfirst.z & 0xff, gc);
+    int header = first_starts_group ? -1 : dfirst.w;
+
+    auto load_desc = [&](int c0) -> int4 {
+      const int c = c0 + lane;
+      return (tid < 32 && lane < Q && c < ce) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
+    };
+    if (tid < Q) dring[tid] = load_desc(cb);
+    int4 dnext = load_desc(cb + Q);
+    __syncthreads();  // dring[0]
+
+#pragma unroll 1
+    for (int it = 0, c0 = cb; c0 < ce; ++it, c0 += Q) {
+      const int buf = it & 1;
+      const int nq = ce - c0 < Q ? ce - c0 : Q;
+      const int4* __restrict__ dcur = dring + (it & 1) * Q;
+      // A. (the barrier ending the previous iteration) its wgmma have completed.
+      // The next iteration's activations, into its buffer.
+      const int x_mark_cur = x_mark;
+      if (c0 + Q < ce) {
+        issue_x(c0 + Q, buf ^ 1);
+        x_mark = issued;
+      }
+      // B. This iteration's ring steps and activations have landed (this thread's copies).
+      {
+        const int4 dl = dcur[nq - 1];
+        const int last_step = static_cast<int>(static_cast<unsigned>(dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) /
+                                               static_cast<unsigned>(kStepUnits));
+#pragma unroll 1
+        while (issued - S::kAhead <= last_step) {
+          issue_step();
+          cp_async_wait<S::kAhead>();
+        }
+        // This iteration's activations: groups committed after theirs are the ring steps issued
+        // since, plus the next iteration's activation group.
+        cp_async_wait_at_most(issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
+      }
+      fence_proxy_async();
+      if (tid < Q) dring[((it + 1) & 1) * Q + tid] = dnext;
+      // D. Everyone's copies and the next descriptors are visible.
+      __syncthreads();
+      dnext = load_desc(c0 + 2 * Q);
+      const std::uint64_t xdesc = xdesc0 + static_cast<std::uint64_t>((buf * S::kXBytes) >> 4);
+      const int z0 = dcur[0].z;
+      const int bits0 = z0 & 0xff;
+      if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
+        switch (bits0) {
+          case 2: wg_iter<R, Q, 2, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
+          case 3: wg_iter<R, Q, 3, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
+          case 4: wg_iter<R, Q, 4, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
+          case 5: wg_iter<R, Q, 5, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
+          case 6: wg_iter<R, Q, 6, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
+          case 8: wg_iter<R, Q, 8, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
+          default: break;  // rejected at construction
+        }
+      } else {
+#pragma unroll 1
+        for (int q = 0; q < nq; ++q) {
+          const int4 d = dcur[q];
+          const int bits = d.z & 0xff;
+          load_group_header<T>(ring, d, bits, s0, header, gc, lane, warp);
+          const int wo = chunk_lane_word(d, bits, s0, lane, warp);
+          switch (bits) {
+            case 2: wg_chunk_sync<R, 2, T>(ring, wo, gc, q, xdesc, acc); break;
+            case 3: wg_chunk_sync<R, 3, T>(ring, wo, gc, q, xdesc, acc); break;
+            case 4: wg_chunk_sync<R, 4, T>(ring, wo, gc, q, xdesc, acc); break;
+            case 5: wg_chunk_sync<R, 5, T>(ring, wo, gc, q, xdesc, acc); break;
+            case 6: wg_chunk_sync<R, 6, T>(ring, wo, gc, q, xdesc, acc); break;
+            case 8: wg_chunk_sync<R, 8, T>(ring, wo, gc, q, xdesc, acc); break;
+            default: break;  // rejected at construction
+          }
+        }
+      }
+      __syncthreads();  // A. for the next iteration
+    }
+    wgmma_wait_all();
+    cp_async_wait<0>();
+  }
+
+  // acc[h][4 j + e]: column 32 warp + 16 h + g + 8 (e >> 1) of the tile, row 8 j + 2 t + (e & 1).
+  auto col_of = [&](int h, int e) { return warp * tc::kBlockCols + 16 * h + g + 8 * (e >> 1); };
+  auto row_of = [&](int j, int e) { return 8 * j + 2 * t + (e & 1); };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (S::kCanSplit) {
+    if (split > 1) {
+      float* red = reinterpret_cast<float*>(smem);
+      __syncthreads();  // every warp is done with the ring and the activation buffers
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < S::kAcc; ++i) red[row_of(i / 4, i % 4) * tc::kTileCols + col_of(h, i % 4)] = acc[h][i];
+      cg::cluster_group cluster = cg::this_cluster();
+      cluster.sync();
+      const int share = (R * tc::kTileCols) / split;
+      for (int i = rank * share + tid; i < (rank + 1) * share; i += kTcThreads) {
+        float sum = 0.0f;
+        for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(red, q)[i];
+        const std::int64_t row = m0 + i / tc::kTileCols;
+        const std::int64_t n = tile * tc::kTileCols + i % tc::kTileCols;
+        if (row < M && n < N) {
+          if (bias) sum += __half2float(bias[n]);
+          out[row * N + n] = from_float<T>(sum);
+        }
+      }
+      cluster.sync();  // keep this block's shared memory alive for the readers
+      return;
+    }
+  }
+#endif
+  if (!has_tile) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < S::kAcc; ++i) {
+      const std::int64_t row = m0 + row_of(i / 4, i % 4);
+      const std::int64_t n = tile * tc::kTileCols + col_of(h, i % 4);
+      if (row < M && n < N) {
+        float v = acc[h][i];
+        if (bias) v += __half2float(bias[n]);
+        out[row * N + n] = from_float<T>(v);
+      }
+    }
+}
+
+template <int R, int WG>
+int blocks_per_sm() {
+  for (const void* k : {reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __half>),
+                        reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __nv_bfloat16>)})
+    EXL2_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(WgShape<R, WG>::kSmemBytes)));
+  // (The bfloat16 instantiation fits as many: same shared memory and launch bounds.)
+  int n = 0;
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, tc_wgmma_kernel<R, WG, __half>,
+                                                                WgShape<R, WG>::kThreads, WgShape<R, WG>::kSmemBytes));
+  return n;
+}
+
+template <int R, int WG, class T>
+void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out, int per_sm,
+                 cudaStream_t stream) {
+  const std::int64_t mtiles = (m + R - 1) / R;
+  const std::int64_t groups = (L.tc_tiles + WG - 1) / WG;
+  if (groups > 65535) throw Unsupported("gemm: N is too large for the wgmma kernel");
+  if (mtiles > 0x7fffffffLL) throw Unsupported("gemm: m = " + std::to_string(m) + " is too large");
+  const int split = WgShape<R, WG>::kCanSplit ? single_wave_split(L, groups * mtiles, 16, per_sm, 8) : 1;
+  launch_clustered_smem(tc_wgmma_kernel<R, WG, T>,
+                        dim3(static_cast<unsigned>(mtiles), static_cast<unsigned>(split),
+                             static_cast<unsigned>(groups)),
+                        dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, split, 1, stream,
+                        "tc_wgmma_kernel launch", xp, m, ldxp, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
+                        L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
+                        static_cast<const __half*>(L.bias.get()), out, L.N, split);
+}
+
+/// The kernel shapes (R rows, WG 4-warp groups, Q chunks per iteration), indexed as
+/// DeviceLayer::tc_wgmma_blocks_per_sm.
+constexpr int kWgConfigs = 3;
+#define EXL2_WG_CONFIGS(X) X(0, 64, 1) X(1, 128, 2) X(2, 128, 1)
+
+/// The shape for m rows: 64-row tiles up to m = 64; above, 128-row tiles of two 128-column tiles
+/// per block (the activation tile shared by 256 columns) where those fill the GPU, else of one
+/// (whose chunk range may be split over a cluster). EXL2_CUDA_WGMMA_CFG=0|1|2 at call time
+/// forces one (a measurement and test knob).
+int config_for(const DeviceLayer& L, std::int64_t m) {
+  const char* v = std::getenv("EXL2_CUDA_WGMMA_CFG");
+  if (v != nullptr && v[0] >= '0' && v[0] < '0' + kWgConfigs && v[1] == '\0') return v[0] - '0';
+  if (m <= 64) return 0;
+  return ((m + 127) / 128) * ((L.tc_tiles + 1) / 2) >= L.sm_count ? 1 : 2;
+}
+
+template <class T>
+void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
+                cudaStream_t stream) {
+  if (!L.tc_wgmma) internal_error("launch_tc_wgmma: the layer has no wgmma path");
+  switch (config_for(L, m)) {
+#define EXL2_WG_LAUNCH(I, R, WG) \
+  case I: launch_rows<R, WG>(L, xp, m, ldxp, out, L.tc_wgmma_blocks_per_sm[I], stream); break;
+    EXL2_WG_CONFIGS(EXL2_WG_LAUNCH)
+#undef EXL2_WG_LAUNCH
+    default: internal_error("launch_tc_wgmma: no such shape");
+  }
+}
+
+}  // namespace
+
+void query_tc_wgmma(DeviceLayer& L) {
+  L.tc_wgmma = false;
+  if (L.cc_major != 9 || L.cc_minor != 0 || L.tc_qweight.get() == nullptr) return;
+  int compiled = 0;
+  EXL2_CUDA_CHECK(cudaMemcpyFromSymbol(&compiled, tc_wgmma_compiled, sizeof(int)));
+  if (compiled != 1) return;
+#define EXL2_WG_QUERY(I, R, WG) L.tc_wgmma_blocks_per_sm[I] = blocks_per_sm<R, WG>();
+  EXL2_WG_CONFIGS(EXL2_WG_QUERY)
+#undef EXL2_WG_QUERY
+  L.tc_wgmma = true;
+  for (int i = 0; i < kWgConfigs; ++i) L.tc_wgmma = L.tc_wgmma && L.tc_wgmma_blocks_per_sm[i] > 0;
+}
+
+void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
+                     cudaStream_t stream) {
+  launch_for(L, xp, m, ldxp, out, stream);
+}
+
+void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp,
+                     __nv_bfloat16* out, cudaStream_t stream) {
+  launch_for(L, xp, m, ldxp, out, stream);
+}
+
+}  // namespace exl2::detail::cuda

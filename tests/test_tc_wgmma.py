@@ -1,0 +1,165 @@
+"""The Hopper wgmma kernel on the tc stream layout (src/cuda/tc_wgmma.cu), for m >= 33 with
+EXL2_CUDA_TC=1 on compute capability 9.0 (from m = 17 with EXL2_CUDA_WGMMA_MIN_ROWS, a
+measurement knob used here to give its 64-row tiles partial tiles too).
+
+Every bit width, act-order, short chunks, column counts that are not multiples of 32, bias,
+both tile heights, split-K clusters and single blocks, bit-exact weights through the kernel,
+determinism, graph capture, bfloat16 and agreement with the fp64 reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import exl2
+import exl2.qmatrix as qmatrix_module
+from exl2 import reference as R
+from layers import build, expected, random_x, rel_err
+from test_tc_kernel import LAYERS, _kernels_run, _ran
+
+pytestmark = pytest.mark.cuda
+TOL = 2e-3
+
+
+def _wgmma_built() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and any(
+        a.startswith("90a") for a in exl2.cuda_architectures().split())
+
+
+@pytest.fixture(autouse=True)
+def _wgmma_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _wgmma_built():
+        pytest.skip("the wgmma kernel needs compute capability 9.0 and a build for 90a")
+    monkeypatch.setenv("EXL2_CUDA_TC", "1")
+    monkeypatch.setenv("EXL2_CUDA_TC_MIN_ROWS", "1")
+    # Every m native (not the Python API's dense route).
+    monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 1 << 30)
+
+
+# The kernel's shapes (EXL2_CUDA_WGMMA_CFG, tc_wgmma.cu): rows per block, 4-warp groups, chunks
+# per iteration; None: the default choice by m.
+CONFIGS = [None, "0", "1", "2"]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_wgmma_results_match(name: str, cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "17")
+    if cfg is not None:
+        monkeypatch.setenv("EXL2_CUDA_WGMMA_CFG", cfg)
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    rng = np.random.default_rng(11)
+    with build(layer, "cuda") as q:
+        for m in [17, 33, 64, 65, 100, 128, 129, 200, 300]:
+            x = torch.from_numpy(random_x(rng, (m, K))).cuda()
+            y = q.matmul(x)
+            assert rel_err(y, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_wgmma_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch.dtype, cfg,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """x = rows of the identity: output row i must equal dequantize(dtype)[k_i, :] exactly, for
+    every kernel shape, with full and partial row tiles."""
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "17")
+    if cfg is not None:
+        monkeypatch.setenv("EXL2_CUDA_WGMMA_CFG", cfg)
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    with build(layer, "cuda", bias=False) as q:
+        w = q.dequantize(dtype)
+        for rows in (64, 128, 200):
+            for k0 in range(0, K, rows):
+                k = torch.arange(k0, min(k0 + rows, K), device="cuda")
+                if k.numel() <= 16:
+                    continue  # below the wgmma kernel's range
+                x = torch.zeros((k.numel(), K), dtype=dtype, device="cuda")
+                x[torch.arange(k.numel(), device="cuda"), k] = 1.0
+                y = q.matmul(x)
+                assert torch.equal(y, w[k]), f"rows {k0}..{k0 + k.numel() - 1} (tiles of {rows})"
+
+
+@pytest.mark.parametrize("m", [65, 256])
+def test_wgmma_deterministic_and_graph_safe(m: int) -> None:
+    layer = LAYERS["exl2_mixed"]
+    x = torch.from_numpy(random_x(np.random.default_rng(2), (m, 1024))).cuda()
+    with build(layer, "cuda") as q:
+        first = q.matmul(x)
+        for _ in range(10):
+            assert torch.equal(q.matmul(x), first)
+        out = torch.empty_like(first)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            q.matmul(x, out=out)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        out.fill_(float("nan"))
+        with torch.cuda.graph(graph):
+            q.matmul(x, out=out)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+
+
+def test_wgmma_large_layer_runs_the_kernel() -> None:
+    """A layer with more tiles than one wave holds (no split) and act-order, at m = 256 and 257."""
+    rng = np.random.default_rng(3)
+    layer = R.random_gptq(rng, 2048, 128 * 300, group_size=128, act_order=True, bias=True)
+    with build(layer, "cuda") as q:
+        for m in (256, 257):
+            x = torch.from_numpy(random_x(rng, (m, 2048))).cuda()
+            kernels = _kernels_run(lambda: q.matmul(x))
+            if kernels:  # (compute-sanitizer excludes the CUDA profiler)
+                assert _ran(kernels, "tc_wgmma_kernel") and not _ran(kernels, "tc_gemm_kernel"), sorted(kernels)
+            assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
+
+
+@pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act_order", "gptq8", "awq"])
+def test_wgmma_bfloat16_within_bound(name: str) -> None:
+    from test_bf16 import assert_within_bound, bf16_weight, random_bf16_x
+
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    w = bf16_weight(layer)
+    with build(layer, "cuda") as q:
+        for m in [65, 128, 200]:
+            x = random_bf16_x(np.random.default_rng(m), m, K)
+            xt = torch.from_numpy(x).to(torch.bfloat16).cuda()
+            y = q.matmul(xt)
+            assert y.dtype == torch.bfloat16
+            assert_within_bound(y, layer, x, w, mag_term=1026 * 2.0**-23)
+            assert torch.equal(q.matmul(xt), y), f"m={m}: not deterministic"
+
+
+def test_wgmma_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With EXL2_CUDA_TC=1 on a wgmma GPU: m <= 32 runs the mma.sync tc kernel, 33 <= m <= 256 the
+    wgmma kernel on a layer of at least 2^25 weights, larger m the Python API's dense route
+    (dequantize + cuBLAS); on a smaller layer the dense route from m = 65 on."""
+    monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 64)
+    monkeypatch.delenv("EXL2_CUDA_TC_MIN_ROWS")
+    rng = np.random.default_rng(6)
+    large = R.random_gptq(rng, 2048, 16384, group_size=128)
+    small = LAYERS["gptq_act_order"]
+    for layer, cases in ((large, ((32, "tc_gemm_kernel"), (33, "tc_wgmma_kernel"), (65, "tc_wgmma_kernel"),
+                                  (256, "tc_wgmma_kernel"), (257, None))),
+                         (small, ((64, "tc_wgmma_kernel"), (65, None)))):
+        K = layer["weight"].shape[0]
+        with build(layer, "cuda") as q:
+            for m, kernel in cases:
+                x = torch.from_numpy(random_x(np.random.default_rng(m), (m, K))).cuda()
+                kernels = _kernels_run(lambda: q.matmul(x))
+                if not kernels:  # (compute-sanitizer excludes the CUDA profiler)
+                    pytest.skip("the CUDA profiler recorded no kernels")
+                tc = {k for k in kernels if "tc_gemm_kernel" in k or "tc_wgmma_kernel" in k}
+                where = f"{K}x{q.out_features} m={m}"
+                if kernel is None:
+                    assert not tc, f"{where}: expected the dense route, ran {sorted(kernels)}"
+                else:
+                    assert tc and all(kernel in k for k in tc), f"{where}: expected {kernel}, ran {sorted(kernels)}"
+                assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL, where
