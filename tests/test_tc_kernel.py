@@ -79,27 +79,32 @@ def test_tc_layout_is_built_and_results_match(name: str) -> None:
         assert torch.equal(q.dequantize(), q0.dequantize())
 
 
+def check_deterministic_and_graph_safe(q, x: torch.Tensor, repeats: int = 20) -> None:
+    """q.matmul(x) gives the same bits every call, and replayed from a CUDA graph."""
+    first = q.matmul(x)
+    for _ in range(repeats):
+        assert torch.equal(q.matmul(x), first)
+    out = torch.empty_like(first)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q.matmul(x, out=out)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    out.fill_(float("nan"))
+    with torch.cuda.graph(graph):
+        q.matmul(x, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
+
+
 @pytest.mark.parametrize("m", [1, 16, 32, 64])
 def test_tc_deterministic_and_graph_safe(m: int) -> None:
     layer = LAYERS["exl2_mixed"]
     x = torch.from_numpy(random_x(np.random.default_rng(2), (m, 1024))).cuda()
     with build(layer, "cuda") as q:
-        first = q.matmul(x)
-        for _ in range(20):
-            assert torch.equal(q.matmul(x), first)
-        out = torch.empty_like(first)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            q.matmul(x, out=out)  # warm-up outside the capture
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        out.fill_(float("nan"))
-        with torch.cuda.graph(graph):
-            q.matmul(x, out=out)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, first)
+        check_deterministic_and_graph_safe(q, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])

@@ -17,7 +17,7 @@ import exl2
 import exl2.qmatrix as qmatrix_module
 from exl2 import reference as R
 from layers import build, expected, random_x, rel_err
-from test_tc_kernel import LAYERS, _kernels_run, _ran
+from test_tc_kernel import LAYERS, _kernels_run, _ran, check_deterministic_and_graph_safe
 
 pytestmark = pytest.mark.cuda
 TOL = 2e-3
@@ -84,27 +84,12 @@ def test_wgmma_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch
                 assert torch.equal(y, w[k]), f"rows {k0}..{k0 + k.numel() - 1} (tiles of {rows})"
 
 
-@pytest.mark.parametrize("m", [65, 256])
+@pytest.mark.parametrize("m", [33, 65, 256])
 def test_wgmma_deterministic_and_graph_safe(m: int) -> None:
     layer = LAYERS["exl2_mixed"]
     x = torch.from_numpy(random_x(np.random.default_rng(2), (m, 1024))).cuda()
     with build(layer, "cuda") as q:
-        first = q.matmul(x)
-        for _ in range(10):
-            assert torch.equal(q.matmul(x), first)
-        out = torch.empty_like(first)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            q.matmul(x, out=out)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        out.fill_(float("nan"))
-        with torch.cuda.graph(graph):
-            q.matmul(x, out=out)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, first)
+        check_deterministic_and_graph_safe(q, x, repeats=10)
 
 
 def test_wgmma_large_layer_runs_the_kernel() -> None:

@@ -4,6 +4,7 @@
 // registers of the activation type.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -303,6 +304,41 @@ __device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts&
   }
 }
 
+/// One thread's part in filling a tile's weight ring (tc_gemm_kernel, tc_wgmma_kernel): the
+/// stream units s0 .. s1 of the tile go through the ring in steps of kStepUnits units; step p
+/// copies units s0 + 8p .. s0 + 8p + 7, thread `t` (of the kTcThreads that fill the ring) units
+/// t / 32 and 4 + t / 32 of it, 16 bytes each, so it copies its first piece in steps p < steps0
+/// and its second in steps p < steps1 only. The copy loop is a large share of the kernels'
+/// instructions: source pointer, ring offset and step count are kept incrementally in registers
+/// instead of being recomputed from s0 each step. Each step is one cp.async group.
+struct RingFill {
+  const std::uint32_t* __restrict__ src;
+  unsigned ring_s;
+  unsigned dst_off;  // ring word of this thread's next copy
+  int steps0, steps1;
+  int issued = 0;  // steps issued (committed groups)
+
+  __device__ __forceinline__ RingFill(const std::uint32_t* tsrc, std::int64_t s0, std::int64_t s1, int t,
+                                      const std::uint32_t* ring)
+      : src(tsrc + s0 * tc::kUnitWords + t * 4),
+        ring_s(static_cast<unsigned>(__cvta_generic_to_shared(ring))),
+        dst_off(static_cast<unsigned>(t * 4)),
+        steps0((static_cast<int>(s1 - s0) - t / 32 + kStepUnits - 1) / kStepUnits),
+        steps1((static_cast<int>(s1 - s0) - 4 - t / 32 + kStepUnits - 1) / kStepUnits) {
+    asm("" : "+r"(ring_s));  // opaque: keep it in a register (else ptxas recomputes it per copy)
+  }
+
+  __device__ __forceinline__ void issue_step() {
+    if (issued < steps0) cp_async16(ring_s + dst_off * 4u, src);
+    if (issued < steps1) cp_async16(ring_s + (dst_off + 4u * tc::kUnitWords) * 4u, src + 4 * tc::kUnitWords);
+    static_assert(kStepCopies == 2, "issue_step copies two pieces per thread");
+    cp_async_commit();
+    src += kStepUnits * tc::kUnitWords;
+    dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kRingWords - 1);
+    ++issued;
+  }
+};
+
 /// A chunk's group constants and code words: on a group change (header unit d.w differs from
 /// `header`) the scales and zeros of the lane's four columns from the group's header unit in the
 /// ring; returns the ring word where the lane's b code words start. `s0`: the stream unit at
@@ -335,6 +371,38 @@ __device__ __forceinline__ void load_group_header(const std::uint32_t* ring, con
 
 __device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_t s0) {
   return chunk_lane_word(d, b, s0, static_cast<int>(threadIdx.x) & 31, static_cast<int>(threadIdx.x) >> 5);
+}
+
+/// Split-K over a thread-block cluster (compute capability 9.0+), after every block of the
+/// cluster has written its fp32 partial tile (kRows x 128 columns, row-major) to its own shared
+/// memory `red`: block `rank` of `split` adds a 1/split share of the tile over ranks 0..split-1 in
+/// that order (deterministic) and stores it (+ bias) to rows m0.. of out [M, N], columns of tile
+/// `tile`. Synchronises the cluster before (every partial tile written) and after (each block's
+/// shared memory stays alive until its readers are done). kTcThreads threads.
+template <int kRows, class T>
+__device__ __forceinline__ void cluster_reduce_store(const float* red, int rank, int split, int tid, std::int64_t m0,
+                                                     std::int64_t M, std::int64_t tile, std::int64_t N,
+                                                     const __half* __restrict__ bias, T* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int share = (kRows * tc::kTileCols) / split;
+  for (int i = rank * share + tid; i < (rank + 1) * share; i += kTcThreads) {
+    float sum = 0.0f;
+    for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(const_cast<float*>(red), q)[i];
+    const std::int64_t row = m0 + i / tc::kTileCols;
+    const std::int64_t n = tile * tc::kTileCols + i % tc::kTileCols;
+    if (row < M && n < N) {
+      if (bias) sum += __half2float(bias[n]);
+      out[row * N + n] = from_float<T>(sum);
+    }
+  }
+  cluster.sync();
+#else
+  (void)red, (void)rank, (void)split, (void)tid, (void)m0, (void)M, (void)tile, (void)N, (void)bias, (void)out;
+  __trap();
+#endif
 }
 
 }  // namespace exl2::detail::cuda

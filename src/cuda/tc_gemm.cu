@@ -32,7 +32,6 @@
 // issues 8 * MT mma.m16n8k16 with fp32 accumulation. Every output element is summed in a
 // fixed order (chunks in order inside the fragments, then cluster ranks 0..S-1) and written
 // once: deterministic and graph-capture safe.
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -50,8 +49,6 @@
 #include "cuda/tc_device.cuh"
 #include "cuda/tc_layout.hpp"
 #include "cuda/tc_wgmma.cuh"
-
-namespace cg = cooperative_groups;
 
 namespace exl2::detail::cuda {
 
@@ -309,29 +306,9 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     const bool first_starts_group = dfirst.y == dfirst.w + 1;
     const std::int64_t s0 = first_starts_group ? dfirst.w : dfirst.y;
     const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
-    // Step p copies units s0 + 8p .. s0 + 8p + 7 (thread tid: units tid / 32 and 4 + tid / 32,
-    // 16 bytes each), so this thread copies its first piece in steps p < my_steps and its second
-    // in steps p < my_steps1 only. The copy loop is a large share of the kernel's instructions
-    // (a step per 8 units): source pointer, ring offset and step bound are kept incrementally
-    // in registers instead of being recomputed from s0 each step.
-    const std::uint32_t* __restrict__ src = tsrc + s0 * tc::kUnitWords + tid * 4;
-    const int my_steps = (static_cast<int>(s1 - s0) - tid / 32 + kStepUnits - 1) / kStepUnits;
-    const int my_steps1 = (static_cast<int>(s1 - s0) - 4 - tid / 32 + kStepUnits - 1) / kStepUnits;
-    unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(ring));
-    asm("" : "+r"(ring_s));  // opaque: keep it in a register (else ptxas recomputes it per copy)
-    int issued = 0;
-    unsigned dst_off = static_cast<unsigned>(tid * 4);  // ring word of this thread's next copy
-    auto issue_step = [&]() {
-      if (issued < my_steps) cp_async16(ring_s + dst_off * 4u, src);
-      if (issued < my_steps1) cp_async16(ring_s + (dst_off + 4u * tc::kUnitWords) * 4u, src + 4 * tc::kUnitWords);
-      static_assert(kStepCopies == 2, "issue_step copies two pieces per thread");
-      cp_async_commit();
-      src += kStepUnits * tc::kUnitWords;
-      dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kRingWords - 1);
-      ++issued;
-    };
+    RingFill fill(tsrc, s0, s1, tid, ring);
 #pragma unroll 1
-    for (int p = 0; p < kLookahead; ++p) issue_step();
+    for (int p = 0; p < kLookahead; ++p) fill.issue_step();
 
     // Scales and zeros of the current group: lane g's four columns 8*jj + g of its block.
     GroupConsts gc;
@@ -384,8 +361,8 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
         const int last_step = static_cast<int>(static_cast<unsigned>(dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) /
                                                static_cast<unsigned>(kStepUnits));
 #pragma unroll 1
-        while (issued - kLookahead <= last_step) {
-          issue_step();
+        while (fill.issued - kLookahead <= last_step) {
+          fill.issue_step();
           cp_async_wait<kLookahead>();
         }
       }
@@ -465,20 +442,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
         for (int e = 0; e < 4; ++e)
           red[(mt * 16 + g + 8 * (e >> 1)) * tc::kTileCols + warp * tc::kBlockCols + 8 * jj + 2 * t + (e & 1)] =
               acc[mt][jj][e];
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    const int share = (R * tc::kTileCols) / split;
-    for (int i = rank * share + tid; i < (rank + 1) * share; i += kTcThreads) {
-      float sum = 0.0f;
-      for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(red, q)[i];
-      const std::int64_t row = m0 + i / tc::kTileCols;
-      const std::int64_t n = tile * tc::kTileCols + i % tc::kTileCols;
-      if (row < M && n < N) {
-        if (bias) sum += __half2float(bias[n]);
-        out[row * N + n] = from_float<T>(sum);
-      }
-    }
-    cluster.sync();  // keep this block's shared memory alive for the readers
+    cluster_reduce_store<R>(red, rank, split, tid, m0, M, tile, N, bias, out);
     return;
   }
 #endif

@@ -19,7 +19,6 @@
 //
 // Order: every output element is summed in a fixed order (chunks in order, k inside a chunk in
 // the instruction's order, then cluster ranks 0..S-1 when the chunk range is split): deterministic.
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,8 +35,6 @@
 #include "cuda/tc_layout.hpp"
 #include "cuda/tc_wgmma.cuh"
 #include "cuda/wgmma_ops.cuh"
-
-namespace cg = cooperative_groups;
 
 namespace exl2::detail::cuda {
 
@@ -258,22 +255,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     const bool first_starts_group = dfirst.y == dfirst.w + 1;
     const std::int64_t s0 = first_starts_group ? dfirst.w : dfirst.y;
     const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
-    const std::uint32_t* __restrict__ src = tsrc + s0 * tc::kUnitWords + gtid * 4;
-    const int my_steps = (static_cast<int>(s1 - s0) - gtid / 32 + kStepUnits - 1) / kStepUnits;
-    const int my_steps1 = (static_cast<int>(s1 - s0) - 4 - gtid / 32 + kStepUnits - 1) / kStepUnits;
-    unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(ring));
-    asm("" : "+r"(ring_s));
-    int issued = 0;
-    unsigned dst_off = static_cast<unsigned>(gtid * 4);
-    auto issue_step = [&]() {
-      if (issued < my_steps) cp_async16(ring_s + dst_off * 4u, src);
-      if (issued < my_steps1) cp_async16(ring_s + (dst_off + 4u * tc::kUnitWords) * 4u, src + 4 * tc::kUnitWords);
-      static_assert(kStepCopies == 2, "issue_step copies two pieces per thread");
-      cp_async_commit();
-      src += kStepUnits * tc::kUnitWords;
-      dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kRingWords - 1);
-      ++issued;
-    };
+    RingFill fill(tsrc, s0, s1, gtid, ring);
 
     // Activations: the tile of an iteration (R rows x 32 Q columns of the gathered copy) in the
     // K-major 128-byte-swizzle layout wgmma reads, 16 bytes (8 columns) per cp.async: 64-column
@@ -317,9 +299,9 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     const std::uint64_t xdesc0 = smem_desc(xs_s, 16, 1024) | (1ull << 62);
 
     issue_x(cb, 0);
-    int x_mark = issued;  // ring groups committed before the newest activation group
+    int x_mark = fill.issued;  // ring groups committed before the newest activation group
 #pragma unroll 1
-    for (int p = 0; p < S::kAhead; ++p) issue_step();
+    for (int p = 0; p < S::kAhead; ++p) fill.issue_step();
 
     GroupConsts gc;
     if (!first_starts_group)
@@ -346,7 +328,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       const int x_mark_cur = x_mark;
       if (c0 + Q < ce) {
         issue_x(c0 + Q, buf ^ 1);
-        x_mark = issued;
+        x_mark = fill.issued;
       }
       // B. This iteration's ring steps and activations have landed (this thread's copies).
       {
@@ -354,13 +336,13 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
         const int last_step = static_cast<int>(static_cast<unsigned>(dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) /
                                                static_cast<unsigned>(kStepUnits));
 #pragma unroll 1
-        while (issued - S::kAhead <= last_step) {
-          issue_step();
+        while (fill.issued - S::kAhead <= last_step) {
+          fill.issue_step();
           cp_async_wait<S::kAhead>();
         }
         // This iteration's activations: groups committed after theirs are the ring steps issued
         // since, plus the next iteration's activation group.
-        cp_async_wait_at_most(issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
+        cp_async_wait_at_most(fill.issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
       }
       fence_proxy_async();
       if (tid < Q) dring[((it + 1) & 1) * Q + tid] = dnext;
@@ -416,20 +398,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int i = 0; i < S::kAcc; ++i) red[row_of(i / 4, i % 4) * tc::kTileCols + col_of(h, i % 4)] = acc[h][i];
-      cg::cluster_group cluster = cg::this_cluster();
-      cluster.sync();
-      const int share = (R * tc::kTileCols) / split;
-      for (int i = rank * share + tid; i < (rank + 1) * share; i += kTcThreads) {
-        float sum = 0.0f;
-        for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(red, q)[i];
-        const std::int64_t row = m0 + i / tc::kTileCols;
-        const std::int64_t n = tile * tc::kTileCols + i % tc::kTileCols;
-        if (row < M && n < N) {
-          if (bias) sum += __half2float(bias[n]);
-          out[row * N + n] = from_float<T>(sum);
-        }
-      }
-      cluster.sync();  // keep this block's shared memory alive for the readers
+      cluster_reduce_store<R>(red, rank, split, tid, m0, M, tile, N, bias, out);
       return;
     }
   }
