@@ -1,21 +1,21 @@
 // Hopper tensor-core kernel for larger m, on the tc stream layout (tc_layout.hpp): wgmma with the
 // decoded weights as the register operand of a transposed product.
 //
-// The product is computed as out^T = W^T x^T: per block (one warpgroup, 4 warps) a tile of 128
-// output columns (warp w: columns 32w .. 32w+31, as in the mma.sync tc kernel) by R = 64 or 128
-// activation rows. The weights are wgmma's A operand (64 x 16 per instruction, from registers):
+// The product is computed as out^T = W^T x^T: per 4-warp group (warpgroup) a tile of 128 output
+// columns (warp w: columns 32w .. 32w+31, as in the mma.sync tc kernel) by R = 64 or 128
+// activation rows; a block is WG = 1 or 2 such groups on adjacent column tiles (WgShape). The weights are wgmma's A operand (64 x 16 per instruction, from registers):
 // the B fragments decode_chunk gives for two n8 tiles of the mma.sync kernel are exactly one
 // A fragment of 16 columns (a0 = tile 2h b0, a1 = tile 2h+1 b0, a2 = tile 2h b1, a3 = tile 2h+1
 // b1), so warp w's half h (columns 32w + 16h ..) is row block w of instruction h's A. The
 // activations are the B operand (R x 16, K-major, from shared memory). Per chunk of 32 rows a
 // warpgroup issues 2 (halves) x 2 (k16 steps) wgmma.m64nRk16 with fp32 accumulators (acc[h]).
 //
-// Memory: the weight stream goes through the same cp.async ring as the mma.sync kernel
-// (tc_device.cuh); the activation tile of each iteration (R rows x 32 Q columns of the gathered
-// copy) is copied with cp.async into one of two buffers in the no-swizzle K-major core-matrix
-// layout wgmma reads (8 rows x 16 bytes per core matrix, 128 contiguous bytes), one iteration
-// ahead. Blocks of one column tile are consecutive (blockIdx.x = row tile), so the m / R blocks
-// that read the same weight stream run together and it comes from DRAM about once.
+// Memory: each group's weight stream goes through its own cp.async ring, as in the mma.sync
+// kernel (RingFill, tc_device.cuh); the activation tile of each iteration (R rows x 32 Q columns
+// of the gathered copy), shared by the block's groups, is copied with cp.async into one of two
+// buffers in the K-major 128-byte-swizzle layout, one iteration ahead. Blocks of one column tile
+// are consecutive (blockIdx.x = row tile), so the m / R blocks that read the same weight stream
+// run together and it comes from DRAM about once.
 //
 // Order: every output element is summed in a fixed order (chunks in order, k inside a chunk in
 // the instruction's order, then cluster ranks 0..S-1 when the chunk range is split): deterministic.
@@ -119,8 +119,10 @@ struct WgShape {
   static constexpr int kMinBlocks = R == 128 ? 2 / WG : (WG == 1 ? 3 : 1);
 };
 
-/// wgmma shared-memory descriptor of a K-major no-swizzle operand at shared address `addr`:
-/// core matrices adjacent in K are `lbo` bytes apart, adjacent in the row dimension `sbo`.
+/// wgmma shared-memory descriptor fields of an operand at shared address `addr`: leading and stride
+/// byte offsets `lbo` / `sbo` (no swizzle: between core matrices adjacent in K / in the row
+/// dimension; 128-byte swizzle, K-major: lbo unused, sbo between 8-row groups). The caller sets
+/// the swizzle mode (bits 62-63).
 __device__ __forceinline__ std::uint64_t smem_desc(unsigned addr, unsigned lbo, unsigned sbo) {
   return static_cast<std::uint64_t>((addr >> 4) & 0x3fffu) | (static_cast<std::uint64_t>((lbo >> 4) & 0x3fffu) << 16) |
          (static_cast<std::uint64_t>((sbo >> 4) & 0x3fffu) << 32);
@@ -148,7 +150,7 @@ __device__ __forceinline__ void wg_mma(float (&d)[R / 2], const std::uint32_t (&
 
 /// Chunk q of an iteration: decode, then 4 wgmma (halves h = 0, 1 x k16 steps s = 0, 1) reading
 /// the activation buffer whose descriptor (k16 step 0 of chunk 0) is xdesc; committed as one group.
-/// The A registers stay untouched until the caller's wgmma_wait_all.
+/// The caller leaves the A registers `a` untouched until it has waited for the group.
 template <int R, int B, class T>
 __device__ __forceinline__ void wg_chunk(const std::uint32_t* ring, int wo, const GroupConsts& gc, int q,
                                          std::uint64_t xdesc, float (&acc)[2][R / 2], std::uint32_t (&a)[2][2][4]) {
@@ -189,7 +191,7 @@ __device__ __forceinline__ void wg_chunk_sync(const std::uint32_t* ring, int wo,
   wgmma_wait_all();
 }
 
-/// One full iteration (Q chunks of width B, Q = 2 or 4): each chunk decodes while the previous
+/// One full iteration (Q chunks of width B, Q even): each chunk decodes while the previous
 /// chunk's wgmma run, in the other of two register sets (keep_until_here makes ptxas give them
 /// distinct registers); all groups complete before the iteration's end. (Keeping a group in
 /// flight across iterations made ptxas serialise every wgmma of the kernel.)
