@@ -1,0 +1,84 @@
+"""Times the wgmma kernel's shapes against dense fp16 (CUDA graphs of 20 calls, events, median of 5).
+
+    python scripts/time_wgmma.py M[,M...] CFG[,CFG...] [gptq|exl2]
+
+CFG: 0, 1 or 2 (EXL2_CUDA_WGMMA_CFG, see config_for in src/cuda/tc_wgmma.cu) or d (the default
+choice by m). EXL2_CUDA_TC=1 and EXL2_DENSE_MIN_ROWS=1000000 are set here, so every m runs the
+library's kernels. In the environment: SHAPES=KxN,... picks the layers (default
+8192x28672,4096x14336); EXL2_CUDA_WGMMA_MIN_ROWS=33 or 65 decides whether m = 33..64 run the
+wgmma or the mma.sync kernel. Prints one line per layer and m; the rows also go to
+$OUT/time_wgmma_<pid>.json (or /tmp). The results of the shapes are checked against the first.
+"""
+import json
+import os
+import sys
+
+os.environ["EXL2_CUDA_TC"] = "1"
+os.environ["EXL2_DENSE_MIN_ROWS"] = "1000000"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from exl2 import reference as R  # noqa: E402
+
+sys.path.insert(0, "tests")
+from layers import build  # noqa: E402
+
+
+def graph_time_us(fn, reps: int = 20, iters: int = 5) -> float:
+    """Median time per call of fn replayed from a CUDA graph of `reps` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / reps)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ms = [int(v) for v in sys.argv[1].split(",")]
+    cfgs = sys.argv[2].split(",")
+    fmt = sys.argv[3] if len(sys.argv) > 3 else "gptq"
+    shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ.get("SHAPES", "8192x28672,4096x14336").split(",")]
+    rows = []
+    for K, N in shapes:
+        rng = np.random.default_rng(0)
+        layer = (R.random_gptq(rng, K, N, group_size=128, act_order=True) if fmt == "gptq"
+                 else R.random_exl2(rng, K, N, bits=[(5, K // 2), (4, K // 2)]))
+        w = torch.randn(K, N, dtype=torch.float16, device="cuda")
+        with build(layer, "cuda", bias=False) as q:
+            for m in ms:
+                x = torch.randn(m, K, dtype=torch.float16, device="cuda")
+                row = {"K": K, "N": N, "m": m, "dense": graph_time_us(lambda: torch.matmul(x, w))}
+                first = None
+                for c in cfgs:
+                    if c != "d":
+                        os.environ["EXL2_CUDA_WGMMA_CFG"] = c
+                    row[c] = graph_time_us(lambda: q.matmul(x))
+                    y = q.matmul(x)
+                    first = y if first is None else first
+                    assert (y - first).abs().max().item() <= 1e-2 * first.abs().max().item(), f"shape {c}"
+                    os.environ.pop("EXL2_CUDA_WGMMA_CFG", None)
+                rows.append(row)
+                print(f"{K}x{N} m={m:5d} dense {row['dense']:8.1f} | "
+                      + " ".join(f"{c}: {row[c]:8.1f} ({row[c] / row['dense']:4.2f}x)" for c in cfgs), flush=True)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), f"time_wgmma_{os.getpid()}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
