@@ -56,10 +56,10 @@ _DENSE_MIN_ROWS = _dense_min_rows_from_env()
 _TC_MAX_ROWS = 64 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
 # On compute capability 9.0 (H100, H200) with a build that holds sm_90a code, the tc layout also
 # has the library's wgmma kernel (src/cuda/tc_wgmma.cu), which serves m up to _WGMMA_MAX_ROWS
-# natively on layers of at least _WGMMA_MIN_WEIGHTS weights. Measured on the H100 (GPTQ-4, same
-# session): 8192x28672 184 us at m = 128 against about 445 for the dense route, 730 against 639
-# at m = 512; on smaller layers its few blocks lose to the dense route from m = 128 on (H200,
-# 4096x4096: 42.7 against about 28 us).
+# natively on layers of at least _WGMMA_MIN_WEIGHTS weights. Measured on the H100 (GPTQ-4, one
+# session): 8192x28672 197 / 380 us at m = 128 / 256 against 454 / 458 for the dense route, but
+# about 730 against 612 at m = 512; on smaller layers its few blocks lose to the dense route from
+# m = 128 on (H200, 4096x4096: 42.7 against about 28 us).
 _WGMMA_MAX_ROWS = 256
 _WGMMA_MIN_WEIGHTS = 1 << 25
 
