@@ -16,7 +16,7 @@
 #   EXL2_CUDA                AUTO (default) | ON | OFF for the proof's builds: AUTO builds the
 #                            CUDA backend when nvcc is found, proving that a CUDA build of the
 #                            wheel imports and runs where no toolkit is installed
-#   EXL2_CUDA_ARCHITECTURES  default "90-real": one architecture keeps the proof quick (the
+#   EXL2_CUDA_ARCHITECTURES  default "90a-real": one architecture keeps the proof quick (the
 #                            release list is what cibuildwheel builds)
 #   EXL2_PROOF_TORCH         requirement installed into the fresh venv (default torch==2.13.0)
 #   EXL2_PROOF_PYTEST_ARGS   extra arguments for the venv's pytest run
@@ -32,7 +32,7 @@ mkdir -p "$W"
 W="$(cd "$W" && pwd)"
 case "$W/" in "$ROOT"/*) echo "wheel_proof: WORKDIR must be outside the source tree ($ROOT)" >&2; exit 2 ;; esac
 export EXL2_CUDA="${EXL2_CUDA:-AUTO}"
-export EXL2_CUDA_ARCHITECTURES="${EXL2_CUDA_ARCHITECTURES:-90-real}"
+export EXL2_CUDA_ARCHITECTURES="${EXL2_CUDA_ARCHITECTURES:-90a-real}"
 TORCH_REQ="${EXL2_PROOF_TORCH:-torch==2.13.0}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
 T0=$SECONDS
