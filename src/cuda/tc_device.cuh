@@ -304,6 +304,25 @@ __device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts&
   }
 }
 
+/// The stream units a block reads for its chunks cb .. ce - 1 (cb < ce): from the first chunk's
+/// group header (when that chunk starts its group; else the kernel reads that header directly)
+/// to the end of the last chunk's codes. `first` is the first chunk's descriptor.
+struct ChunkRange {
+  int4 first;
+  bool first_starts_group;
+  std::int64_t s0, s1;
+};
+
+__device__ __forceinline__ ChunkRange chunk_range(const int4* __restrict__ tc_chunks, int cb, int ce) {
+  ChunkRange r;
+  r.first = __ldg(tc_chunks + cb);
+  const int4 last = __ldg(tc_chunks + ce - 1);
+  r.first_starts_group = r.first.y == r.first.w + 1;
+  r.s0 = r.first_starts_group ? r.first.w : r.first.y;
+  r.s1 = static_cast<std::int64_t>(last.y) + (last.z & 0xff);
+  return r;
+}
+
 /// One thread's part in filling a tile's weight ring (tc_gemm_kernel, tc_wgmma_kernel): the
 /// stream units s0 .. s1 of the tile go through the ring in steps of kStepUnits units; step p
 /// copies units s0 + 8p .. s0 + 8p + 7, thread `t` (of the kTcThreads that fill the ring) units

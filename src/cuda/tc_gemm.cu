@@ -298,14 +298,13 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       for (int e = 0; e < 4; ++e) acc[mt][jj][e] = 0.0f;
 
   if (cb < ce) {
-    // The block's stream: from its first chunk's group header (when that chunk starts its
-    // group; else the header is read directly below) to the end of its last chunk's codes.
-    const int4 dfirst = __ldg(tc_chunks + cb);
-    const int4 dlast = __ldg(tc_chunks + ce - 1);
-    const bool first_starts_group = dfirst.y == dfirst.w + 1;
-    const std::int64_t s0 = first_starts_group ? dfirst.w : dfirst.y;
-    const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
-    RingFill fill(tsrc, s0, s1, tid, ring);
+    // The block's stream (chunk_range); its first chunk's header is read directly below when
+    // that chunk does not start its group.
+    const ChunkRange cr = chunk_range(tc_chunks, cb, ce);
+    const int4 dfirst = cr.first;
+    const bool first_starts_group = cr.first_starts_group;
+    const std::int64_t s0 = cr.s0;
+    RingFill fill(tsrc, s0, cr.s1, tid, ring);
 #pragma unroll 1
     for (int p = 0; p < kLookahead; ++p) fill.issue_step();
 

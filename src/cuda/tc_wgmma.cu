@@ -252,12 +252,11 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
   if (cb < ce) {
     // The group's weight ring, as in tc_gemm_kernel (see there); every group covers the same
     // chunks (the tiles' streams share one unit layout), so one descriptor table serves all.
-    const int4 dfirst = __ldg(tc_chunks + cb);
-    const int4 dlast = __ldg(tc_chunks + ce - 1);
-    const bool first_starts_group = dfirst.y == dfirst.w + 1;
-    const std::int64_t s0 = first_starts_group ? dfirst.w : dfirst.y;
-    const std::int64_t s1 = static_cast<std::int64_t>(dlast.y) + (dlast.z & 0xff);
-    RingFill fill(tsrc, s0, s1, gtid, ring);
+    const ChunkRange cr = chunk_range(tc_chunks, cb, ce);
+    const int4 dfirst = cr.first;
+    const bool first_starts_group = cr.first_starts_group;
+    const std::int64_t s0 = cr.s0;
+    RingFill fill(tsrc, s0, cr.s1, gtid, ring);
 
     // Activations: the tile of an iteration (R rows x 32 Q columns of the gathered copy) in the
     // K-major 128-byte-swizzle layout wgmma reads, 16 bytes (8 columns) per cp.async: 64-column
