@@ -107,6 +107,38 @@ def test_tc_deterministic_and_graph_safe(m: int) -> None:
         check_deterministic_and_graph_safe(q, x)
 
 
+def check_one_hot_rows(layer, dtype: torch.dtype, tile_rows, min_rows: int = 1) -> None:
+    """matmul of x = consecutive rows of the identity, `rows` at a time for each of `tile_rows`
+    (slices of fewer than `min_rows` skipped), must give dequantize(dtype)'s rows exactly."""
+    K = layer["weight"].shape[0]
+    with build(layer, "cuda", bias=False) as q:
+        w = q.dequantize(dtype)
+        for rows in tile_rows:
+            for k0 in range(0, K, rows):
+                k = torch.arange(k0, min(k0 + rows, K), device="cuda")
+                if k.numel() < min_rows:
+                    continue
+                x = torch.zeros((k.numel(), K), dtype=dtype, device="cuda")
+                x[torch.arange(k.numel(), device="cuda"), k] = 1.0
+                y = q.matmul(x)
+                assert torch.equal(y, w[k]), f"rows {k0}..{k0 + k.numel() - 1} (tiles of {rows})"
+
+
+def check_bf16_within_bound(q, layer, w, ms) -> None:
+    """bfloat16 matmul at each m of `ms`: bfloat16 output within the bfloat16 bound of the weights
+    `w` (test_bf16), and the same bits on a second call."""
+    from test_bf16 import assert_within_bound, random_bf16_x
+
+    K = layer["weight"].shape[0]
+    for m in ms:
+        x = random_bf16_x(np.random.default_rng(m), m, K)
+        xt = torch.from_numpy(x).to(torch.bfloat16).cuda()
+        y = q.matmul(xt)
+        assert y.dtype == torch.bfloat16
+        assert_within_bound(y, layer, x, w, mag_term=1026 * 2.0**-23)
+        assert torch.equal(q.matmul(xt), y), f"m={m}: not deterministic"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_tc_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch.dtype) -> None:
@@ -114,17 +146,7 @@ def test_tc_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch.dt
     so it must equal dequantize(dtype)[k_i, :] exactly. This checks the kernel's own decode (every
     width, pair position, zero, scale and the padding of short chunks) bit for bit, for the
     tile heights of m = 16, 32 and 64 (MT = 1, 2, 4) and clusters of several blocks."""
-    layer = LAYERS[name]
-    K = layer["weight"].shape[0]
-    with build(layer, "cuda", bias=False) as q:
-        w = q.dequantize(dtype)
-        for rows in (16, 32, 64):
-            for k0 in range(0, K, rows):
-                k = torch.arange(k0, min(k0 + rows, K), device="cuda")
-                x = torch.zeros((k.numel(), K), dtype=dtype, device="cuda")
-                x[torch.arange(k.numel(), device="cuda"), k] = 1.0
-                y = q.matmul(x)
-                assert torch.equal(y, w[k]), f"rows {k0}..{k0 + k.numel() - 1} (tiles of {rows})"
+    check_one_hot_rows(LAYERS[name], dtype, (16, 32, 64))
 
 
 def test_tc_large_layer_and_batch_dims() -> None:
@@ -185,20 +207,13 @@ def test_tc_bfloat16_within_bound(name: str) -> None:
     them, fp32 accumulation (tensor cores: twice the accumulation term, as for the fused
     bfloat16 kernel in test_cuda_bf16), the same bound as every other bfloat16 path; and
     deterministic."""
-    from test_bf16 import assert_within_bound, bf16_weight, random_bf16_x
+    from test_bf16 import bf16_weight
 
     layer = LAYERS[name]
-    K = layer["weight"].shape[0]
     w = bf16_weight(layer)
     with build(layer, "cuda") as q:
         assert torch.equal(q.dequantize(torch.bfloat16).cpu(), torch.from_numpy(w).to(torch.bfloat16))
-        for m in [1, 2, 5, 16, 17, 33, 64]:
-            x = random_bf16_x(np.random.default_rng(m), m, K)
-            xt = torch.from_numpy(x).to(torch.bfloat16).cuda()
-            y = q.matmul(xt)
-            assert y.dtype == torch.bfloat16
-            assert_within_bound(y, layer, x, w, mag_term=1026 * 2.0**-23)
-            assert torch.equal(q.matmul(xt), y), f"m={m}: not deterministic"
+        check_bf16_within_bound(q, layer, w, [1, 2, 5, 16, 17, 33, 64])
 
 
 def test_tc_bfloat16_runs_the_tc_kernel() -> None:

@@ -17,7 +17,8 @@ import exl2
 import exl2.qmatrix as qmatrix_module
 from exl2 import reference as R
 from layers import build, expected, random_x, rel_err
-from test_tc_kernel import LAYERS, _kernels_run, _ran, check_deterministic_and_graph_safe
+from test_tc_kernel import (LAYERS, _kernels_run, _ran, check_bf16_within_bound, check_deterministic_and_graph_safe,
+                            check_one_hot_rows)
 
 pytestmark = pytest.mark.cuda
 TOL = 2e-3
@@ -69,19 +70,8 @@ def test_wgmma_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch
     monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "17")
     if cfg is not None:
         monkeypatch.setenv("EXL2_CUDA_WGMMA_CFG", cfg)
-    layer = LAYERS[name]
-    K = layer["weight"].shape[0]
-    with build(layer, "cuda", bias=False) as q:
-        w = q.dequantize(dtype)
-        for rows in (64, 128, 200):
-            for k0 in range(0, K, rows):
-                k = torch.arange(k0, min(k0 + rows, K), device="cuda")
-                if k.numel() <= 16:
-                    continue  # below the wgmma kernel's range
-                x = torch.zeros((k.numel(), K), dtype=dtype, device="cuda")
-                x[torch.arange(k.numel(), device="cuda"), k] = 1.0
-                y = q.matmul(x)
-                assert torch.equal(y, w[k]), f"rows {k0}..{k0 + k.numel() - 1} (tiles of {rows})"
+    # (slices of 16 rows or fewer are below the wgmma kernel's range even with the knob)
+    check_one_hot_rows(LAYERS[name], dtype, (64, 128, 200), min_rows=17)
 
 
 @pytest.mark.parametrize("m", [33, 65, 256])
@@ -107,19 +97,12 @@ def test_wgmma_large_layer_runs_the_kernel() -> None:
 
 @pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act_order", "gptq8", "awq"])
 def test_wgmma_bfloat16_within_bound(name: str) -> None:
-    from test_bf16 import assert_within_bound, bf16_weight, random_bf16_x
+    from test_bf16 import bf16_weight
 
     layer = LAYERS[name]
-    K = layer["weight"].shape[0]
     w = bf16_weight(layer)
     with build(layer, "cuda") as q:
-        for m in [65, 128, 200]:
-            x = random_bf16_x(np.random.default_rng(m), m, K)
-            xt = torch.from_numpy(x).to(torch.bfloat16).cuda()
-            y = q.matmul(xt)
-            assert y.dtype == torch.bfloat16
-            assert_within_bound(y, layer, x, w, mag_term=1026 * 2.0**-23)
-            assert torch.equal(q.matmul(xt), y), f"m={m}: not deterministic"
+        check_bf16_within_bound(q, layer, w, [65, 128, 200])
 
 
 def test_wgmma_routing(monkeypatch: pytest.MonkeyPatch) -> None:
