@@ -1,4 +1,4 @@
-"""Times the wgmma kernel's shapes against dense fp16 (CUDA graphs of 20 calls, events, median of 5).
+"""Times the wgmma kernel's shapes against dense fp16 (CUDA-graph replays, as `python -m exl2 bench`).
 
     python scripts/time_wgmma.py M[,M...] CFG[,CFG...] [gptq|exl2]
 
@@ -20,33 +20,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from exl2 import reference as R  # noqa: E402
+from exl2.bench import _graph_time_us  # noqa: E402  (the bench's own CUDA-graph timer)
 
 sys.path.insert(0, "tests")
 from layers import build  # noqa: E402
-
-
-def graph_time_us(fn, reps: int = 20, iters: int = 5) -> float:
-    """Median time per call of fn replayed from a CUDA graph of `reps` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -63,12 +40,12 @@ def main() -> None:
         with build(layer, "cuda", bias=False) as q:
             for m in ms:
                 x = torch.randn(m, K, dtype=torch.float16, device="cuda")
-                row = {"K": K, "N": N, "m": m, "dense": graph_time_us(lambda: torch.matmul(x, w))}
+                row = {"K": K, "N": N, "m": m, "dense": _graph_time_us(lambda: torch.matmul(x, w))}
                 first = None
                 for c in cfgs:
                     if c != "d":
                         os.environ["EXL2_CUDA_WGMMA_CFG"] = c
-                    row[c] = graph_time_us(lambda: q.matmul(x))
+                    row[c] = _graph_time_us(lambda: q.matmul(x))
                     y = q.matmul(x)
                     first = y if first is None else first
                     assert (y - first).abs().max().item() <= 1e-2 * first.abs().max().item(), f"shape {c}"
