@@ -323,6 +323,20 @@ __device__ __forceinline__ ChunkRange chunk_range(const int4* __restrict__ tc_ch
   return r;
 }
 
+/// The group constants a block starts with: when its first chunk does not start its group (a
+/// split of the chunk range), that group's header read directly from the tile's stream `tsrc`
+/// (the columns 8 jj + g of `warp`'s block); returns the header unit held (-1: none yet, the ring
+/// brings the first header).
+template <class T>
+__device__ __forceinline__ int first_group_header(const std::uint32_t* __restrict__ tsrc, const ChunkRange& cr,
+                                                  int g, int warp, GroupConsts& gc) {
+  if (!cr.first_starts_group)
+    unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(
+                         tsrc + static_cast<std::int64_t>(cr.first.w) * tc::kUnitWords + warp * 32 + g * 4)),
+                     cr.first.z & 0xff, gc);
+  return cr.first_starts_group ? -1 : cr.first.w;
+}
+
 /// One thread's part in filling a tile's weight ring (tc_gemm_kernel, tc_wgmma_kernel): the
 /// stream units s0 .. s1 of the tile go through the ring in steps of kStepUnits units; step p
 /// copies units s0 + 8p .. s0 + 8p + 7, thread `t` (of the kTcThreads that fill the ring) units

@@ -301,8 +301,6 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     // The block's stream (chunk_range); its first chunk's header is read directly below when
     // that chunk does not start its group.
     const ChunkRange cr = chunk_range(tc_chunks, cb, ce);
-    const int4 dfirst = cr.first;
-    const bool first_starts_group = cr.first_starts_group;
     const std::int64_t s0 = cr.s0;
     RingFill fill(tsrc, s0, cr.s1, tid, ring);
 #pragma unroll 1
@@ -310,11 +308,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
 
     // Scales and zeros of the current group: lane g's four columns 8*jj + g of its block.
     GroupConsts gc;
-    if (!first_starts_group)
-      unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(
-                           tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords + warp * 32 + g * 4)),
-                       dfirst.z & 0xff, gc);
-    int header = first_starts_group ? -1 : dfirst.w;
+    int header = first_group_header<T>(tsrc, cr, g, warp, gc);
 
     // Descriptors: lanes q < Q of warp 0 load chunk (first of iteration) + q, two iterations
     // ahead; they reach dring one iteration before use.

@@ -253,8 +253,6 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     // The group's weight ring, as in tc_gemm_kernel (see there); every group covers the same
     // chunks (the tiles' streams share one unit layout), so one descriptor table serves all.
     const ChunkRange cr = chunk_range(tc_chunks, cb, ce);
-    const int4 dfirst = cr.first;
-    const bool first_starts_group = cr.first_starts_group;
     const std::int64_t s0 = cr.s0;
     RingFill fill(tsrc, s0, cr.s1, gtid, ring);
 
@@ -305,11 +303,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     for (int p = 0; p < S::kAhead; ++p) fill.issue_step();
 
     GroupConsts gc;
-    if (!first_starts_group)
-      unpack_header<T>(__ldg(reinterpret_cast<const uint4*>(
-                           tsrc + static_cast<std::int64_t>(dfirst.w) * tc::kUnitWords + warp * 32 + g * 4)),
-                       dfirst.z & 0xff, gc);
-    int header = first_starts_group ? -1 : dfirst.w;
+    int header = first_group_header<T>(tsrc, cr, g, warp, gc);
 
     auto load_desc = [&](int c0) -> int4 {
       const int c = c0 + lane;
