@@ -450,13 +450,20 @@ constexpr int kWgConfigs = 3;
 
 /// The shape for m rows: 64-row tiles up to m = 64; above, 128-row tiles of two 128-column tiles
 /// per block (the activation tile shared by 256 columns) where those fill the GPU, else of one
-/// (whose chunk range may be split over a cluster). EXL2_CUDA_WGMMA_CFG=0|1|2 at call time
-/// forces one (a measurement and test knob).
+/// (whose chunk range may be split over a cluster); or the shape EXL2_CUDA_WGMMA_CFG forced at
+/// construction (query_tc_wgmma).
 int config_for(const DeviceLayer& L, std::int64_t m) {
-  const char* v = std::getenv("EXL2_CUDA_WGMMA_CFG");
-  if (v != nullptr && v[0] >= '0' && v[0] < '0' + kWgConfigs && v[1] == '\0') return v[0] - '0';
+  if (L.tc_wgmma_forced >= 0) return L.tc_wgmma_forced;
   if (m <= 64) return 0;
   return ((m + 127) / 128) * ((L.tc_tiles + 1) / 2) >= L.sm_count ? 1 : 2;
+}
+
+/// EXL2_CUDA_WGMMA_CFG=0|1|2 at construction (a measurement and test knob): the shape for every
+/// m; -1 when unset or anything else.
+int forced_config_from_env() {
+  const char* v = std::getenv("EXL2_CUDA_WGMMA_CFG");
+  if (v != nullptr && v[0] >= '0' && v[0] < '0' + kWgConfigs && v[1] == '\0') return v[0] - '0';
+  return -1;
 }
 
 template <class T>
@@ -485,6 +492,7 @@ void query_tc_wgmma(DeviceLayer& L) {
 #undef EXL2_WG_QUERY
   L.tc_wgmma = true;
   for (int i = 0; i < kWgConfigs; ++i) L.tc_wgmma = L.tc_wgmma && L.tc_wgmma_blocks_per_sm[i] > 0;
+  L.tc_wgmma_forced = forced_config_from_env();
 }
 
 void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
