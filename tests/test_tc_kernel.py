@@ -1,9 +1,11 @@
-"""The experimental tensor-core kernel (src/cuda/tc_gemm.cu), opt-in with EXL2_CUDA_TC=1.
+"""The tensor-core stream layout and its mma.sync kernel (src/cuda/tc_gemm.cu) and dequantize
+(tc_dequant.cu), every CUDA layer's layout on compute capability 8.0+ (EXL2_CUDA_TC=0 keeps the
+canonical one).
 
 Its weight layout is checked on the host by the CTest exl2_test_tc_layout; these tests
 run the kernel itself (CUDA, compute capability 8.0+): every bit width, act-order,
 short chunks, column counts that are not multiples of 32, bias, every m it serves,
-determinism, graph capture, and agreement with the default kernels.
+determinism, graph capture, and agreement with the canonical layout's kernels.
 """
 
 from __future__ import annotations
@@ -26,10 +28,8 @@ TC_MAX_ROWS = 64
 def _tc_on(monkeypatch: pytest.MonkeyPatch) -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the tc kernel needs compute capability 8.0+")
-    monkeypatch.setenv("EXL2_CUDA_TC", "1")
-    # Route every m the tc kernel serves to it: m = 1 too (by default only on large or long-K
-    # layers; test_tc_routes_by_m checks that rule), and not to the dense path of the Python API.
-    monkeypatch.setenv("EXL2_CUDA_TC_MIN_ROWS", "1")
+    monkeypatch.delenv("EXL2_CUDA_TC", raising=False)  # the default: the tc layout
+    # Every m up to 64 native (the Python API's routing, test_tc_routes_by_m).
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", TC_MAX_ROWS)
     # The mma.sync kernel for every m up to 64 (on compute capability 9.0 the wgmma kernel takes
     # m >= 33 by default; tests/test_tc_wgmma.py covers it).
@@ -54,12 +54,13 @@ LAYERS = _layers()
 
 
 def _without_tc(layer):
+    """The layer in the canonical layout (EXL2_CUDA_TC=0 at construction)."""
     import os
-    old = os.environ.pop("EXL2_CUDA_TC")
+    os.environ["EXL2_CUDA_TC"] = "0"
     try:
         return build(layer, "cuda")
     finally:
-        os.environ["EXL2_CUDA_TC"] = old
+        del os.environ["EXL2_CUDA_TC"]
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -68,15 +69,21 @@ def test_tc_layout_is_built_and_results_match(name: str) -> None:
     K = layer["weight"].shape[0]
     rng = np.random.default_rng(1)
     with build(layer, "cuda") as q, _without_tc(layer) as q0:
-        assert q.nbytes > q0.nbytes, "EXL2_CUDA_TC=1 did not build the tc layout"
+        assert q.tensor_core_layout and not q0.tensor_core_layout
+        # One copy of the codes: the canonical arrays are released once the stream is packed (two
+        # copies would be about twice the canonical size, for N padded to the stream's 128-column
+        # tiles).
+        N = layer["weight"].shape[1]
+        assert q.nbytes < 1.5 * q0.nbytes * (-(-N // 128) * 128) / N, (q.nbytes, q0.nbytes)
         for m in [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 47, 64]:
             x = torch.from_numpy(random_x(rng, (m, K))).cuda()
             y = q.matmul(x)
             assert rel_err(y, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
             y0 = q0.matmul(x)
             assert (y.float() - y0.float()).abs().max() <= 2e-3 * y0.float().abs().max() + 1e-6, f"m={m}"
-        # dequantize does not use the tc layout and stays bit-exact
-        assert torch.equal(q.dequantize(), q0.dequantize())
+        # dequantize reads the tc layout (tc_dequant.cu) and gives the canonical layout's bits
+        for dtype in (torch.float16, torch.bfloat16):
+            assert torch.equal(q.dequantize(dtype), q0.dequantize(dtype)), dtype
 
 
 def check_deterministic_and_graph_safe(q, x: torch.Tensor, repeats: int = 20) -> None:
@@ -145,8 +152,9 @@ def test_tc_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch.dt
     """x = rows of the identity: output row i is 1.0 * W[k_i, :] accumulated in fp32 with zeros,
     so it must equal dequantize(dtype)[k_i, :] exactly. This checks the kernel's own decode (every
     width, pair position, zero, scale and the padding of short chunks) bit for bit, for the
-    tile heights of m = 16, 32 and 64 (MT = 1, 2, 4) and clusters of several blocks."""
-    check_one_hot_rows(LAYERS[name], dtype, (16, 32, 64))
+    tile heights of m = 16, 32 and 64 (MT = 1, 2, 4) and clusters of several blocks; and one row
+    at a time, where the kernel gathers the row through perm itself (m = 1, kGather)."""
+    check_one_hot_rows(LAYERS[name], dtype, (1, 16, 32, 64))
 
 
 def test_tc_large_layer_and_batch_dims() -> None:
@@ -174,30 +182,76 @@ def _ran(kernels: set, name: str) -> bool:
 
 
 def test_tc_routes_by_m(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Default routing with the tc layout: m >= 2 runs the tc kernel; m = 1 runs it on layers
-    of at least one 128-column tile per multiprocessor and, where clusters of 16 run (compute
-    capability 9.0: H100, H200), on layers of K >= 8192; else the GEMV. The long-K layer also
-    runs the tc kernel's clusters of 16 (one tile, 256 chunks)."""
-    monkeypatch.delenv("EXL2_CUDA_TC_MIN_ROWS")
+    """Default routing (the tc layout, the Python API's own limits): every m up to 64 runs the tc
+    kernel, on small, wide and long-K layers (the long-K one with clusters of 16 on compute
+    capability 9.0); m = 65 takes the dense route (dequantize from the tc layout + torch.mm). The
+    canonical layout's kernels never run."""
+    monkeypatch.undo()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rng = np.random.default_rng(4)
     small = R.random_gptq(rng, 256, 128 * (sms - 1), group_size=128)
     large = R.random_gptq(rng, 256, 128 * sms, group_size=128)
     long_k = R.random_gptq(rng, 8192, 128, group_size=128, act_order=True, bias=True)
-    c16 = torch.cuda.get_device_capability()[0] == 9
-    for layer, m1_kernel in ((small, "gemv_kernel"), (large, "tc_gemm_kernel"),
-                             (long_k, "tc_gemm_kernel" if c16 else "gemv_kernel")):
+    for layer in (small, large, long_k):
         K = layer["weight"].shape[0]
         with build(layer, "cuda") as q:
-            for m, kernel in ((1, m1_kernel), (2, "tc_gemm_kernel"), (TC_MAX_ROWS, "tc_gemm_kernel")):
+            assert q.tensor_core_layout
+            for m in (1, 2, 13, TC_MAX_ROWS, TC_MAX_ROWS + 1):
                 x = torch.from_numpy(random_x(rng, (m, K))).cuda()
                 kernels = _kernels_run(lambda: q.matmul(x))
                 if not kernels:  # e.g. under compute-sanitizer, which excludes the CUDA profiler
                     pytest.skip("the CUDA profiler recorded no kernels")
-                other = "gemv_kernel" if kernel == "tc_gemm_kernel" else "tc_gemm_kernel"
-                assert _ran(kernels, kernel) and not _ran(kernels, other), (
-                    f"N={q.out_features} m={m}: expected {kernel}, ran {sorted(kernels)}")
+                native = m <= TC_MAX_ROWS
+                canonical = ("::gemv_kernel<", "::mma_kernel<", "::dequant_kernel<")
+                assert not any(_ran(kernels, k) for k in canonical), sorted(kernels)
+                assert (_ran(kernels, "tc_gemm_kernel") or _ran(kernels, "tc_wgmma_kernel")) == native, (
+                    f"N={q.out_features} m={m}: ran {sorted(kernels)}")
+                assert _ran(kernels, "tc_dequant_kernel") != native, f"m={m}: ran {sorted(kernels)}"
                 assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL
+
+
+def test_tc_m1_gathers_inside_the_kernel_on_small_layers_only() -> None:
+    """m = 1 gathers the activation row inside the tc kernel on layers of fewer than 2^25 weights
+    (no tc_gather_x_kernel launch), and launches the gather first on larger ones; both against
+    fp64, with act-order."""
+    rng = np.random.default_rng(12)
+    small = LAYERS["gptq_act_order"]
+    large = R.random_gptq(rng, 2048, 16384, group_size=128, act_order=True)  # 2^25 weights
+    for layer, gathers_first in ((small, False), (large, True)):
+        K = layer["weight"].shape[0]
+        with build(layer, "cuda") as q:
+            x = torch.from_numpy(random_x(rng, (1, K))).cuda()
+            kernels = _kernels_run(lambda: q.matmul(x))
+            if kernels:  # (compute-sanitizer excludes the CUDA profiler)
+                assert _ran(kernels, "tc_gemm_kernel"), sorted(kernels)
+                assert _ran(kernels, "tc_gather_x_kernel") == gathers_first, sorted(kernels)
+            assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL
+
+
+def test_tc_layout_off_keeps_the_canonical_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EXL2_CUDA_TC=0 at construction: the canonical layout, its GEMV at m = 1 and the same results."""
+    layer = LAYERS["gptq_act_order"]
+    rng = np.random.default_rng(9)
+    x = torch.from_numpy(random_x(rng, (1, 1024))).cuda()
+    monkeypatch.setenv("EXL2_CUDA_TC", "0")
+    with build(layer, "cuda") as q0:
+        assert not q0.tensor_core_layout
+        kernels = _kernels_run(lambda: q0.matmul(x))
+        if kernels:
+            assert _ran(kernels, "gemv_kernel") and not _ran(kernels, "tc_gemm_kernel"), sorted(kernels)
+        assert rel_err(q0.matmul(x), expected(layer, x.cpu().numpy())) < TOL
+
+
+def test_tc_large_m_in_cpp_runs_row_tiles_and_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Native calls above m = 64 (the C++ library has no dense route): more row tiles of the tc
+    kernels, and above 4096 rows several launches (kTcSliceRows); results against fp64."""
+    monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 1 << 30)
+    layer = LAYERS["exl2_mixed"]
+    rng = np.random.default_rng(10)
+    with build(layer, "cuda") as q:
+        for m in (65, 200, 4097):
+            x = torch.from_numpy(random_x(rng, (m, 1024))).cuda()
+            assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
 
 
 @pytest.mark.parametrize("name", ["exl2_mixed", "exl2_n40_short_groups", "gptq_act_order", "gptq3_act_order",

@@ -1,5 +1,5 @@
-"""The Hopper wgmma kernel on the tc stream layout (src/cuda/tc_wgmma.cu), for m >= 33 with
-EXL2_CUDA_TC=1 on compute capability 9.0 (from m = 17 with EXL2_CUDA_WGMMA_MIN_ROWS, a
+"""The Hopper wgmma kernel on the tc stream layout (src/cuda/tc_wgmma.cu), for m >= 33 on
+compute capability 9.0 (from m = 17 with EXL2_CUDA_WGMMA_MIN_ROWS, a
 measurement knob used here to give its 64-row tiles partial tiles too).
 
 Every bit width, act-order, short chunks, column counts that are not multiples of 32, bias,
@@ -33,8 +33,7 @@ def _wgmma_built() -> bool:
 def _wgmma_on(monkeypatch: pytest.MonkeyPatch) -> None:
     if not _wgmma_built():
         pytest.skip("the wgmma kernel needs compute capability 9.0 and a build for 90a")
-    monkeypatch.setenv("EXL2_CUDA_TC", "1")
-    monkeypatch.setenv("EXL2_CUDA_TC_MIN_ROWS", "1")
+    monkeypatch.delenv("EXL2_CUDA_TC", raising=False)  # the default: the tc layout
     # Every m native (not the Python API's dense route).
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 1 << 30)
 
@@ -106,11 +105,10 @@ def test_wgmma_bfloat16_within_bound(name: str) -> None:
 
 
 def test_wgmma_routing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With EXL2_CUDA_TC=1 on a wgmma GPU: m <= 32 runs the mma.sync tc kernel, 33 <= m <= 256 the
+    """On a wgmma GPU (the default tc layout): m <= 32 runs the mma.sync tc kernel, 33 <= m <= 256 the
     wgmma kernel on a layer of at least 2^25 weights, larger m the Python API's dense route
     (dequantize + cuBLAS); on a smaller layer the dense route from m = 65 on."""
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 64)
-    monkeypatch.delenv("EXL2_CUDA_TC_MIN_ROWS")
     rng = np.random.default_rng(6)
     large = R.random_gptq(rng, 2048, 16384, group_size=128)
     small = LAYERS["gptq_act_order"]

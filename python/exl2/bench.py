@@ -421,8 +421,8 @@ def bench_shape(K: int, N: int, specs: Sequence[LayerSpec], ms: Sequence[int], s
             bpw = q.bits_per_weight
             # The floor: the layer's weight bytes as stored (codes, scales, zeros; bits_per_weight),
             # which is what a kernel must read at least once. (q.nbytes, what the QMatrix holds on
-            # the device, also counts fp16 scales expanded per column and, with EXL2_CUDA_TC=1,
-            # the second copy of the codes.)
+            # the device, counts the tensor-core stream's 512-byte group headers and its columns padded
+            # to tiles of 128, or in the canonical layout the fp16 scales expanded per column.)
             floor_us = bpw * K * N / 8 / setup.bandwidth * 1e6
             for m, x in xs.items():
                 out = torch.empty((m, N), dtype=tdtype, device=dev)

@@ -24,12 +24,13 @@ _ext = load_extension()
 
 __all__ = ["QMatrix"]
 
-# From this many rows on, matmul on CUDA dequantizes into a scratch tensor (in x's dtype) and runs a dense GEMM in
-# that dtype (cuBLAS through torch, fp32 accumulation) instead of the library's kernels. Measured on the H100 (same
-# run, every bench layer): the float16 GEMV beats that route up to m = 12 (8192x28672 GPTQ-4 at m = 9: 288 against
-# 398 us; m = 12: 311 against 398 us), is level at m = 16, and the fused tensor-core kernel above m = 16 is 2-7x
-# slower than it. The bfloat16 GEMV spills registers from m = 9 on (unmeasured there), so bfloat16 keeps 9.
-# The C++ library keeps its own kernels for every m (no cuBLAS dependency).
+# Layers in the canonical layout (GPUs below compute capability 8.0, or EXL2_CUDA_TC=0 at construction): from this
+# many rows on, matmul on CUDA dequantizes into a scratch tensor (in x's dtype) and runs a dense GEMM in that dtype
+# (cuBLAS through torch, fp32 accumulation) instead of the library's kernels. Measured on the H100 (same run, every
+# bench layer): the float16 GEMV beats that route up to m = 12 (8192x28672 GPTQ-4 at m = 9: 288 against 398 us;
+# m = 12: 311 against 398 us), is level at m = 16, and the fused canonical-layout kernel above m = 16 is 2-7x slower
+# than it. The bfloat16 GEMV spills registers from m = 9 on (unmeasured there), so bfloat16 keeps 9. The C++ library
+# keeps its own kernels for every m (no cuBLAS dependency). Layers in the tensor-core layout: _native_max_rows.
 _DENSE_MIN_ROWS = {torch.float16: 13, torch.bfloat16: 9}
 
 
@@ -49,11 +50,13 @@ def _dense_min_rows_from_env() -> dict:
 
 
 _DENSE_MIN_ROWS = _dense_min_rows_from_env()
-# Opt-in: with EXL2_CUDA_TC=1 set before import (and at construction), layers get the
-# tensor-core stream layout and float16 / bfloat16 calls with m <= 64 stay native (the library
-# runs its tensor-core kernels, src/cuda/tc_gemm.cu and tc_wgmma.cu, for 2 <= m <= 64 and for
-# m = 1 on large layers, its GEMV for the other m = 1).
-_TC_MAX_ROWS = 64 if os.environ.get("EXL2_CUDA_TC") == "1" else 0
+# Layers in the tensor-core stream layout (CUDA, compute capability 8.0+, unless EXL2_CUDA_TC=0
+# at construction: QMatrix.tensor_core_layout) stay native up to m = _TC_MAX_ROWS: the library's
+# tensor-core kernels (src/cuda/tc_gemm.cu, tc_wgmma.cu) stream each weight byte once per call,
+# 0.4-0.9x the dense fp16 time at m <= 64 on large layers (H100), where the dense route costs an
+# extra write and read of the whole weight. Layers in the canonical layout (older GPUs, or
+# EXL2_CUDA_TC=0) follow _DENSE_MIN_ROWS alone.
+_TC_MAX_ROWS = 64
 # On compute capability 9.0 (H100, H200) with a build that holds sm_90a code, the tc layout also
 # has the library's wgmma kernel (src/cuda/tc_wgmma.cu), which serves m up to _WGMMA_MAX_ROWS
 # natively on layers of at least _WGMMA_MIN_WEIGHTS weights. Measured on the H100 (GPTQ-4, one
@@ -64,11 +67,14 @@ _WGMMA_MAX_ROWS = 256
 _WGMMA_MIN_WEIGHTS = 1 << 25
 
 
-def _native_max_rows(device: torch.device, weights: int) -> int:
+def _native_max_rows(device: torch.device, weights: int, tensor_core_layout: bool) -> int:
     """The largest m that matmul on `device` sends to the library's own kernels instead of the
-    dense route (besides _DENSE_MIN_ROWS), for a layer of `weights` = K * N: _TC_MAX_ROWS, or
-    _WGMMA_MAX_ROWS where the wgmma kernel runs and the layer is large enough."""
-    if _TC_MAX_ROWS == 0 or device.type != "cuda" or weights < _WGMMA_MIN_WEIGHTS:
+    dense route (besides _DENSE_MIN_ROWS), for a layer of `weights` = K * N: 0 for the canonical
+    layout, else _TC_MAX_ROWS, or _WGMMA_MAX_ROWS where the wgmma kernel runs and the layer is
+    large enough."""
+    if device.type != "cuda" or not tensor_core_layout:
+        return 0
+    if weights < _WGMMA_MIN_WEIGHTS:
         return _TC_MAX_ROWS
     index = device.index if device.index is not None else torch.cuda.current_device()
     if torch.cuda.get_device_capability(index) == (9, 0) and any(
@@ -147,7 +153,8 @@ class QMatrix:
         self._bias = bias
         self._k = int(native.in_features)  # cached: read on every matmul
         self._n = int(native.out_features)
-        self._native_rows = _native_max_rows(device, self._k * self._n)  # cached: read on every matmul
+        # cached: read on every matmul
+        self._native_rows = _native_max_rows(device, self._k * self._n, bool(native.tensor_core_layout))
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -318,6 +325,13 @@ class QMatrix:
     def nbytes(self) -> int:
         """Bytes owned on ``device``."""
         return int(self._native.nbytes)
+
+    @property
+    def tensor_core_layout(self) -> bool:
+        """True when the codes are held in the tensor-core stream layout (CUDA, compute capability
+        8.0+, unless ``EXL2_CUDA_TC=0`` was set when the QMatrix was built); False on the CPU and
+        on older GPUs (the canonical layout)."""
+        return bool(self._native.tensor_core_layout)
 
     @property
     def has_bias(self) -> bool:

@@ -48,6 +48,9 @@ DeviceLayerPtr build_canonical(const LayerMeta& meta, const HostArrays& host, in
 /// Bytes owned by the layer on the device.
 std::size_t nbytes(const DeviceLayer& layer) noexcept;
 
+/// True when the layer holds its codes in the tensor-core stream layout (tc_layout.hpp).
+bool tensor_core_layout(const DeviceLayer& layer) noexcept;
+
 /// True if all `count` fp16 values at `p` (device memory of `device`) are finite.
 bool all_finite_f16(const void* p, std::size_t count, int device, cudaStream_t stream);
 
@@ -57,7 +60,8 @@ void dequantize(const DeviceLayer& layer, const LayerMeta& meta, void* out, bool
 
 /// out[m, N] = x[m, K] @ W (+ bias); x and out both fp16, or both bfloat16 when `bf16`
 /// (weights then rounded to bfloat16). fp32 accumulation, deterministic, out fully
-/// written, no allocation or host synchronisation (graph-capture safe).
+/// written, no host synchronisation (graph-capture safe; the tc kernels' activation scratch is
+/// stream-ordered, cudaMallocAsync).
 void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out, bool bf16,
           cudaStream_t stream);
 

@@ -138,6 +138,11 @@ double QMatrix::bits_per_weight() const {
   return bits / weights;
 }
 
+bool QMatrix::tensor_core_layout() const {
+  const auto held = impl("tensor_core_layout");
+  return held->cuda ? detail::cuda::tensor_core_layout(*held->cuda) : false;
+}
+
 std::size_t QMatrix::nbytes() const {
   const auto held = impl("nbytes");  // keeps the memory alive during the call
   const auto& im = *held;

@@ -8,6 +8,7 @@
 #include "core/cuda_backend.hpp"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
+#include "cuda/tc_gemm.cuh"
 
 #ifndef EXL2_CUDA_ARCHS_STRING
 #define EXL2_CUDA_ARCHS_STRING "unknown"
@@ -117,6 +118,8 @@ void copy_to_host(void* dst, const void* src, std::size_t bytes, int device, cud
 void DeviceLayerDeleter::operator()(DeviceLayer* p) const noexcept { delete p; }
 
 std::size_t nbytes(const DeviceLayer& layer) noexcept { return layer.total_bytes(); }
+
+bool tensor_core_layout(const DeviceLayer& layer) noexcept { return has_tc_layout(layer); }
 
 void check_layer_meta(const DeviceLayer& layer, const LayerMeta& meta, const char* what) {
   if (layer.K != meta.K || layer.N != meta.N || layer.G != meta.G || layer.Q != meta.Q) {

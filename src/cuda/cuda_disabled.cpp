@@ -29,6 +29,7 @@ DeviceLayerPtr build_exl2(const LayerMeta&, const Exl2Raw&, int, cudaStream_t) {
 DeviceLayerPtr build_gptq(const LayerMeta&, const GptqRaw&, int, cudaStream_t) { not_built(); }
 DeviceLayerPtr build_canonical(const LayerMeta&, const HostArrays&, int, cudaStream_t) { not_built(); }
 std::size_t nbytes(const DeviceLayer&) noexcept { return 0; }
+bool tensor_core_layout(const DeviceLayer&) noexcept { return false; }
 bool all_finite_f16(const void*, std::size_t, int, cudaStream_t) { not_built(); }
 void dequantize(const DeviceLayer&, const LayerMeta&, void*, bool, cudaStream_t) { not_built(); }
 void gemm(const DeviceLayer&, const LayerMeta&, const void*, std::int64_t, void*, bool, cudaStream_t) { not_built(); }

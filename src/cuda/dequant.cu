@@ -9,6 +9,7 @@
 #include "core/cuda_backend.hpp"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
+#include "cuda/tc_gemm.cuh"
 
 namespace exl2::detail::cuda {
 
@@ -61,6 +62,13 @@ void dequantize(const DeviceLayer& layer, const LayerMeta& meta, void* out, bool
   check_layer_meta(layer, meta, "dequantize");
   if (layer.K == 0 || layer.N == 0 || layer.num_chunks == 0) return;
   DeviceGuard guard(layer.device);
+  if (has_tc_layout(layer)) {
+    if (bf16)
+      tc_dequantize(layer, static_cast<__nv_bfloat16*>(out), stream);
+    else
+      tc_dequantize(layer, static_cast<__half*>(out), stream);
+    return;
+  }
   const unsigned gx = static_cast<unsigned>((layer.N + kDequantThreads - 1) / kDequantThreads);
   const unsigned gy = static_cast<unsigned>(layer.num_chunks < 65535 ? layer.num_chunks : 65535);
   if (bf16) {

@@ -210,6 +210,8 @@ struct DeviceLayer {
   // cluster_split and src/cuda/README.md).
   int max_split = 0;
 
+  // The canonical layout's codes, scales and zeros: released once the tc layout below is built
+  // from them (compute capability 8.0+; build_tc_layout).
   DeviceBuffer<std::uint32_t> qweight;  // [Q, N]
   DeviceBuffer<__half> scales;          // [G, N]
   DeviceBuffer<std::uint8_t> zeros;     // [G, N]
@@ -219,8 +221,8 @@ struct DeviceLayer {
   DeviceBuffer<std::int32_t> word_start;  // [G + 1]
   DeviceBuffer<int4> chunks;            // [num_chunks]
   DeviceBuffer<__half> bias;            // [N] or empty
-  // Optional (EXL2_CUDA_TC=1, experimental): the codes again in the tensor-core stream
-  // layout of tc_layout.hpp: per tile of 128 columns one contiguous stream of 512-byte
+  // Compute capability 8.0+ (unless EXL2_CUDA_TC=0): the codes, scales and zeros in the
+  // tensor-core stream layout of tc_layout.hpp, the layer's only copy of them: per tile of 128 columns one contiguous stream of 512-byte
   // units (a header unit of scales/zeros per group, then b units per chunk of b bits),
   // [tc_tiles, tc_tile_words] words, and the per-chunk table
   //   int4 { first permuted row, first code unit, bits | rows << 8 | uniform flags (tc::uniform_flags), header unit }.
@@ -228,15 +230,12 @@ struct DeviceLayer {
   DeviceBuffer<int4> tc_chunks;       // [num_chunks]
   std::int64_t tc_tiles = 0;          // ceil(N / 128)
   std::int64_t tc_tile_words = 0;     // words of one tile's stream (128 per unit)
-  // Smallest m that gemm() sends to the tc kernel: 1 for layers of at least sm_count tiles or
-  // kTcLongK chunks, else kTcMinRows (tc_gemm.cuh); EXL2_CUDA_TC_MIN_ROWS at construction
-  // overrides it (1..3), a measurement knob like max_split.
-  int tc_min_rows = 0;
   // The tc layout may use the wgmma kernel (tc_wgmma.cu) for m > kTcMaxRows: compute capability
   // 9.0 and the build holds its sm_90a code (query_tc_wgmma).
   bool tc_wgmma = false;
   int tc_wgmma_min_rows = 0;  // smallest m sent to it (tc_gemm.cu)
   int tc_wgmma_forced = -1;   // its shape for every m (EXL2_CUDA_WGMMA_CFG at construction), or -1
+  bool tc_gather_m1 = false;  // m = 1 gathers its row inside the tc kernel (kTcGatherM1MaxWeights)
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.
   const int* kernel_perm() const noexcept { return identity_perm ? nullptr : perm.get(); }

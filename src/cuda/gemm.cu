@@ -320,7 +320,7 @@ bool mma_bf16_runs(const void* kernel) {
 
 template <class T>
 void gemm_rows(const DeviceLayer& layer, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
-  if (tc_usable(layer, m)) {  // opt-in (EXL2_CUDA_TC=1 at construction)
+  if (has_tc_layout(layer)) {  // compute capability 8.0+: the layer's only copy of its codes
     launch_tc(layer, x, m, out, stream);
     return;
   }

@@ -1,11 +1,11 @@
 // Tensor-core kernel for small m (decode and small batches), on the tc stream layout
 // (tc_layout.hpp).
 //
-// Opt-in: a layer gets the stream layout (an extra copy of its codes, scales and zeros) only
-// when EXL2_CUDA_TC=1 is set at construction and the device has compute capability 8.0+
-// (cp.async, ldmatrix, mma.sync m16n8k16); gemm() then uses this kernel for float16
-// m <= kTcMaxRows from layer.tc_min_rows on (m >= 2, and m = 1 on large layers; tc_gemm.cuh).
-// See src/cuda/README.md for its status and measurements.
+// On compute capability 8.0+ (cp.async, ldmatrix, mma.sync m16n8k16) every layer is converted
+// to the stream layout at construction (its only copy of the codes, scales and zeros; EXL2_CUDA_TC=0
+// keeps the canonical layout instead), and gemm() uses this kernel for every m that the wgmma
+// kernel (tc_wgmma.cu, Hopper, m >= 33) does not take: row tiles of 16, 32 or 64 rows, more
+// than one row tile above m = 64. See src/cuda/README.md for its status and measurements.
 //
 // Work split:
 //   block   = 4 warps and one tile of 128 output columns (warp w: columns 32w .. 32w+31,
@@ -265,13 +265,18 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
 }
 
 /// T: the activation / output type (__half or __nv_bfloat16); `xp` holds its bits.
-template <int MT, class T>
+/// kGather (MT = 1, M = 1 only): `xp` is the caller's single activation row itself, in checkpoint
+/// order, and the kernel gathers each iteration's 128 columns through the chunk table and `perm`
+/// (nullptr: identity) instead of reading a gathered copy: no gather launch and no scratch
+/// allocation per call (host overhead at decode).
+template <int MT, class T, bool kGather = false>
 __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     tc_gemm_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
                    const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
                    const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
-                   T* __restrict__ out, std::int64_t N, int split) {
+                   T* __restrict__ out, std::int64_t N, int split, const int* __restrict__ perm) {
   using S = TcShape<MT>;
+  static_assert(!kGather || (MT == 1 && S::Q * 32 == kTcThreads), "kGather: one column per thread, one row");
   constexpr int R = S::R, Q = S::Q;
   __shared__ __align__(128) std::uint32_t ring[kRingWords];
   __shared__ __align__(16) __half xs[R * S::kXRow];
@@ -332,11 +337,30 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       const unsigned last = static_cast<unsigned>(M - 1 - m0);
       xoff[k] = (row < last ? row : last) * static_cast<unsigned>(ldxp) + col8 * 8;
     }
+    // kGather: this thread's column of an iteration is chunk c0 + tid / 32, row tid % 32 of it
+    // (0 past the chunk's rows); rows 1.. of xs are zeroed once (their outputs are never stored).
+    std::uint16_t xg = 0;
     auto load_x = [&](int c0) {
+      if constexpr (kGather) {
+        const int c = c0 + (tid >> 5), r = tid & 31;
+        std::uint16_t v = 0;
+        if (c < num_chunks) {
+          const int4 d = __ldg(tc_chunks + c);
+          if (r < ((d.z >> 8) & 0xff)) {
+            const int k = d.x + r;
+            v = __ldg(reinterpret_cast<const unsigned short*>(xp) + (perm ? __ldg(perm + k) : k));
+          }
+        }
+        xg = v;
+      } else {
 #pragma unroll
-      for (int k = 0; k < S::kXVecs; ++k)
-        xv[k] = __ldg(reinterpret_cast<const uint4*>(xblock + (xoff[k] + static_cast<unsigned>(c0) * 32)));
+        for (int k = 0; k < S::kXVecs; ++k)
+          xv[k] = __ldg(reinterpret_cast<const uint4*>(xblock + (xoff[k] + static_cast<unsigned>(c0) * 32)));
+      }
     };
+    if constexpr (kGather) {
+      for (int i = tid; i < (R - 1) * S::kXRow; i += kTcThreads) xs[S::kXRow + i] = __ushort_as_half(0);
+    }
     if (warp == 0 && lane < Q) dring[0][lane] = load_desc(cb);
     int4 dnext = load_desc(cb + Q);
     load_x(cb);
@@ -359,11 +383,15 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
         }
       }
       // C. This iteration's activations and the next iteration's descriptors into shared memory.
+      if constexpr (kGather) {
+        xs[tid] = __ushort_as_half(xg);
+      } else {
 #pragma unroll
-      for (int k = 0; k < S::kXVecs; ++k) {
-        const unsigned piece = static_cast<unsigned>(tid + kTcThreads * k);
-        const unsigned row = piece / (4 * Q), col8 = piece % (4 * Q);
-        *reinterpret_cast<uint4*>(xs + row * S::kXRow + col8 * 8) = xv[k];
+        for (int k = 0; k < S::kXVecs; ++k) {
+          const unsigned piece = static_cast<unsigned>(tid + kTcThreads * k);
+          const unsigned row = piece / (4 * Q), col8 = piece % (4 * Q);
+          *reinterpret_cast<uint4*>(xs + row * S::kXRow + col8 * 8) = xv[k];
+        }
       }
       if (warp == 0 && lane < Q) dring[(it + 1) & 1][lane] = dnext;
       // D. Everyone's copies, activations and descriptors are visible.
@@ -465,7 +493,8 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
-template <int MT, class T>
+/// kGather: m = 1, `xp` the caller's row itself (tc_gemm_kernel's kGather).
+template <int MT, class T, bool kGather = false>
 void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
                     cudaStream_t stream) {
   const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
@@ -486,24 +515,16 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, L.tc_blocks_per_sm[MT]);
   const int split = MT == 4 ? single_wave_split(L, tiles, 16, L.tc_blocks_per_sm[MT], 8)
                             : cluster_split(L, tiles, c16 ? 8 : 16, L.tc_blocks_per_sm[MT], c16 ? 16 : 8);
-  launch_clustered(tc_gemm_kernel<MT, T>, dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
-                                            static_cast<unsigned>(mtiles)),
+  launch_clustered(tc_gemm_kernel<MT, T, kGather>,
+                   dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split), static_cast<unsigned>(mtiles)),
                    dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", xp, m, ldxp,
                    static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
                    static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
-                   static_cast<const __half*>(L.bias.get()), out, L.N, split);
+                   static_cast<const __half*>(L.bias.get()), out, L.N, split,
+                   kGather ? L.kernel_perm() : static_cast<const int*>(nullptr));
 }
 
 }  // namespace
-
-/// The smallest m sent to the tc kernel (see kTcMinRows), or EXL2_CUDA_TC_MIN_ROWS=1|2|3 at
-/// construction (smaller m run the GEMV), to measure the two kernels against each other.
-static int tc_min_rows(const DeviceLayer& L) {
-  const char* v = std::getenv("EXL2_CUDA_TC_MIN_ROWS");
-  const int r = v != nullptr ? std::atoi(v) : 0;
-  if (r >= 1 && r <= 3) return r;
-  return L.tc_tiles >= L.sm_count || (L.cluster16 && L.num_chunks >= kTcLongK) ? 1 : kTcMinRows;
-}
 
 /// The smallest m sent to the wgmma kernel where the layer has it: kTcWgmmaMinRows, or
 /// EXL2_CUDA_WGMMA_MIN_ROWS=17..65 at construction (65: only above the mma.sync kernel's range),
@@ -515,9 +536,9 @@ static int tc_wgmma_min_rows() {
   return kTcWgmmaMinRows;
 }
 
-bool tc_requested() noexcept {
+bool tc_layout_enabled() noexcept {
   const char* v = std::getenv("EXL2_CUDA_TC");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaStream_t stream) {
@@ -561,28 +582,43 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[4], tc_gemm_kernel<4, __half>,
                                                                 kTcThreads, 0));
   if (L.clusters) {  // clusters of 16 for the MT = 1 kernels (launch_tc_rows), where they fit
-    allow_cluster16(reinterpret_cast<const void*>(tc_gemm_kernel<1, __half>));
-    allow_cluster16(reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16>));
-    L.cluster16 = cluster16_launchable(reinterpret_cast<const void*>(tc_gemm_kernel<1, __half>), kTcThreads) &&
-                  cluster16_launchable(reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16>), kTcThreads);
+    const void* mt1[] = {reinterpret_cast<const void*>(tc_gemm_kernel<1, __half>),
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16>),
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __half, true>),
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16, true>)};
+    L.cluster16 = true;
+    for (const void* k : mt1) {
+      allow_cluster16(k);
+      L.cluster16 = L.cluster16 && cluster16_launchable(k, kTcThreads);
+    }
   }
-  L.tc_min_rows = tc_min_rows(L);
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
+  L.tc_gather_m1 = L.K * L.N < kTcGatherM1MaxWeights;
   // The host tables and the header buffer are local: the uploads and the pack kernels must
-  // finish before they go out of scope.
+  // finish before they go out of scope; and the pack kernels read the canonical codes, scales and
+  // zeros, which the tc stream replaces from here on (one copy of the codes per layer).
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
+  L.qweight.release();
+  L.scales.release();
+  L.zeros.release();
 }
 
-bool tc_usable(const DeviceLayer& L, std::int64_t m) noexcept {
-  return L.tc_qweight.get() != nullptr && L.cc_major >= 8 && m >= L.tc_min_rows &&
-         (m <= kTcMaxRows || L.tc_wgmma);
-}
+bool has_tc_layout(const DeviceLayer& L) noexcept { return L.tc_qweight.get() != nullptr; }
 
 namespace {
 
+/// Rows per launch of launch_tc_slice: bounds the gathered activations' scratch (64 MB at K =
+/// 8192) and the grid's row tiles; a larger m runs in slices, which re-read the weights once per
+/// 4096 rows.
+constexpr std::int64_t kTcSliceRows = 4096;
+
 template <class T>
-void launch_tc_for(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
+void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
+  if (m == 1 && L.tc_gather_m1) {  // decode on a small layer: the kernel gathers the row itself
+    launch_tc_rows<1, T, true>(L, reinterpret_cast<const __half*>(x), 1, L.K, out, stream);
+    return;
+  }
   const std::int64_t ldxp = static_cast<std::int64_t>(L.num_chunks) * 32;
   // + kXTailPad: the kernel's unchecked activation loads of a last, partial iteration.
   StreamScratch xp(static_cast<std::size_t>(m * ldxp + kXTailPad) * sizeof(std::uint16_t), stream);
@@ -600,6 +636,13 @@ void launch_tc_for(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cud
     launch_tc_rows<2>(L, xph, m, ldxp, out, stream);
   else
     launch_tc_rows<4>(L, xph, m, ldxp, out, stream);
+}
+
+template <class T>
+void launch_tc_for(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
+  if (!has_tc_layout(L)) internal_error("launch_tc: the layer has no tc layout");
+  for (std::int64_t r = 0; r < m; r += kTcSliceRows)
+    launch_tc_slice(L, x + r * L.K, m - r < kTcSliceRows ? m - r : kTcSliceRows, out + r * L.N, stream);
 }
 
 }  // namespace

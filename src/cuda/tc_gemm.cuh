@@ -1,5 +1,6 @@
-// Internal: the experimental tensor-core kernels on the tc stream layout (tc_gemm.cu: mma.sync,
-// m <= 64; tc_wgmma.cu: wgmma on Hopper, larger m; tc_layout.hpp).
+// Internal: the tensor-core kernels on the tc stream layout (tc_gemm.cu: mma.sync, any m;
+// tc_wgmma.cu: wgmma on Hopper, m >= 33; tc_dequant.cu: dequantize; tc_layout.hpp). On compute
+// capability 8.0+ the tc layout is the layer's only copy of its codes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,49 +14,53 @@
 
 namespace exl2::detail::cuda {
 
-/// The m range gemm() sends to the tc kernel when a layer has the tc layout: kTcMinRows ..
-/// kTcMaxRows, and m = 1 on layers with at least one 128-column tile per multiprocessor or,
-/// where clusters of 16 run, at least kTcLongK chunks (K >= 8192; tc_usable). Measured on an
-/// H200 (GPTQ-4 and EXL2 2.5/4.0/4.5/6.0 bpw on the four bench shapes,
-/// `EXL2_CUDA_TC_MIN_ROWS=1`, against the GEMV in the same session): at m = 2 the tc
-/// kernel was faster on 18 of 20 layers and level on 2 (e.g. 14336x4096 GPTQ-4 26.9 against
-/// 33.1 us, 8192x28672 64.8 against 83.8); at m = 1 it was 5-9% faster on the five 8192x28672
-/// layers (224 tiles; GPTQ-4 64.6 against 69.7 us) and 2-3 us slower on the 32- and
-/// 112-tile layers (4096x4096 GPTQ-4 12.0 against 9.4 us: the activation gather's extra launch
-/// and the pipeline's fill are not hidden on a short K range). bfloat16 the same way (H100:
-/// m = 2 4096x4096 14.0 against 14.9 us, 8192x28672 80.2 against 101.9; m = 1 4096x4096 14.0
-/// against 11.7).
-constexpr int kTcMinRows = 2;
-/// With clusters of 16 (tc_gemm.cu) the tc kernel also won at m = 1 on 14336x4096 (H200, GPTQ-4
-/// and EXL2 2.5/4.0/4.5/6.0 bpw: 22.1-31.0 against 24.5-34.6 us for the GEMV), not on 4096x4096
-/// (11.3-13.5 against 9.4-12.0): a block's K range must be long enough to amortise the gather
-/// launch and the pipeline's fill.
-constexpr int kTcLongK = 256;  // chunks of 32 rows
-/// The mma.sync kernel's largest m; above it the wgmma kernel (tc_wgmma.cu) serves any m where the
-/// layer has it (compute capability 9.0, sm_90a build: layer.tc_wgmma), else the default kernels.
+// Against the canonical layout's GEMV (gemv.cu), measured when both layouts could coexist (H200,
+// GPTQ-4 and EXL2 2.5/4.0/4.5/6.0 bpw on the four bench shapes): at m = 2 the tc kernel was
+// faster on 18 of 20 layers and level on 2 (14336x4096 GPTQ-4 26.9 against 33.1 us, 8192x28672
+// 64.8 against 83.8); at m = 1 it was 5-9% faster on the 8192x28672 layers and on 14336x4096
+// (clusters of 16), level on 4096x14336 and 2-3 us slower on 4096x4096 (12.0 against 9.4 us:
+// the activation gather's extra launch and the pipeline's fill are not hidden on a short K
+// range). Holding both copies of the codes for that case is not worth its memory.
+/// The mma.sync kernel's 64-row tiles' largest m in one row tile; above it the wgmma kernel
+/// (tc_wgmma.cu) where the layer has it (compute capability 9.0, sm_90a build: layer.tc_wgmma),
+/// else more row tiles of the mma.sync kernel.
 constexpr int kTcMaxRows = 64;
+/// At m = 1 on layers of fewer weights (K * N) than this, the tc kernel gathers its activation
+/// row itself (tc_gemm_kernel's kGather) instead of after a gather launch into a scratch: on
+/// small layers the launch and the allocation are a large part of the call (H100, this version:
+/// 4096x4096 GPTQ-4 eager 11.7-12.5 us per call against 16.7-24.0 with the gather launch, GPU time
+/// 10.4-10.8 against 11.8-12.0 us), while on large ones the in-kernel descriptor -> perm -> x load
+/// chain cost more than the launch (an earlier session's A/B on the H100: 8192x28672 69.7 against
+/// 64.9 us, 14336x4096 27.5 against 26.6, 4096x4096 11.6 against 12.3).
+constexpr std::int64_t kTcGatherM1MaxWeights = std::int64_t{1} << 25;
 /// Where the layer has the wgmma kernel, it serves m from here on: its 64-row tiles beat the
 /// mma.sync kernel's at m = 33 and 64 on the four bench shapes (H200, GPTQ-4, same session:
 /// 8192x28672 121.8 / 131.9 against 132.0 / 137.1 us, 14336x4096 44.5 / 49.2 against 50.2 / 52.4,
 /// 4096x4096 19.4 / 20.7 against 20.7 / 21.5; H100, 8192x28672 m = 64: 131.8 against 136).
 constexpr int kTcWgmmaMinRows = 33;
 
-/// True when EXL2_CUDA_TC=1 is set (read at each construction): build the tc layout.
-bool tc_requested() noexcept;
+/// False when EXL2_CUDA_TC=0 is set (read at each construction): keep the canonical layout and
+/// its kernels (GEMV, mma_kernel) also on compute capability 8.0+, e.g. to compare or test them.
+bool tc_layout_enabled() noexcept;
 
-/// Adds the tc layout to a built layer (compute capability 8.0+, else a no-op). Needs
-/// layer.qweight and layer.chunks on the device; `chunks_host` is the chunk table.
-/// Synchronises the stream.
+/// Converts a built layer to the tc layout (compute capability 8.0+ with the kernels' sm_80+
+/// code, else a no-op): packs the tc stream from layer.qweight, scales and zeros, then releases
+/// those three, so the layer holds one copy of its codes. Synchronises the stream.
 void build_tc_layout(DeviceLayer& layer, const std::vector<int4>& chunks_host, cudaStream_t stream);
 
-/// True when the layer has the tc layout and gemm() should use it for m rows (m <= kTcMaxRows, or
-/// any m with the wgmma kernel).
-bool tc_usable(const DeviceLayer& layer, std::int64_t m) noexcept;
+/// True when the layer has the tc layout: gemm() and dequantize() then use the tc kernels for
+/// every m.
+bool has_tc_layout(const DeviceLayer& layer) noexcept;
 
-/// out[m, N] = x[m, K] @ W (+ bias) for the m of tc_usable, float16 or bfloat16 (the weights
-/// rounded to x's type as dequantize() gives them, fp32 accumulation); requires tc_usable.
+/// out[m, N] = x[m, K] @ W (+ bias), any m >= 1, float16 or bfloat16 (the weights rounded to x's
+/// type as dequantize() gives them, fp32 accumulation); requires has_tc_layout.
 void launch_tc(const DeviceLayer& layer, const __half* x, std::int64_t m, __half* out, cudaStream_t stream);
 void launch_tc(const DeviceLayer& layer, const __nv_bfloat16* x, std::int64_t m, __nv_bfloat16* out,
                cudaStream_t stream);
+
+/// out[K, N] = W in type T (un-permuted rows), bit-exact as the canonical layout's dequantize:
+/// T((q - z) * s) (tc_dequant.cu); requires has_tc_layout.
+void tc_dequantize(const DeviceLayer& layer, __half* out, cudaStream_t stream);
+void tc_dequantize(const DeviceLayer& layer, __nv_bfloat16* out, cudaStream_t stream);
 
 }  // namespace exl2::detail::cuda

@@ -152,6 +152,7 @@ NB_MODULE(_ext, m) {
       .def_prop_ro("has_bias", &exl2::QMatrix::has_bias)
       .def_prop_ro("bits_per_weight", &exl2::QMatrix::bits_per_weight)
       .def_prop_ro("nbytes", &exl2::QMatrix::nbytes)
+      .def_prop_ro("tensor_core_layout", &exl2::QMatrix::tensor_core_layout)
       .def_prop_ro("closed", &exl2::QMatrix::closed)
       .def(
           "dequantize",
