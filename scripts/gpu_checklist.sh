@@ -4,10 +4,11 @@
 # /tmp/exl2-gpu. Usage:
 #   scripts/gpu_checklist.sh build test        # install (sm_90 only, fast) + every cuda test
 #   scripts/gpu_checklist.sh bench perfpage    # the full bench table (+ plot) and the performance page's data
-#   scripts/gpu_checklist.sh tc tcbench        # the experimental tc kernel: tests + bench
+#   scripts/gpu_checklist.sh canonical canonicalbench  # the canonical layout (EXL2_CUDA_TC=0): tests + bench
 #   scripts/gpu_checklist.sh mgpu              # multi-GPU tests (a 2-GPU machine)
 #   scripts/gpu_checklist.sh sanitize          # compute-sanitizer memcheck/racecheck/synccheck
-# Stages: build, test, tc, bench, perfpage, bf16bench, formatsbench, splitsweep, tcbench, tcsplit, mgpu, sanitize. Exit status: the first failure.
+# Stages: build, test, canonical, bench, perfpage, bf16bench, formatsbench, splitsweep, canonicalbench, tcsplit, mgpu,
+# sanitize. Exit status: the first failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -29,8 +30,10 @@ for stage in "$@"; do
   case "${stage}" in
     build) run build env EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90a-real CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
              "${PY}" -m pip install --no-build-isolation --no-deps -q . ;;
-    test) run test "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests --ignore=tests/test_tc_kernel.py ;;
-    tc) run tc env EXL2_CUDA_TC=1 "${PY}" -m pytest -q -p no:cacheprovider tests/test_tc_kernel.py ;;
+    test) run test "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests ;;
+    canonical)  # the canonical layout's kernels (what GPUs below compute capability 8.0 run)
+      run canonical env EXL2_CUDA_TC=0 "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py \
+        tests/test_cuda_bf16.py tests/test_golden.py tests/test_golden_formats.py tests/test_formats.py ;;
     bench) run bench "${PY}" -m exl2 bench --json "${LOG}/bench.json" --plot "${LOG}/bench.png" ;;
     perfpage)  # the performance page's data file and plot from the bench stage's result
       run perfpage "${PY}" scripts/perf_update.py "${LOG}/bench.json" --command "python -m exl2 bench" \
@@ -48,14 +51,12 @@ for stage in "$@"; do
         run "split${s}" env EXL2_CUDA_MAX_SPLIT=${s} "${PY}" -m exl2 bench --format gptq --m 1 2 4 8 \
           --shapes 4096x4096 8192x28672 --json "${LOG}/split${s}.json"
       done ;;
-    tcbench)  # the tc kernel (m <= 64) and, in the same run, the default kernels at the same m
-      run bench_tc env EXL2_CUDA_TC=1 "${PY}" -m exl2 bench --m 1 2 4 8 16 32 64 \
-        --shapes 4096x4096 8192x28672 --json "${LOG}/bench_tc.json"
-      run bench_default "${PY}" -m exl2 bench --format gptq --m 1 2 4 8 16 32 64 \
-        --shapes 4096x4096 8192x28672 --json "${LOG}/bench_default.json" ;;
+    canonicalbench)  # the canonical layout's kernels at the tc kernel's m, next to the default run
+      run bench_canonical env EXL2_CUDA_TC=0 "${PY}" -m exl2 bench --format gptq --m 1 2 4 8 16 32 64 \
+        --shapes 4096x4096 8192x28672 --json "${LOG}/bench_canonical.json" ;;
     tcsplit)  # the tc kernel's split-K choice against fixed caps
       for s in 1 2 4 8; do
-        run "tcsplit${s}" env EXL2_CUDA_TC=1 EXL2_CUDA_MAX_SPLIT=${s} "${PY}" -m exl2 bench --format gptq \
+        run "tcsplit${s}" env EXL2_CUDA_MAX_SPLIT=${s} "${PY}" -m exl2 bench --format gptq \
           --m 1 4 16 64 --shapes 4096x4096 4096x14336 14336x4096 8192x28672 --json "${LOG}/tcsplit${s}.json"
       done ;;
     mgpu) run mgpu "${PY}" -m pytest -q -p no:cacheprovider tests/test_multi_gpu.py ;;

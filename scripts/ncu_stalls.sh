@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Warp-stall breakdown and instruction counts of one kernel (Nsight Compute), e.g.
-#   EXL2_CUDA_TC=1 scripts/ncu_stalls.sh tc_gemm_kernel 8192 28672 4
+#   scripts/ncu_stalls.sh tc_gemm_kernel 8192 28672 4
 # Arguments: kernel-name regex, then K N M [gptq|exl2] for scripts/profile_tc.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."

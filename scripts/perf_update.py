@@ -23,15 +23,17 @@ NOTES = [
     "same run; tb_s = those bytes / exl2_us; pct_floor = 100 * floor_us / exl2_us.",
     "dense_us = torch.matmul with the dequantized weight in the activation dtype, in the same run.",
 ]
-#: Which kernel served which m, by the command's EXL2_CUDA_TC setting (``--routing`` overrides).
+#: Which kernel served which m: by default (the tensor-core layout, compute capability 8.0+), or with
+#: EXL2_CUDA_TC=0 in the command (the canonical layout); ``--routing`` overrides.
 ROUTING = {
-    False: "On CUDA, QMatrix.matmul with float16 m >= 13 rows (bfloat16 m >= 9) dequantizes into a scratch tensor "
-           "and calls torch.mm (cuBLAS); below that exl2's weight-streaming kernel runs.",
-    True: "With EXL2_CUDA_TC=1 (set before import and at construction) QMatrix.matmul on CUDA runs exl2's own "
-          "kernels for float16 m <= 64: the tensor-core kernel (src/cuda/tc_gemm.cu) for 2 <= m <= 64 and for "
-          "m = 1 on layers of at least one 128-column tile per multiprocessor (8192x28672 here), the "
-          "weight-streaming GEMV for the other m = 1; from m = 65 (bfloat16: m >= 9) it dequantizes into a "
-          "scratch tensor and calls torch.mm (cuBLAS).",
+    "tc": "On CUDA (compute capability 8.0+), layers hold their codes in the tensor-core stream layout and "
+          "QMatrix.matmul runs exl2's own kernels up to m = 64: the mma.sync tensor-core kernel "
+          "(src/cuda/tc_gemm.cu), and on compute capability 9.0 the wgmma kernel (src/cuda/tc_wgmma.cu) from "
+          "m = 33, which also serves 64 < m <= 256 on layers of at least 2^25 weights; larger m dequantize "
+          "into a scratch tensor and call torch.mm (cuBLAS).",
+    "canonical": "With EXL2_CUDA_TC=0 (the canonical layout), QMatrix.matmul on CUDA with float16 m >= 13 rows "
+                 "(bfloat16 m >= 9) dequantizes into a scratch tensor and calls torch.mm (cuBLAS); below that "
+                 "exl2's weight-streaming GEMV runs.",
 }
 
 
@@ -42,14 +44,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--previous", type=Path, default=DATA, help="data file whose reference section is kept")
     p.add_argument("--out", type=Path, default=DATA, help="where to write (default: %(default)s)")
     p.add_argument("--routing", help="the note on which kernel served which m (default: from the command's "
-                                     "EXL2_CUDA_TC=1 or its absence)")
+                                     "EXL2_CUDA_TC=0 or its absence)")
     args = p.parse_args(argv)
     new = json.loads(args.bench.read_text())
     if not new.get("rows"):
         p.error(f"bench: {args.bench} holds no rows")
     old = json.loads(args.previous.read_text()) if args.previous.is_file() else {}
     new["command"] = args.command
-    new["notes"] = NOTES + [args.routing or ROUTING["EXL2_CUDA_TC=1" in args.command]]
+    new["notes"] = NOTES + [args.routing or ROUTING["canonical" if "EXL2_CUDA_TC=0" in args.command else "tc"]]
     if old.get("reference"):
         new["reference"] = old["reference"]
     args.out.write_text(json.dumps(new, indent=1) + "\n")

@@ -11,7 +11,8 @@
 #      addresses, host- and device-resident construction inputs, NaN-checked scales,
 #      dequantize, side streams, a close() while a GEMM is still queued; results are
 #      checked against the numpy reference; it runs twice, the second time with the
-#      experimental tensor-core kernel on (EXL2_CUDA_TC=1);
+#      canonical layout and its kernels (EXL2_CUDA_TC=0; the first run has the default
+#      tensor-core layout on compute capability 8.0+);
 #   2. the CUDA test suite: tests/test_cuda.py plus the cuda-marked tests of
 #      tests/test_reliability.py (minus timing and 10,000-cycle leak tests, which only
 #      measure speed / host memory and take too long under instrumentation).
@@ -249,8 +250,8 @@ cd "${ROOT}"
 for tool in "${TOOLS[@]}"; do
   if [[ "${SUITE}" == "driver" || "${SUITE}" == "all" ]]; then
     run_tool "${tool}" driver env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${PYTHON}" "${DRIVER}"
-    # the same driver with the experimental tensor-core kernel (m <= 32, fp16) and its layout
-    run_tool "${tool}" driver_tc env EXL2_CUDA_TC=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${PYTHON}" "${DRIVER}"
+    # the same driver with the canonical layout's kernels (GEMV, mma_kernel, dequant_kernel)
+    run_tool "${tool}" driver_canonical env EXL2_CUDA_TC=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${PYTHON}" "${DRIVER}"
   fi
   if [[ "${SUITE}" == "pytest" || "${SUITE}" == "all" ]]; then
     run_tool "${tool}" pytest env EXL2_TEST_REPEATS=3 "${PYTHON}" -m pytest -q -p no:cacheprovider \

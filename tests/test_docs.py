@@ -177,7 +177,7 @@ _ENV_VALUES = {
     "EXL2_CUDA": re.compile(r"^(AUTO|ON|OFF)$"),
     "EXL2_CUDA_ARCHITECTURES": re.compile(r"^(auto|release|host|\d+a?(-real|-virtual)?(;\d+a?(-real|-virtual)?)*)$"),
     "CMAKE_BUILD_PARALLEL_LEVEL": re.compile(r"^\d+$"),
-    "EXL2_CUDA_TC": re.compile(r"^[01]$"),  # read by src/cuda/tc_gemm.cu and python/exl2/qmatrix.py
+    "EXL2_CUDA_TC": re.compile(r"^[01]$"),  # read by src/cuda/tc_gemm.cu at construction (0: canonical layout)
 }
 
 
@@ -327,24 +327,25 @@ def test_performance_tables_match_the_json() -> None:
     assert (DOCS / "perf" / "h100_bench.png").is_file()
 
 
-def test_performance_tc_tables_match_the_json() -> None:
-    pp = _perf_plot()
-    tc = pp.load(pp.TC_JSON)
-    assert pp.page_tables(begin=pp.TC_BEGIN, end=pp.TC_END) == pp.tc_tables(tc, pp.load()), (
-        "docs/performance.md's tensor-core tables differ from docs/perf/h100_bench_tc.json: "
-        "run python docs/perf_plot.py --update-page"
-    )
-    assert "EXL2_CUDA_TC=1" in tc["command"]
-
-
 def test_performance_dense_threshold_is_current() -> None:
-    """The page (and the plot) say float16 m >= 13 goes to dequantize + cuBLAS on CUDA."""
+    """The page and the plot say where matmul on CUDA switches to dequantize + cuBLAS: m >= 65 for
+    the tensor-core layout, m >= 257 on layers of at least 2^25 weights with the wgmma kernel, m >=
+    13 for the canonical layout (float16)."""
     import torch
 
     from exl2 import qmatrix
 
-    assert qmatrix._DENSE_MIN_ROWS[torch.float16] == _perf_plot().DENSE_MIN_ROWS == 13
-    assert "m ≥ 13" in (DOCS / "performance.md").read_text()
+    pp = _perf_plot()
+    assert qmatrix._DENSE_MIN_ROWS[torch.float16] == pp.DENSE_MIN_ROWS == 13
+    assert qmatrix._TC_MAX_ROWS + 1 == pp.TC_DENSE_MIN_ROWS == 65
+    assert qmatrix._WGMMA_MAX_ROWS + 1 == pp.WGMMA_DENSE_MIN_ROWS == 257
+    assert qmatrix._WGMMA_MIN_WEIGHTS == pp.WGMMA_MIN_WEIGHTS
+    page = (DOCS / "performance.md").read_text()
+    for text in ("m ≥ 13", "m ≥ 65", "m ≥ 257", "2^25 weights"):
+        assert text in page, text
+    assert pp.dense_min_rows({"command": "python -m exl2 bench"}, "8192x28672") == 257
+    assert pp.dense_min_rows({"command": "python -m exl2 bench"}, "4096x4096") == 65
+    assert pp.dense_min_rows({"command": "EXL2_CUDA_TC=0 python -m exl2 bench"}, "8192x28672") == 13
 
 
 def test_performance_plot_renders(tmp_path: Path) -> None:
