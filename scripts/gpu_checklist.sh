@@ -31,7 +31,7 @@ for stage in "$@"; do
     build) run build env EXL2_CUDA=ON EXL2_CUDA_ARCHITECTURES=90a-real CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
              "${PY}" -m pip install --no-build-isolation --no-deps -q . ;;
     test) run test "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests ;;
-    canonical)  # the canonical layout's kernels (what GPUs below compute capability 8.0 run)
+    canonical)  # the canonical layout's kernels (the default below compute capability 9.0)
       run canonical env EXL2_CUDA_TC=0 "${PY}" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py \
         tests/test_cuda_bf16.py tests/test_golden.py tests/test_golden_formats.py tests/test_formats.py ;;
     bench) run bench "${PY}" -m exl2 bench --json "${LOG}/bench.json" --plot "${LOG}/bench.png" ;;

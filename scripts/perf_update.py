@@ -23,10 +23,10 @@ NOTES = [
     "same run; tb_s = those bytes / exl2_us; pct_floor = 100 * floor_us / exl2_us.",
     "dense_us = torch.matmul with the dequantized weight in the activation dtype, in the same run.",
 ]
-#: Which kernel served which m: by default (the tensor-core layout, compute capability 8.0+), or with
+#: Which kernel served which m: by default (the tensor-core layout, compute capability 9.0+), or with
 #: EXL2_CUDA_TC=0 in the command (the canonical layout); ``--routing`` overrides.
 ROUTING = {
-    "tc": "On CUDA (compute capability 8.0+), layers hold their codes in the tensor-core stream layout and "
+    "tc": "On CUDA (compute capability 9.0+ by default), layers hold their codes in the tensor-core stream layout and "
           "QMatrix.matmul runs exl2's own kernels up to m = 64: the mma.sync tensor-core kernel "
           "(src/cuda/tc_gemm.cu), and on compute capability 9.0 the wgmma kernel (src/cuda/tc_wgmma.cu) from "
           "m = 33, which also serves 64 < m <= 256 on layers of at least 2^25 weights; larger m dequantize "

@@ -12,7 +12,7 @@
 #      dequantize, side streams, a close() while a GEMM is still queued; results are
 #      checked against the numpy reference; it runs twice, the second time with the
 #      canonical layout and its kernels (EXL2_CUDA_TC=0; the first run has the default
-#      tensor-core layout on compute capability 8.0+);
+#      tensor-core layout on compute capability 9.0+);
 #   2. the CUDA test suite: tests/test_cuda.py plus the cuda-marked tests of
 #      tests/test_reliability.py (minus timing and 10,000-cycle leak tests, which only
 #      measure speed / host memory and take too long under instrumentation).

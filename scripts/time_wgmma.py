@@ -5,7 +5,7 @@
 CFG: 0, 1 or 2 (EXL2_CUDA_WGMMA_CFG, see config_for in src/cuda/tc_wgmma.cu; a layer is built
 per CFG, as the shape is read at construction) or d (the default choice by m).
 EXL2_DENSE_MIN_ROWS=1000000 is set here, so every m runs the library's kernels (the tc layout is
-the default on compute capability 8.0+). In the
+the default on compute capability 9.0+). In the
 environment: SHAPES=KxN,... picks the layers (default 8192x28672,4096x14336);
 EXL2_CUDA_WGMMA_MIN_ROWS=33 or 65 decides whether m = 33..64 run the wgmma or the mma.sync
 kernel. Prints one line per layer and m; the rows also go to $OUT/time_wgmma_<pid>.json (or

@@ -1,6 +1,6 @@
 """The tensor-core stream layout and its mma.sync kernel (src/cuda/tc_gemm.cu) and dequantize
-(tc_dequant.cu), every CUDA layer's layout on compute capability 8.0+ (EXL2_CUDA_TC=0 keeps the
-canonical one).
+(tc_dequant.cu): the default layout of CUDA layers on compute capability 9.0+, and on 8.0+ with
+EXL2_CUDA_TC=1, which these tests set (EXL2_CUDA_TC=0 keeps the canonical layout).
 
 Its weight layout is checked on the host by the CTest exl2_test_tc_layout; these tests
 run the kernel itself (CUDA, compute capability 8.0+): every bit width, act-order,
@@ -28,7 +28,7 @@ TC_MAX_ROWS = 64
 def _tc_on(monkeypatch: pytest.MonkeyPatch) -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the tc kernel needs compute capability 8.0+")
-    monkeypatch.delenv("EXL2_CUDA_TC", raising=False)  # the default: the tc layout
+    monkeypatch.setenv("EXL2_CUDA_TC", "1")  # the tc layout on any compute capability 8.0+
     # Every m up to 64 native (the Python API's routing, test_tc_routes_by_m).
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", TC_MAX_ROWS)
     # The mma.sync kernel for every m up to 64 (on compute capability 9.0 the wgmma kernel takes
@@ -56,11 +56,15 @@ LAYERS = _layers()
 def _without_tc(layer):
     """The layer in the canonical layout (EXL2_CUDA_TC=0 at construction)."""
     import os
+    old = os.environ.get("EXL2_CUDA_TC")
     os.environ["EXL2_CUDA_TC"] = "0"
     try:
         return build(layer, "cuda")
     finally:
-        del os.environ["EXL2_CUDA_TC"]
+        if old is None:
+            del os.environ["EXL2_CUDA_TC"]
+        else:
+            os.environ["EXL2_CUDA_TC"] = old
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -182,11 +186,17 @@ def _ran(kernels: set, name: str) -> bool:
 
 
 def test_tc_routes_by_m(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Default routing (the tc layout, the Python API's own limits): every m up to 64 runs the tc
-    kernel, on small, wide and long-K layers (the long-K one with clusters of 16 on compute
-    capability 9.0); m = 65 takes the dense route (dequantize from the tc layout + torch.mm). The
-    canonical layout's kernels never run."""
+    """Default routing (no EXL2_CUDA_TC, the Python API's own limits): with thread-block clusters
+    (compute capability 9.0+) layers get the tc layout, every m up to 64 runs the tc kernels, on
+    small, wide and long-K layers (the long-K one with clusters of 16), and m = 65 takes the dense
+    route (dequantize from the tc layout + torch.mm); the canonical layout's kernels never run.
+    Below 9.0 the default is the canonical layout."""
     monkeypatch.undo()
+    monkeypatch.delenv("EXL2_CUDA_TC", raising=False)
+    if torch.cuda.get_device_capability()[0] < 9:
+        with build(LAYERS["gptq_g40"], "cuda") as q:
+            assert not q.tensor_core_layout
+        return
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rng = np.random.default_rng(4)
     small = R.random_gptq(rng, 256, 128 * (sms - 1), group_size=128)

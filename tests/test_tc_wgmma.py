@@ -33,7 +33,7 @@ def _wgmma_built() -> bool:
 def _wgmma_on(monkeypatch: pytest.MonkeyPatch) -> None:
     if not _wgmma_built():
         pytest.skip("the wgmma kernel needs compute capability 9.0 and a build for 90a")
-    monkeypatch.delenv("EXL2_CUDA_TC", raising=False)  # the default: the tc layout
+    monkeypatch.delenv("EXL2_CUDA_TC", raising=False)  # the default on compute capability 9.0: the tc layout
     # Every m native (not the Python API's dense route).
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 1 << 30)
 

@@ -24,7 +24,7 @@ _ext = load_extension()
 
 __all__ = ["QMatrix"]
 
-# Layers in the canonical layout (GPUs below compute capability 8.0, or EXL2_CUDA_TC=0 at construction): from this
+# Layers in the canonical layout (by default below compute capability 9.0, or EXL2_CUDA_TC=0 at construction): from this
 # many rows on, matmul on CUDA dequantizes into a scratch tensor (in x's dtype) and runs a dense GEMM in that dtype
 # (cuBLAS through torch, fp32 accumulation) instead of the library's kernels. Measured on the H100 (same run, every
 # bench layer): the float16 GEMV beats that route up to m = 12 (8192x28672 GPTQ-4 at m = 9: 288 against 398 us;
@@ -50,12 +50,12 @@ def _dense_min_rows_from_env() -> dict:
 
 
 _DENSE_MIN_ROWS = _dense_min_rows_from_env()
-# Layers in the tensor-core stream layout (CUDA, compute capability 8.0+, unless EXL2_CUDA_TC=0
-# at construction: QMatrix.tensor_core_layout) stay native up to m = _TC_MAX_ROWS: the library's
-# tensor-core kernels (src/cuda/tc_gemm.cu, tc_wgmma.cu) stream each weight byte once per call,
-# 0.4-0.9x the dense fp16 time at m <= 64 on large layers (H100), where the dense route costs an
-# extra write and read of the whole weight. Layers in the canonical layout (older GPUs, or
-# EXL2_CUDA_TC=0) follow _DENSE_MIN_ROWS alone.
+# Layers in the tensor-core stream layout (QMatrix.tensor_core_layout: CUDA, compute capability
+# 9.0+ by default, 8.0+ with EXL2_CUDA_TC=1 at construction) stay native up to m = _TC_MAX_ROWS:
+# the library's tensor-core kernels (src/cuda/tc_gemm.cu, tc_wgmma.cu) stream each weight byte
+# once per call, 0.4-0.9x the dense fp16 time at m <= 64 on large layers (H100), where the dense
+# route costs an extra write and read of the whole weight. Layers in the canonical layout follow
+# _DENSE_MIN_ROWS alone.
 _TC_MAX_ROWS = 64
 # On compute capability 9.0 (H100, H200) with a build that holds sm_90a code, the tc layout also
 # has the library's wgmma kernel (src/cuda/tc_wgmma.cu), which serves m up to _WGMMA_MAX_ROWS
@@ -328,9 +328,9 @@ class QMatrix:
 
     @property
     def tensor_core_layout(self) -> bool:
-        """True when the codes are held in the tensor-core stream layout (CUDA, compute capability
-        8.0+, unless ``EXL2_CUDA_TC=0`` was set when the QMatrix was built); False on the CPU and
-        on older GPUs (the canonical layout)."""
+        """True when the codes are held in the tensor-core stream layout: CUDA devices of compute
+        capability 9.0+, and 8.0+ with ``EXL2_CUDA_TC=1`` in the environment when the QMatrix was
+        built (``EXL2_CUDA_TC=0``: never). False on the CPU and in the canonical layout."""
         return bool(self._native.tensor_core_layout)
 
     @property

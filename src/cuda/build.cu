@@ -182,7 +182,7 @@ DeviceLayerPtr build_exl2(const LayerMeta& meta, const Exl2Raw& raw, int device,
     EXL2_CUDA_CHECK_LAUNCH("exl2_scales_zeros_kernel");
   }
 
-  if (tc_layout_enabled()) build_tc_layout(*layer, chunks_host, stream);
+  if (tc_layout_wanted(*layer)) build_tc_layout(*layer, chunks_host, stream);
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
   sync_on_error.disarm();
   return layer;
@@ -238,7 +238,7 @@ DeviceLayerPtr build_gptq(const LayerMeta& meta, const GptqRaw& raw, int device,
     EXL2_CUDA_CHECK_LAUNCH("gptq_zeros_kernel");
   }
 
-  if (tc_layout_enabled()) build_tc_layout(*layer, chunks_host, stream);
+  if (tc_layout_wanted(*layer)) build_tc_layout(*layer, chunks_host, stream);
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
   sync_on_error.disarm();
   return layer;
@@ -268,7 +268,7 @@ DeviceLayerPtr build_canonical(const LayerMeta& meta, const HostArrays& host, in
                                     cudaMemcpyHostToDevice, stream));
   upload(layer->zeros, host.zeros, "zeros", stream);
 
-  if (tc_layout_enabled()) build_tc_layout(*layer, chunks_host, stream);
+  if (tc_layout_wanted(*layer)) build_tc_layout(*layer, chunks_host, stream);
   EXL2_CUDA_CHECK(cudaStreamSynchronize(stream));
   sync_on_error.disarm();
   return layer;

@@ -211,7 +211,7 @@ struct DeviceLayer {
   int max_split = 0;
 
   // The canonical layout's codes, scales and zeros: released once the tc layout below is built
-  // from them (compute capability 8.0+; build_tc_layout).
+  // from them (tc_layout_wanted, build_tc_layout).
   DeviceBuffer<std::uint32_t> qweight;  // [Q, N]
   DeviceBuffer<__half> scales;          // [G, N]
   DeviceBuffer<std::uint8_t> zeros;     // [G, N]
@@ -221,8 +221,8 @@ struct DeviceLayer {
   DeviceBuffer<std::int32_t> word_start;  // [G + 1]
   DeviceBuffer<int4> chunks;            // [num_chunks]
   DeviceBuffer<__half> bias;            // [N] or empty
-  // Compute capability 8.0+ (unless EXL2_CUDA_TC=0): the codes, scales and zeros in the
-  // tensor-core stream layout of tc_layout.hpp, the layer's only copy of them: per tile of 128 columns one contiguous stream of 512-byte
+  // Compute capability 9.0+, or 8.0+ with EXL2_CUDA_TC=1 (tc_layout_wanted): the codes, scales
+  // and zeros in the tensor-core stream layout of tc_layout.hpp, the layer's only copy of them: per tile of 128 columns one contiguous stream of 512-byte
   // units (a header unit of scales/zeros per group, then b units per chunk of b bits),
   // [tc_tiles, tc_tile_words] words, and the per-chunk table
   //   int4 { first permuted row, first code unit, bits | rows << 8 | uniform flags (tc::uniform_flags), header unit }.

@@ -320,7 +320,7 @@ bool mma_bf16_runs(const void* kernel) {
 
 template <class T>
 void gemm_rows(const DeviceLayer& layer, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
-  if (has_tc_layout(layer)) {  // compute capability 8.0+: the layer's only copy of its codes
+  if (has_tc_layout(layer)) {  // the layer's only copy of its codes (tc_layout_wanted)
     launch_tc(layer, x, m, out, stream);
     return;
   }

@@ -43,7 +43,7 @@ constexpr int kRingWords = kRingSteps * kStepUnits * tc::kUnitWords;  // 32 KB
 static_assert((kRingWords & (kRingWords - 1)) == 0, "the ring is indexed with a mask");
 
 // ---------------------------------------------------------------------------------
-// PTX helpers (compute capability 8.0+; below, layers keep the canonical layout: build_tc_layout).
+// PTX helpers (compute capability 8.0+; below it layers keep the canonical layout: build_tc_layout).
 // ---------------------------------------------------------------------------------
 __device__ __forceinline__ __half2 u32_as_h2(std::uint32_t u) {
   __half2 h;

@@ -1,11 +1,12 @@
 // Tensor-core kernel for small m (decode and small batches), on the tc stream layout
 // (tc_layout.hpp).
 //
-// On compute capability 8.0+ (cp.async, ldmatrix, mma.sync m16n8k16) every layer is converted
-// to the stream layout at construction (its only copy of the codes, scales and zeros; EXL2_CUDA_TC=0
-// keeps the canonical layout instead), and gemm() uses this kernel for every m that the wgmma
-// kernel (tc_wgmma.cu, Hopper, m >= 33) does not take: row tiles of 16, 32 or 64 rows, more
-// than one row tile above m = 64. See src/cuda/README.md for its status and measurements.
+// Layers are converted to the stream layout at construction (its only copy of the codes, scales
+// and zeros) on compute capability 9.0+ by default, and on 8.0+ (cp.async, ldmatrix, mma.sync
+// m16n8k16) with EXL2_CUDA_TC=1 (tc_layout_wanted; EXL2_CUDA_TC=0 keeps the canonical layout);
+// gemm() then uses this kernel for every m that the wgmma kernel (tc_wgmma.cu, Hopper, m >= 33)
+// does not take: row tiles of 16, 32 or 64 rows, more than one row tile above m = 64. See
+// src/cuda/README.md for its status and measurements.
 //
 // Work split:
 //   block   = 4 warps and one tile of 128 output columns (warp w: columns 32w .. 32w+31,
@@ -536,9 +537,11 @@ static int tc_wgmma_min_rows() {
   return kTcWgmmaMinRows;
 }
 
-bool tc_layout_enabled() noexcept {
+bool tc_layout_wanted(const DeviceLayer& L) noexcept {
   const char* v = std::getenv("EXL2_CUDA_TC");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
+  if (v != nullptr && std::strcmp(v, "1") == 0) return true;
+  return L.clusters;
 }
 
 void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaStream_t stream) {

@@ -1,6 +1,6 @@
 // Internal: the tensor-core kernels on the tc stream layout (tc_gemm.cu: mma.sync, any m;
-// tc_wgmma.cu: wgmma on Hopper, m >= 33; tc_dequant.cu: dequantize; tc_layout.hpp). On compute
-// capability 8.0+ the tc layout is the layer's only copy of its codes.
+// tc_wgmma.cu: wgmma on Hopper, m >= 33; tc_dequant.cu: dequantize; tc_layout.hpp). Where a layer
+// has the tc layout (tc_layout_wanted), it is the layer's only copy of its codes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,9 +39,15 @@ constexpr std::int64_t kTcGatherM1MaxWeights = std::int64_t{1} << 25;
 /// 4096x4096 19.4 / 20.7 against 20.7 / 21.5; H100, 8192x28672 m = 64: 131.8 against 136).
 constexpr int kTcWgmmaMinRows = 33;
 
-/// False when EXL2_CUDA_TC=0 is set (read at each construction): keep the canonical layout and
-/// its kernels (GEMV, mma_kernel) also on compute capability 8.0+, e.g. to compare or test them.
-bool tc_layout_enabled() noexcept;
+/// Whether construction converts `layer` to the tc layout (EXL2_CUDA_TC read at each
+/// construction): "0": no, keep the canonical layout and its kernels (GEMV, mma_kernel), e.g. to
+/// compare or test them; "1": yes wherever build_tc_layout can (compute capability 8.0+);
+/// otherwise (the default) where the layer has thread-block clusters (compute capability 9.0+
+/// with the kernels' sm_90 code: layer.clusters). The tc kernels' split-K needs clusters, and they
+/// were measured only there (H100, H200): on compute capability 8.x their small-m blocks would
+/// each stream a whole K range (4096x4096 at m = 1: 32 blocks for the GPU), unmeasured against
+/// the canonical GEMV.
+bool tc_layout_wanted(const DeviceLayer& layer) noexcept;
 
 /// Converts a built layer to the tc layout (compute capability 8.0+ with the kernels' sm_80+
 /// code, else a no-op): packs the tc stream from layer.qweight, scales and zeros, then releases

@@ -61,10 +61,10 @@ class QMatrix {
   double bits_per_weight() const;
   /// Bytes this QMatrix owns on its device.
   std::size_t nbytes() const;
-  /// True when the codes are held in the tensor-core stream layout (CUDA devices of compute
-  /// capability 8.0+, unless EXL2_CUDA_TC=0 was set at construction): gemm() then runs the
-  /// tensor-core kernels for every m. False on the CPU and in the canonical layout (older GPUs),
-  /// whose GEMV / fused kernels serve the same calls.
+  /// True when the codes are held in the tensor-core stream layout: CUDA devices of compute
+  /// capability 9.0+ (thread-block clusters), and 8.0+ with EXL2_CUDA_TC=1 in the environment at
+  /// construction (EXL2_CUDA_TC=0: never); gemm() then runs the tensor-core kernels for every m.
+  /// False on the CPU and in the canonical layout, whose GEMV / fused kernels serve the same calls.
   bool tensor_core_layout() const;
 
   /// out[K, N] (contiguous, on device()) = the dequantized weight W in out's dtype,
