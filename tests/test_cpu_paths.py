@@ -200,3 +200,27 @@ def test_bf16_dequantize_matches_reference(outputs: dict) -> None:
                               dtype="bfloat16")
         for config in ("default", "scalar"):
             assert np.array_equal(outputs[config][f"exl2_b{b}.bf16.dequant"], R.bf16_bits(w)), f"{config}: b{b}"
+
+
+def _round_nearest_even_bits(f: np.ndarray, drop: int) -> np.ndarray:
+    """fp32 values rounded to nearest even after dropping the low `drop` significand bits."""
+    u = f.view(np.uint32).astype(np.uint64)
+    lsb = (u >> drop) & 1
+    mask = (0xFFFFFFFF >> drop) << drop
+    return (((u + (1 << (drop - 1)) - 1 + lsb) & mask) & 0xFFFFFFFF).astype(np.uint32)
+
+
+def test_veltkamp_split_rounds_weights_like_nearest_even() -> None:
+    """The AVX2 GEMM rounds its bfloat16 weights f = (code - z) * s (exact in fp32) with
+    Veltkamp's split c = f * (2^16 + 1); w = c - (c - f) (round_bf16_weight) instead of the bit
+    arithmetic of the scalar kernels: equal for every finite fp16 scale with |s| < 256 (the fast
+    path's range) and every code - z in [-255, 255], in IEEE fp32 arithmetic without contraction,
+    as the kernels run it."""
+    s = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    s = s[np.isfinite(s) & (np.abs(s) < 256)].astype(np.float32)
+    k16 = np.float32(65537.0)
+    for d in range(-255, 256):
+        f = (np.float32(d) * s).astype(np.float32)  # exact: at most 19 significant bits
+        c = f * k16
+        w = (c - (c - f)).astype(np.float32)
+        assert np.array_equal(w.view(np.uint32), _round_nearest_even_bits(f, 16)), f"code - z = {d}"
