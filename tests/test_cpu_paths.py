@@ -109,6 +109,20 @@ CHILD = textwrap.dedent(
                 xb[::3] *= 2.0 ** 60
             yb = q.matmul(xb)
             results[f"{name}.bf16.m{m}"] = yb.view(torch.int16).numpy().view(np.uint16)
+            if m <= 4:
+                # bfloat16 x at the edges of the few-row GEMV's FMA range (GemmArgs::bf16_fma):
+                # magnitudes in [2^-102, 2^-96) keep every product a normal fp32 value (FMAs);
+                # in [2^112, 2^125) products overflow, where an FMA would differ from the
+                # contract's multiply-and-add (inf + -inf = NaN against an FMA's inf), so those
+                # calls must multiply and add: both must match the scalar kernels bit for bit.
+                sign = np.where(rng.random((m, K)) < 0.5, -1.0, 1.0)
+                for tag, lo, hi in (("edge", -102, -96), ("huge", 112, 125)):
+                    mag = 2.0 ** rng.uniform(lo, hi, size=(m, K))
+                    xe = torch.from_numpy((sign * mag).astype(np.float32)).to(torch.bfloat16)
+                    if tag == "edge":  # bfloat16 rounding may not leave the range
+                        xe = torch.where(xe.abs() < 2.0 ** -102, xe.sign() * 2.0 ** -102, xe)
+                    ye = q.matmul(xe)
+                    results[f"{name}.bf16.{tag}.m{m}"] = ye.view(torch.int16).numpy().view(np.uint16)
     np.savez(sys.argv[1], **results)
     '''
 )

@@ -18,6 +18,15 @@ bool use_avx2() noexcept {
 #endif
 }
 
+bool bf16_products_exact(const std::uint16_t* x, std::int64_t count) noexcept {
+  bool ok = true;
+  for (std::int64_t i = 0; i < count; ++i) {
+    const unsigned e = (x[i] >> 7) & 0xffu;  // biased exponent
+    ok &= (x[i] & 0x7fffu) == 0 || (e >= 25 && e <= 237);
+  }
+  return ok;
+}
+
 // x is converted once into storage-ordered fp32 (xp[i, r] = x[i, perm[r]]); then the
 // columns are split across threads in whole units (8 columns for the fused few-row
 // kernel, one tile width for the tiled kernel). Each output column is computed entirely
@@ -35,7 +44,8 @@ void gemm(const LayerMeta& meta, const HostArrays& a, const std::uint16_t* x, st
 #endif
     convert_x_scalar(meta, x, xp.get(), i0, i1, bf16);
   });
-  const GemmArgs args{&meta, &a, xp.get(), m, out, bf16};
+  const bool bf16_fma = bf16 && avx2 && m <= kFusedMaxRows && bf16_products_exact(x, m * K);
+  const GemmArgs args{&meta, &a, xp.get(), m, out, bf16, bf16_fma};
   const std::int64_t unit = m <= kFusedMaxRows ? 8 : 64;
   const std::int64_t units = (N + unit - 1) / unit;
   const double work = static_cast<double>(K) * static_cast<double>(N) * (avx2 ? 1.0 + 0.25 * m : 10.0 + 2.0 * m);

@@ -32,7 +32,10 @@
 //     A bfloat16 x bfloat16 product has at most 16 significant bits but fp32's exponent
 //     range, so it can overflow or underflow in fp32 and then fma != multiply-and-add:
 //     for bfloat16 both kernel families multiply and add separately (no FMA, no
-//     contraction), which keeps them bit-identical;
+//     contraction), which keeps them bit-identical. The one exception gives the same bits:
+//     the AVX2 few-row GEMV uses FMAs for calls whose every x is 0 or has 2^-102 <= |x| <
+//     2^111, where each product with a fast-path weight is an exact normal fp32 value
+//     (GemmArgs::bf16_fma);
 //   * out[i, n] = bf16(acc + float(bias[n])), NaN stored as 0x7fc0 (kCanonicalNaNBf16).
 //   The bfloat16 contract assumes IEEE subnormal arithmetic (the default MXCSR / FPCR). With
 //   flush-to-zero / denormals-are-zero enabled in the calling thread (e.g. by
@@ -72,7 +75,16 @@ struct GemmArgs {
   std::int64_t m;
   std::uint16_t* out;  // [m, N] fp16 or bf16 bits
   bool bf16;           // activations/outputs are bfloat16 (else float16)
+  // bfloat16 only: every x is 0 or has 2^-102 <= |x| < 2^111 (bf16_products_exact), so each
+  // product x * w with a fast-path weight (|s| < 256: 2^-24 <= |w| < 2^16, or 0) is an exact
+  // normal fp32 value and fma(x, w, acc) equals acc + fl(x * w) bit for bit: the AVX2 GEMV may
+  // then use FMAs (the scalar kernels keep multiply-and-add; the results are identical).
+  bool bf16_fma = false;
 };
+
+/// True when every one of the `count` bfloat16 values at `x` is zero or has a biased exponent in
+/// [25, 237] (2^-102 <= |x| < 2^111): GemmArgs::bf16_fma.
+bool bf16_products_exact(const std::uint16_t* x, std::int64_t count) noexcept;
 
 /// Column-range kernels: compute out[:, n0:n1] (gemm) or out[:, n0:n1] of the dense
 /// un-permuted weight (dequantize). n0 and n1 are multiples of 8 or n1 == N.

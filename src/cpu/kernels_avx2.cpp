@@ -211,10 +211,11 @@ EXL2_AVX2_INLINE __m128i dq_bits(__m256i code, const ScaleZero& sz) {
   }
 }
 
-/// acc + x * w: one FMA for fp16 (the product is exact), multiply then add for bf16.
-template <bool BF>
+/// acc + x * w: one FMA for fp16 (the product is exact), multiply then add for bf16, or an FMA
+/// for bf16 too where the call's x makes every product exact (FM: GemmArgs::bf16_fma).
+template <bool BF, bool FM = false>
 EXL2_AVX2_INLINE __m256 madd(__m256 x, __m256 w, __m256 acc) {
-  if constexpr (BF) {
+  if constexpr (BF && !FM) {
     return _mm256_add_ps(acc, _mm256_mul_ps(x, w));
   } else {
     return _mm256_fmadd_ps(x, w, acc);
@@ -298,7 +299,7 @@ EXL2_AVX2_INLINE __m256i load_words(const std::uint32_t* p) {
 // registers and multiplied into MR x CB accumulators that stay in registers for all the
 // group's rows (CB >= 2 keeps several independent FMA chains in flight).
 
-template <int B, int J, int MR, int CB, bool BF>
+template <int B, int J, int MR, int CB, bool BF, bool FM>
 EXL2_AVX2_INLINE void gemv_row(const __m256i (&w)[CB][Period<B>::W], const FastScale<B> (&sz)[CB],
                                __m256 (&acc)[MR][CB], const float* x, std::int64_t ldx) {
   __m256 xb[MR];
@@ -308,22 +309,22 @@ EXL2_AVX2_INLINE void gemv_row(const __m256i (&w)[CB][Period<B>::W], const FastS
   for (int c = 0; c < CB; ++c) {
     const __m256 wv = dq_fast_row<B, J, BF>(w[c], sz[c]);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) acc[i][c] = madd<BF>(xb[i], wv, acc[i][c]);
+    for (int i = 0; i < MR; ++i) acc[i][c] = madd<BF, FM>(xb[i], wv, acc[i][c]);
   }
 }
 
-template <int B, int MR, int CB, bool BF, int... J>
+template <int B, int MR, int CB, bool BF, bool FM, int... J>
 EXL2_AVX2_INLINE void gemv_period(const __m256i (&w)[CB][Period<B>::W], const FastScale<B> (&sz)[CB],
                                   __m256 (&acc)[MR][CB], const float* x, std::int64_t ldx,
                                   std::integer_sequence<int, J...>) {
-  (gemv_row<B, J, MR, CB, BF>(w, sz, acc, x, ldx), ...);
+  (gemv_row<B, J, MR, CB, BF, FM>(w, sz, acc, x, ldx), ...);
 }
 
 /// acc[i, 8c + l] = fma chain over the group's rows (ascending) for columns col .. col + 8 CB.
 /// wq: the group's first word row at column col; x: xp + row_start[g] (row stride ldx);
 /// sc, zc: the group's scales and zeros at column col (all passing fast_ok); acc row
-/// stride ldacc.
-template <int B, int MR, int CB, bool BF>
+/// stride ldacc. FM: GemmArgs::bf16_fma (madd).
+template <int B, int MR, int CB, bool BF, bool FM>
 EXL2_AVX2 void gemv_block(const std::uint32_t* wq, std::int64_t N, std::int64_t rows, const float* x,
                           std::int64_t ldx, const std::uint16_t* sc, const std::uint8_t* zc, float* acc_mem,
                           std::int64_t ldacc) {
@@ -345,12 +346,12 @@ EXL2_AVX2 void gemv_block(const std::uint32_t* wq, std::int64_t N, std::int64_t 
 #pragma GCC unroll 8
       for (int k = 0; k < W; ++k) w[c][k] = load_words(wp + k * N + 8 * c);
     }
-    gemv_period<B, MR, CB, BF>(w, sz, acc, x + p * P, ldx, std::make_integer_sequence<int, P>{});
+    gemv_period<B, MR, CB, BF, FM>(w, sz, acc, x + p * P, ldx, std::make_integer_sequence<int, P>{});
   }
   for (std::int64_t r = periods * P; r < rows; ++r) {  // partial last period
     for (int c = 0; c < CB; ++c) {
       const __m256 wv = dq_fast_code<B, BF>(code_var(wq + 8 * c, N, B, r), sz[c]);
-      for (int i = 0; i < MR; ++i) acc[i][c] = madd<BF>(_mm256_broadcast_ss(x + i * ldx + r), wv, acc[i][c]);
+      for (int i = 0; i < MR; ++i) acc[i][c] = madd<BF, FM>(_mm256_broadcast_ss(x + i * ldx + r), wv, acc[i][c]);
     }
   }
 #pragma GCC unroll 8
@@ -360,17 +361,17 @@ EXL2_AVX2 void gemv_block(const std::uint32_t* wq, std::int64_t N, std::int64_t 
   }
 }
 
-template <int MR, int CB, bool BF>
+template <int MR, int CB, bool BF, bool FM>
 EXL2_AVX2 void gemv_block_bits(int bits, const std::uint32_t* wq, std::int64_t N, std::int64_t rows, const float* x,
                                std::int64_t ldx, const std::uint16_t* sc, const std::uint8_t* zc, float* acc,
                                std::int64_t ldacc) {
   switch (bits) {
-    case 2: gemv_block<2, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    case 3: gemv_block<3, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    case 4: gemv_block<4, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    case 5: gemv_block<5, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    case 6: gemv_block<6, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
-    default: gemv_block<8, MR, CB, BF>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 2: gemv_block<2, MR, CB, BF, FM>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 3: gemv_block<3, MR, CB, BF, FM>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 4: gemv_block<4, MR, CB, BF, FM>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 5: gemv_block<5, MR, CB, BF, FM>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    case 6: gemv_block<6, MR, CB, BF, FM>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
+    default: gemv_block<8, MR, CB, BF, FM>(wq, N, rows, x, ldx, sc, zc, acc, ldacc); break;
   }
 }
 
@@ -425,18 +426,18 @@ EXL2_AVX2 void store_output(const LayerMeta& meta, const float* acc, std::int64_
   }
 }
 
-template <int MR, bool BF>
+template <int MR, bool BF, bool FM>
 EXL2_AVX2_INLINE void gemv_vec(int bits, const std::uint32_t* wq, std::int64_t N, std::int64_t rows, const float* x,
                                std::int64_t ldx, const std::uint16_t* sc, const std::uint8_t* zc, float* acc,
                                std::int64_t ld, std::int64_t v) {
   if (fast_ok_at(sc + 8 * v, zc + 8 * v)) {
-    gemv_block_bits<MR, 1, BF>(bits, wq + 8 * v, N, rows, x, ldx, sc + 8 * v, zc + 8 * v, acc + 8 * v, ld);
+    gemv_block_bits<MR, 1, BF, FM>(bits, wq + 8 * v, N, rows, x, ldx, sc + 8 * v, zc + 8 * v, acc + 8 * v, ld);
   } else {
     gemv_vec_exact<BF>(bits, wq + 8 * v, N, rows, x, ldx, MR, sc + 8 * v, zc + 8 * v, acc + 8 * v, ld);
   }
 }
 
-template <int MR, bool BF>
+template <int MR, bool BF, bool FM>
 EXL2_AVX2 void gemv_cols(const GemmArgs& args, std::int64_t n0, std::int64_t nvec) {
   constexpr int CB = MR == 1 ? 4 : 2;  // MR x CB independent FMA chains
   const LayerMeta& meta = *args.meta;
@@ -460,12 +461,13 @@ EXL2_AVX2 void gemv_cols(const GemmArgs& args, std::int64_t n0, std::int64_t nve
       bool ok = true;
       for (int c = 0; c < CB; ++c) ok = ok && fast_ok_at(sc + 8 * (v + c), zc + 8 * (v + c));
       if (ok) {
-        gemv_block_bits<MR, CB, BF>(bits, wq + 8 * v, N, rows, x + r0, K, sc + 8 * v, zc + 8 * v, accp + 8 * v, ld);
+        gemv_block_bits<MR, CB, BF, FM>(bits, wq + 8 * v, N, rows, x + r0, K, sc + 8 * v, zc + 8 * v, accp + 8 * v,
+                                        ld);
       } else {
-        for (int c = 0; c < CB; ++c) gemv_vec<MR, BF>(bits, wq, N, rows, x + r0, K, sc, zc, accp, ld, v + c);
+        for (int c = 0; c < CB; ++c) gemv_vec<MR, BF, FM>(bits, wq, N, rows, x + r0, K, sc, zc, accp, ld, v + c);
       }
     }
-    for (; v < nvec; ++v) gemv_vec<MR, BF>(bits, wq, N, rows, x + r0, K, sc, zc, accp, ld, v);
+    for (; v < nvec; ++v) gemv_vec<MR, BF, FM>(bits, wq, N, rows, x + r0, K, sc, zc, accp, ld, v);
   }
   store_output<BF>(meta, acc.get(), ld, MR, args.out, n0, nvec);
 }
@@ -693,16 +695,25 @@ EXL2_AVX2 void convert_x_impl(const LayerMeta& meta, const std::uint16_t* x, flo
   }
 }
 
+/// The fused few-row GEMV for m rows; FM: bfloat16 with FMAs (GemmArgs::bf16_fma).
+template <bool BF, bool FM>
+EXL2_AVX2 void gemv_rows(const GemmArgs& args, std::int64_t n0, std::int64_t nvec) {
+  switch (args.m) {
+    case 1: gemv_cols<1, BF, FM>(args, n0, nvec); break;
+    case 2: gemv_cols<2, BF, FM>(args, n0, nvec); break;
+    case 3: gemv_cols<3, BF, FM>(args, n0, nvec); break;
+    default: gemv_cols<4, BF, FM>(args, n0, nvec); break;
+  }
+}
+
 template <bool BF>
 EXL2_AVX2 void gemm_cols_impl(const GemmArgs& args, std::int64_t n0, std::int64_t nvec) {
   const std::int64_t m = args.m;
   if (m <= kFusedMaxRows) {
-    switch (m) {
-      case 1: gemv_cols<1, BF>(args, n0, nvec); break;
-      case 2: gemv_cols<2, BF>(args, n0, nvec); break;
-      case 3: gemv_cols<3, BF>(args, n0, nvec); break;
-      default: gemv_cols<4, BF>(args, n0, nvec); break;
-    }
+    if (BF && args.bf16_fma)
+      gemv_rows<BF, true>(args, n0, nvec);
+    else
+      gemv_rows<BF, false>(args, n0, nvec);
   } else {
     tiled_cols<BF>(args, n0, nvec, m <= 64 ? 64 : 128);
   }
