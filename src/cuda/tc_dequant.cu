@@ -109,15 +109,9 @@ __global__ void __launch_bounds__(kTcThreads)
     const uint4 head = __ldg(reinterpret_cast<const uint4*>(tsrc + static_cast<std::int64_t>(d.w) * tc::kUnitWords +
                                                          warp * 32 + g * 4));
     const std::uint32_t* wsrc = tsrc + static_cast<std::int64_t>(d.y) * tc::kUnitWords + warp * 32 * b + lane * b;
-    switch (b) {
-      case 2: dequant_tc_chunk<2, T>(wsrc, head, d.x, rows, perm, n0, N, lane, stage[warp], out); break;
-      case 3: dequant_tc_chunk<3, T>(wsrc, head, d.x, rows, perm, n0, N, lane, stage[warp], out); break;
-      case 4: dequant_tc_chunk<4, T>(wsrc, head, d.x, rows, perm, n0, N, lane, stage[warp], out); break;
-      case 5: dequant_tc_chunk<5, T>(wsrc, head, d.x, rows, perm, n0, N, lane, stage[warp], out); break;
-      case 6: dequant_tc_chunk<6, T>(wsrc, head, d.x, rows, perm, n0, N, lane, stage[warp], out); break;
-      case 8: dequant_tc_chunk<8, T>(wsrc, head, d.x, rows, perm, n0, N, lane, stage[warp], out); break;
-      default: break;  // rejected at construction
-    }
+    with_code_width(b, [&](auto bw) {
+      dequant_tc_chunk<decltype(bw)::value, T>(wsrc, head, d.x, rows, perm, n0, N, lane, stage[warp], out);
+    });
   }
 }
 

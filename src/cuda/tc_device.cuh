@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/device_layer.cuh"
 #include "cuda/tc_layout.hpp"
@@ -127,6 +128,22 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a
 // ---------------------------------------------------------------------------------
 // The GEMM kernel.
 // ---------------------------------------------------------------------------------
+
+/// Calls f(std::integral_constant<int, B>{}) for a chunk's code width `bits` = B (2, 3, 4, 5, 6
+/// or 8), so that the tc kernels pick their per-width code in one place; other widths are
+/// rejected at construction and do nothing here.
+template <class F>
+__host__ __device__ __forceinline__ void with_code_width(int bits, F&& f) {
+  switch (bits) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: break;
+  }
+}
 
 /// The b words of a lane from the ring, starting at ring word `wo` (for b = 2, 4, 6, 8 a
 /// multiple of 2, 4, 2, 8 words, and the ring a multiple of 8 words: vector loads never

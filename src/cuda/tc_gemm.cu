@@ -138,15 +138,7 @@ __global__ void tc_pack_codes_kernel(const std::uint32_t* __restrict__ qw, const
     std::uint32_t* dst = out + tile * tile_words + static_cast<std::int64_t>(unit0) * tc::kUnitWords +
                          w * 32 * ci.bits + lane * ci.bits;
     const std::int64_t n_base = jb * tc::kBlockCols;
-    switch (ci.bits) {
-      case 2: tc_pack_lane<2>(qw, zeros, N, ci, n_base, lane, dst); break;
-      case 3: tc_pack_lane<3>(qw, zeros, N, ci, n_base, lane, dst); break;
-      case 4: tc_pack_lane<4>(qw, zeros, N, ci, n_base, lane, dst); break;
-      case 5: tc_pack_lane<5>(qw, zeros, N, ci, n_base, lane, dst); break;
-      case 6: tc_pack_lane<6>(qw, zeros, N, ci, n_base, lane, dst); break;
-      case 8: tc_pack_lane<8>(qw, zeros, N, ci, n_base, lane, dst); break;
-      default: break;  // rejected at construction
-    }
+    with_code_width(ci.bits, [&](auto b) { tc_pack_lane<decltype(b)::value>(qw, zeros, N, ci, n_base, lane, dst); });
   }
 }
 
@@ -406,15 +398,8 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       const int z0 = dcur[0].z;
       const int bits0 = z0 & 0xff;
       if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
-        switch (bits0) {
-          case 2: tc_iter<MT, 2, T>(ring, xs, dcur, s0, header, gc, acc); break;
-          case 3: tc_iter<MT, 3, T>(ring, xs, dcur, s0, header, gc, acc); break;
-          case 4: tc_iter<MT, 4, T>(ring, xs, dcur, s0, header, gc, acc); break;
-          case 5: tc_iter<MT, 5, T>(ring, xs, dcur, s0, header, gc, acc); break;
-          case 6: tc_iter<MT, 6, T>(ring, xs, dcur, s0, header, gc, acc); break;
-          case 8: tc_iter<MT, 8, T>(ring, xs, dcur, s0, header, gc, acc); break;
-          default: break;  // rejected at construction
-        }
+        with_code_width(bits0,
+                        [&](auto b) { tc_iter<MT, decltype(b)::value, T>(ring, xs, dcur, s0, header, gc, acc); });
       } else {
 #pragma unroll 1
         for (int q = 0; q < nq; ++q) {
@@ -422,15 +407,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
           const int bits = d.z & 0xff;
           std::uint32_t a[MT][2][4];
           const int wo = tc_chunk_setup<MT, S::kXRow, T>(ring, xs, d, q, bits, s0, header, gc, a);
-          switch (bits) {
-            case 2: tc_chunk<MT, 2, T>(ring, wo, a, gc, acc); break;
-            case 3: tc_chunk<MT, 3, T>(ring, wo, a, gc, acc); break;
-            case 4: tc_chunk<MT, 4, T>(ring, wo, a, gc, acc); break;
-            case 5: tc_chunk<MT, 5, T>(ring, wo, a, gc, acc); break;
-            case 6: tc_chunk<MT, 6, T>(ring, wo, a, gc, acc); break;
-            case 8: tc_chunk<MT, 8, T>(ring, wo, a, gc, acc); break;
-            default: break;  // rejected at construction
-          }
+          with_code_width(bits, [&](auto b) { tc_chunk<MT, decltype(b)::value, T>(ring, wo, a, gc, acc); });
         }
       }
       __syncthreads();  // A. for the next iteration

@@ -3,7 +3,8 @@
 //
 // The product is computed as out^T = W^T x^T: per 4-warp group (warpgroup) a tile of 128 output
 // columns (warp w: columns 32w .. 32w+31, as in the mma.sync tc kernel) by R = 64 or 128
-// activation rows; a block is WG = 1 or 2 such groups on adjacent column tiles (WgShape). The weights are wgmma's A operand (64 x 16 per instruction, from registers):
+// activation rows; a block is WG = 1 or 2 such groups on adjacent column tiles (WgShape). The
+// weights are wgmma's A operand (64 x 16 per instruction, from registers):
 // the B fragments decode_chunk gives for two n8 tiles of the mma.sync kernel are exactly one
 // A fragment of 16 columns (a0 = tile 2h b0, a1 = tile 2h+1 b0, a2 = tile 2h b1, a3 = tile 2h+1
 // b1), so warp w's half h (columns 32w + 16h ..) is row block w of instruction h's A. The
@@ -348,15 +349,9 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       const int z0 = dcur[0].z;
       const int bits0 = z0 & 0xff;
       if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
-        switch (bits0) {
-          case 2: wg_iter<R, Q, 2, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
-          case 3: wg_iter<R, Q, 3, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
-          case 4: wg_iter<R, Q, 4, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
-          case 5: wg_iter<R, Q, 5, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
-          case 6: wg_iter<R, Q, 6, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
-          case 8: wg_iter<R, Q, 8, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp); break;
-          default: break;  // rejected at construction
-        }
+        with_code_width(bits0, [&](auto b) {
+          wg_iter<R, Q, decltype(b)::value, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp);
+        });
       } else {
 #pragma unroll 1
         for (int q = 0; q < nq; ++q) {
@@ -364,15 +359,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
           const int bits = d.z & 0xff;
           load_group_header<T>(ring, d, bits, s0, header, gc, lane, warp);
           const int wo = chunk_lane_word(d, bits, s0, lane, warp);
-          switch (bits) {
-            case 2: wg_chunk_sync<R, 2, T>(ring, wo, gc, q, xdesc, acc); break;
-            case 3: wg_chunk_sync<R, 3, T>(ring, wo, gc, q, xdesc, acc); break;
-            case 4: wg_chunk_sync<R, 4, T>(ring, wo, gc, q, xdesc, acc); break;
-            case 5: wg_chunk_sync<R, 5, T>(ring, wo, gc, q, xdesc, acc); break;
-            case 6: wg_chunk_sync<R, 6, T>(ring, wo, gc, q, xdesc, acc); break;
-            case 8: wg_chunk_sync<R, 8, T>(ring, wo, gc, q, xdesc, acc); break;
-            default: break;  // rejected at construction
-          }
+          with_code_width(bits, [&](auto b) { wg_chunk_sync<R, decltype(b)::value, T>(ring, wo, gc, q, xdesc, acc); });
         }
       }
       __syncthreads();  // A. for the next iteration
