@@ -156,9 +156,10 @@ def test_tc_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch.dt
     """x = rows of the identity: output row i is 1.0 * W[k_i, :] accumulated in fp32 with zeros,
     so it must equal dequantize(dtype)[k_i, :] exactly. This checks the kernel's own decode (every
     width, pair position, zero, scale and the padding of short chunks) bit for bit, for the
-    tile heights of m = 16, 32 and 64 (MT = 1, 2, 4) and clusters of several blocks; and one row
-    at a time, where the kernel gathers the row through perm itself (m = 1, kGather)."""
-    check_one_hot_rows(LAYERS[name], dtype, (1, 16, 32, 64))
+    tile heights of m = 16, 32 and 64 (MT = 1, 2, 4) and clusters of several blocks; one row at a
+    time, where the kernel gathers the row through perm itself (m = 1, kGather); and up to 8 rows,
+    the transposed 8-row tiles (m = 2..8, kT8; the last slice of a layer can be shorter)."""
+    check_one_hot_rows(LAYERS[name], dtype, (1, 3, 8, 16, 32, 64))
 
 
 def test_tc_large_layer_and_batch_dims() -> None:
@@ -236,6 +237,17 @@ def test_tc_m1_gathers_inside_the_kernel_on_small_layers_only() -> None:
                 assert _ran(kernels, "tc_gemm_kernel"), sorted(kernels)
                 assert _ran(kernels, "tc_gather_x_kernel") == gathers_first, sorted(kernels)
             assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_tc_m1_segments_give_the_weights_bit_for_bit(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """m = 1 with one block per tile (EXL2_CUDA_MAX_SPLIT=1): a block's 71 chunks span two of
+    kGather's 64-chunk activation segments; one-hot rows across the boundary, mixed widths and
+    short groups give dequantize's rows exactly."""
+    monkeypatch.setenv("EXL2_CUDA_MAX_SPLIT", "1")
+    rng = np.random.default_rng(13)
+    layer = R.random_exl2(rng, 2272, 72, bits=[(6, 96), (4, 1280), (3, 544), (5, 352)], bias=True)
+    check_one_hot_rows(layer, dtype, (1,))
 
 
 def test_tc_layout_off_keeps_the_canonical_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -228,6 +228,7 @@ struct DeviceLayer {
   //   int4 { first permuted row, first code unit, bits | rows << 8 | uniform flags (tc::uniform_flags), header unit }.
   DeviceBuffer<std::uint32_t> tc_qweight;
   DeviceBuffer<int4> tc_chunks;       // [num_chunks]
+  DeviceBuffer<int> tc_xsrc;          // [num_chunks * 32] row of x per chunk row, -1 past its rows (m = 1)
   std::int64_t tc_tiles = 0;          // ceil(N / 128)
   std::int64_t tc_tile_words = 0;     // words of one tile's stream (128 per unit)
   // The tc layout may use the wgmma kernel (tc_wgmma.cu) for m > kTcMaxRows: compute capability

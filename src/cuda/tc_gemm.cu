@@ -5,8 +5,8 @@
 // and zeros) on compute capability 9.0+ by default, and on 8.0+ (cp.async, ldmatrix, mma.sync
 // m16n8k16) with EXL2_CUDA_TC=1 (tc_layout_wanted; EXL2_CUDA_TC=0 keeps the canonical layout);
 // gemm() then uses this kernel for every m that the wgmma kernel (tc_wgmma.cu, Hopper, m >= 33)
-// does not take: row tiles of 16, 32 or 64 rows, more than one row tile above m = 64. See
-// src/cuda/README.md for its status and measurements.
+// does not take: row tiles of 8 (m <= 8, transposed: kT8), 16, 32 or 64 rows, more than one row
+// tile above m = 64. See src/cuda/README.md for its status and measurements.
 //
 // Work split:
 //   block   = 4 warps and one tile of 128 output columns (warp w: columns 32w .. 32w+31,
@@ -30,9 +30,10 @@
 // registers (magic 1024: (1024 + q) - (1024 + z) is the exact q - z, or (1024 + 2^b q) / 2^b -
 // (1024 / 2^b + z) for the pairs kept 2^b times their code; one __hmul2 by the scale rounds like
 // the reference: f16((q - z) * s); bfloat16: decode_pair_bf16), loads its A fragments with ldmatrix and
-// issues 8 * MT mma.m16n8k16 with fp32 accumulation. Every output element is summed in a
-// fixed order (chunks in order inside the fragments, then cluster ranks 0..S-1) and written
-// once: deterministic and graph-capture safe.
+// issues 8 * MT mma.m16n8k16 with fp32 accumulation; for m <= 8 the mma runs transposed (the
+// decoded weights as the A operand, 4 mma per chunk; kT8 and kGather below). Every output
+// element is summed in a fixed order (chunks in order inside the fragments, then cluster ranks
+// 0..S-1) and written once: deterministic and graph-capture safe.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -211,6 +212,17 @@ __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int
   if (t < kXTailPad) xp[total + t] = 0;
 }
 
+/// The layer's tc_xsrc: per chunk c and row r < 32 the row of x that chunk row multiplies,
+/// perm[row0_c + r] (or row0_c + r without perm), -1 past the chunk's rows.
+__global__ void tc_xsrc_kernel(const int* __restrict__ perm, const int4* __restrict__ tc_chunks, int num_chunks,
+                               int* __restrict__ xsrc) {
+  const int i = static_cast<int>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= num_chunks * 32) return;
+  const int4 d = tc_chunks[i >> 5];
+  const int r = i & 31;
+  xsrc[i] = r < ((d.z >> 8) & 0xff) ? (perm ? perm[d.x + r] : d.x + r) : -1;
+}
+
 /// Per chunk q of an iteration (descriptor d, b bits): on a group change the scales and zeros
 /// from the group's header unit in the ring, the A fragments from the activation tile, and
 /// the ring word where the lane's b code words start (returned).
@@ -231,9 +243,9 @@ __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const _
 
 // Chunks per iteration ("super-chunk"): one barrier pair, one activation tile and one
 // descriptor set per Q chunks, so per-iteration latencies are paid once per Q * 32 rows.
-template <int MT>
+template <int MT, int kRows = 16 * MT>
 struct TcShape {
-  static constexpr int R = 16 * MT;                 // rows of the block's m tile
+  static constexpr int R = kRows;                   // rows of the block's m tile (8: kT8)
   static constexpr int Q = MT == 4 ? 2 : 4;         // chunks per iteration
   static constexpr int kXRow = 32 * Q + 8;          // halves per activation tile row (+16 bytes: no ldmatrix bank conflicts)
   static constexpr int kXVecs = R * 4 * Q / kTcThreads;  // 16-byte activation loads per thread and iteration
@@ -257,19 +269,98 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
   }
 }
 
+// ---------------------------------------------------------------------------------
+// m = 1 (kGather): the block gathers its whole activation segment once, and the mma runs
+// transposed, out^T = W^T x^T.
+//
+// With one activation row, 15 of the 16 rows of the usual A tile are padding. Transposed, the
+// decoded weights are the A operand (the B fragments of n8 tiles 2i and 2i + 1 are exactly the
+// A fragment of the 16 output columns 16i .. 16i + 15) and the activations the B operand, the
+// same row in all 8 of its columns: half the mma of the usual form, and a lane's B fragments of a
+// chunk are 4 words that one 16-byte shared-memory load fetches, with no ldmatrix and no
+// activation tile per iteration.
+// ---------------------------------------------------------------------------------
+
+/// Chunks of the activation segment that kGather holds in shared memory (the xs array): a block
+/// gathers the activations of its first kSegChunks chunks before its loop and of the next ones
+/// each kSegChunks chunks (at most K / 32 / split chunks; 8192 x 28672 at split 8: 32).
+constexpr int kSegChunks = 64;
+
+/// Position of chunk row r (0..31) in the chunk's 32 halves of the kGather segment: word
+/// 4t + 2s + h holds rows 16s + 2t + 8h and + 1, the B fragment register b_h of k16 step s for
+/// lanes 4g + t, so lane t's four words are contiguous.
+__device__ __forceinline__ int row1_pos(int r) {
+  const int s = r >> 4, rr = r & 15;
+  return 2 * (4 * ((rr & 7) >> 1) + 2 * s + (rr >> 3)) + (rr & 1);
+}
+
+/// kGather: one chunk, decoded from the lane's words at ring word `wo`, times the activation
+/// words `xa` (row1_pos), into acc1[i] = the 16 x 8 transposed tile of columns 16i .. 16i + 15.
+template <int B, class T>
+__device__ __forceinline__ void tc_chunk_row1(const std::uint32_t* ring, int wo, const uint4 xa,
+                                              const GroupConsts& gc, float (&acc1)[2][4]) {
+  std::uint32_t w[8];
+  ring_lane_words<B>(ring, wo, w);
+  std::uint32_t b[4][2][2];
+  decode_chunk<B, T>(w, gc, b);
+  const std::uint32_t xb[2][2] = {{xa.x, xa.y}, {xa.z, xa.w}};
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const std::uint32_t a[4] = {b[2 * i][s][0], b[2 * i + 1][s][0], b[2 * i][s][1], b[2 * i + 1][s][1]};
+      mma_16816<T>(acc1[i], a, xb[s][0], xb[s][1]);
+    }
+}
+
+/// The transposed kernels' activation words of chunk q of an iteration (the B fragments of both
+/// k16 steps, as tc_chunk_row1 takes them): kGather from the segment (`xit`: the iteration's
+/// first chunk in it, row1_pos order); kT8 from the 8-row activation tile `xs` with one ldmatrix
+/// (matrix j: rows 0..7, columns 8j.. of the chunk, so register j of lane 4g + t holds row g,
+/// columns 8j + 2t, + 1: b_{j & 1} of k16 step j / 2 for batch row g).
+template <bool kGather, int kXRow>
+__device__ __forceinline__ uint4 transposed_x(const __half* xit, const __half* xs, int q) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  if constexpr (kGather) {
+    return *reinterpret_cast<const uint4*>(xit + q * 32 + (lane & 3) * 8);
+  } else {
+    std::uint32_t r[4];
+    ldmatrix_x4(r, xs + (lane & 7) * kXRow + 32 * q + (lane >> 3) * 8);
+    return make_uint4(r[0], r[1], r[2], r[3]);
+  }
+}
+
+/// The transposed kernels: chunk q of an iteration (descriptor d, b bits).
+template <int B, class T, bool kGather, int kXRow>
+__device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, const __half* xit, const __half* xs,
+                                                 const int4& d, int q, std::int64_t s0, int& header, GroupConsts& gc,
+                                                 float (&acc1)[2][4]) {
+  load_group_header<T>(ring, d, B, s0, header, gc);
+  const int wo = chunk_lane_word(d, B, s0);
+  tc_chunk_row1<B, T>(ring, wo, transposed_x<kGather, kXRow>(xit, xs, q), gc, acc1);
+}
+
 /// T: the activation / output type (__half or __nv_bfloat16); `xp` holds its bits.
 /// kGather (MT = 1, M = 1 only): `xp` is the caller's single activation row itself, in checkpoint
-/// order, and the kernel gathers each iteration's 128 columns through the chunk table and `perm`
-/// (nullptr: identity) instead of reading a gathered copy: no gather launch and no scratch
+/// order; the block gathers its chunks' activations through `xsrc` (the layer's tc_xsrc: per
+/// chunk row the row of x it multiplies, -1 past a short chunk's rows) into shared memory once
+/// (per kSegChunks chunks) and runs the transposed mma above: no gather launch and no scratch
 /// allocation per call (host overhead at decode).
-template <int MT, class T, bool kGather = false>
-__global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
+/// kT8 (MT = 1, M <= 8): the transposed mma on an 8-row activation tile of the gathered `xp`:
+/// against the 16-row tiles, H100, same session (GPTQ-4, m = 2 / 8): 8192x28672 61.6 / 62.6 ->
+/// 54.8 / 55.8 us, 14336x4096 21.4 / 22.0 -> 19.1 / 19.6, 4096x4096 11.4 / 11.7 -> 10.3 / 10.6.
+template <int MT, class T, bool kGather = false, bool kT8 = false>
+__global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kMinBlocks)
     tc_gemm_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
                    const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
                    const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
-                   T* __restrict__ out, std::int64_t N, int split, const int* __restrict__ perm) {
-  using S = TcShape<MT>;
-  static_assert(!kGather || (MT == 1 && S::Q * 32 == kTcThreads), "kGather: one column per thread, one row");
+                   T* __restrict__ out, std::int64_t N, int split, const int* __restrict__ xsrc) {
+  using S = TcShape<MT, kT8 ? 8 : 16 * MT>;
+  constexpr bool kTrans = kGather || kT8;  // the transposed mma (acc1)
+  static_assert(!kGather || MT == 1, "kGather: one row");
+  static_assert(!kT8 || (MT == 1 && !kGather), "kT8: up to 8 rows, from the gathered activations");
+  static_assert(!kGather || (kSegChunks % S::Q == 0 && kSegChunks * 32 <= S::R * S::kXRow),
+                "kGather: the segment is whole iterations and fits xs");
   constexpr int R = S::R, Q = S::Q;
   __shared__ __align__(128) std::uint32_t ring[kRingWords];
   __shared__ __align__(16) __half xs[R * S::kXRow];
@@ -294,6 +385,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][jj][e] = 0.0f;
+  float acc1[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // kGather (transposed tiles)
 
   if (cb < ce) {
     // The block's stream (chunk_range); its first chunk's header is read directly below when
@@ -330,34 +422,43 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       const unsigned last = static_cast<unsigned>(M - 1 - m0);
       xoff[k] = (row < last ? row : last) * static_cast<unsigned>(ldxp) + col8 * 8;
     }
-    // kGather: this thread's column of an iteration is chunk c0 + tid / 32, row tid % 32 of it
-    // (0 past the chunk's rows); rows 1.. of xs are zeroed once (their outputs are never stored).
-    std::uint16_t xg = 0;
     auto load_x = [&](int c0) {
-      if constexpr (kGather) {
-        const int c = c0 + (tid >> 5), r = tid & 31;
-        std::uint16_t v = 0;
-        if (c < num_chunks) {
-          const int4 d = __ldg(tc_chunks + c);
-          if (r < ((d.z >> 8) & 0xff)) {
-            const int k = d.x + r;
-            v = __ldg(reinterpret_cast<const unsigned short*>(xp) + (perm ? __ldg(perm + k) : k));
-          }
-        }
-        xg = v;
-      } else {
 #pragma unroll
-        for (int k = 0; k < S::kXVecs; ++k)
-          xv[k] = __ldg(reinterpret_cast<const uint4*>(xblock + (xoff[k] + static_cast<unsigned>(c0) * 32)));
+      for (int k = 0; k < S::kXVecs; ++k)
+        xv[k] = __ldg(reinterpret_cast<const uint4*>(xblock + (xoff[k] + static_cast<unsigned>(c0) * 32)));
+    };
+    // kGather: the activations of chunks cf .. (up to kSegChunks of them, at most ce - 1) into xs
+    // (row1_pos order; 0 past a short chunk's rows): xsrc -> x, eight elements per thread in
+    // flight at a time; a warp takes one chunk's 32 rows.
+    auto gather_seg = [&](int cf) {
+      const int n = (ce - cf < kSegChunks ? ce - cf : kSegChunks) * 32;
+      const unsigned short* __restrict__ xr = reinterpret_cast<const unsigned short*>(xp);
+      const int* __restrict__ src = xsrc + static_cast<std::int64_t>(cf) * 32;
+      unsigned short* xsu = reinterpret_cast<unsigned short*>(xs);
+      for (int i0 = 0; i0 < n; i0 += 8 * kTcThreads) {
+        int k[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int i = i0 + u * kTcThreads + tid;
+          k[u] = i < n ? __ldg(src + i) : -1;
+        }
+        unsigned short v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) v[u] = k[u] >= 0 ? __ldg(xr + k[u]) : static_cast<unsigned short>(0);  // +0
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int i = i0 + u * kTcThreads + tid;
+          if (i < n) xsu[(i & ~31) + row1_pos(i & 31)] = v[u];
+        }
       }
     };
-    if constexpr (kGather) {
-      for (int i = tid; i < (R - 1) * S::kXRow; i += kTcThreads) xs[S::kXRow + i] = __ushort_as_half(0);
-    }
     if (warp == 0 && lane < Q) dring[0][lane] = load_desc(cb);
     int4 dnext = load_desc(cb + Q);
-    load_x(cb);
-    __syncthreads();  // dring[0]
+    if constexpr (kGather)
+      gather_seg(cb);
+    else
+      load_x(cb);
+    __syncthreads();  // dring[0] (kGather: and the first segment)
 
 #pragma unroll 1
     for (int it = 0, c0 = cb; c0 < ce; ++it, c0 += Q) {
@@ -377,7 +478,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       }
       // C. This iteration's activations and the next iteration's descriptors into shared memory.
       if constexpr (kGather) {
-        xs[tid] = __ushort_as_half(xg);
+        if (c0 != cb && (c0 - cb) % kSegChunks == 0) gather_seg(c0);  // (after barrier A)
       } else {
 #pragma unroll
         for (int k = 0; k < S::kXVecs; ++k) {
@@ -390,14 +491,34 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
       // D. Everyone's copies, activations and descriptors are visible.
       __syncthreads();
       // E. Loads for later iterations: activations of the next, descriptors of the one after.
-      if (c0 + Q < ce) load_x(c0 + Q);
+      if constexpr (!kGather) {
+        if (c0 + Q < ce) load_x(c0 + Q);
+      }
       dnext = load_desc(c0 + 2 * Q);
       // F. Consume the chunks: unrolled over the Q chunks when they share one bit width (every
       //    full iteration of a fixed-width layer), so ptxas can overlap one chunk's shared-
       //    memory loads and decoding with the previous chunk's mma; else one chunk at a time.
       const int z0 = dcur[0].z;
       const int bits0 = z0 & 0xff;
-      if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
+      if constexpr (kTrans) {
+        const __half* xit = xs + (kGather ? ((c0 - cb) % kSegChunks) * 32 : 0);
+        if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
+          with_code_width(bits0, [&](auto b) {
+#pragma unroll
+            for (int q = 0; q < Q; ++q)
+              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow>(ring, xit, xs, dcur[q], q, s0, header, gc,
+                                                                        acc1);
+          });
+        } else {
+#pragma unroll 1
+          for (int q = 0; q < nq; ++q) {
+            const int4 d = dcur[q];
+            with_code_width(d.z & 0xff, [&](auto b) {
+              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow>(ring, xit, xs, d, q, s0, header, gc, acc1);
+            });
+          }
+        }
+      } else if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
         with_code_width(bits0,
                         [&](auto b) { tc_iter<MT, decltype(b)::value, T>(ring, xs, dcur, s0, header, gc, acc); });
       } else {
@@ -415,6 +536,53 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT>::kMinBlocks)
     cp_async_wait<0>();  // (copies past the stream's end were never issued; this is for form)
   }
 
+  if constexpr (kGather) {
+    // acc1[i][0] / [2] hold columns 16i + g / 16i + g + 8 of the warp's block (in all 8 columns
+    // of the transposed tile, the same value in each); lane t keeps one of the four.
+    const int hi = t & 1;
+    const float v = (t >> 1) ? (hi ? acc1[1][2] : acc1[1][0]) : (hi ? acc1[0][2] : acc1[0][0]);
+    const int col = warp * tc::kBlockCols + 16 * (t >> 1) + 8 * hi + g;  // in the tile
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (split > 1) {
+      float* red = reinterpret_cast<float*>(ring);
+      __syncthreads();  // every warp is done reading the ring
+      red[col] = v;
+      cluster_reduce_store<1>(red, rank, split, tid, 0, 1, tile, N, bias, out);
+      return;
+    }
+#endif
+    const std::int64_t n = tile * tc::kTileCols + col;
+    if (n < N) out[n] = from_float<T>(bias ? v + __half2float(bias[n]) : v);
+    return;
+  } else if constexpr (kT8) {
+    // acc1[i][e]: column 16i + g + 8 (e >> 1) of the warp's block, batch row 2t + (e & 1).
+    auto col = [&](int i, int e) { return warp * tc::kBlockCols + 16 * i + g + 8 * (e >> 1); };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (split > 1) {
+      static_assert(8 * tc::kTileCols <= kRingWords, "the reduction tile must fit the ring");
+      float* red = reinterpret_cast<float*>(ring);
+      __syncthreads();  // every warp is done reading the ring
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[(2 * t + (e & 1)) * tc::kTileCols + col(i, e)] = acc1[i][e];
+      cluster_reduce_store<8>(red, rank, split, tid, 0, M, tile, N, bias, out);
+      return;
+    }
+#endif
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const std::int64_t row = 2 * t + (e & 1);
+        const std::int64_t n = tile * tc::kTileCols + col(i, e);
+        if (row < M && n < N) {
+          const float v = acc1[i][e];
+          out[row * N + n] = from_float<T>(bias ? v + __half2float(bias[n]) : v);
+        }
+      }
+    return;
+  }
   // Output: lane holds rows g / g + 8 and columns 2t, 2t + 1 of each n8 tile.
   const std::int64_t n_block = tile * tc::kTileCols + warp * tc::kBlockCols;
   auto store = [&](int mt, int jj, int e, float v) {
@@ -471,8 +639,8 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
-/// kGather: m = 1, `xp` the caller's row itself (tc_gemm_kernel's kGather).
-template <int MT, class T, bool kGather = false>
+/// kGather: m = 1, `xp` the caller's row itself; kT8: m <= 8 (tc_gemm_kernel's).
+template <int MT, class T, bool kGather = false, bool kT8 = false>
 void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
                     cudaStream_t stream) {
   const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
@@ -493,13 +661,13 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, L.tc_blocks_per_sm[MT]);
   const int split = MT == 4 ? single_wave_split(L, tiles, 16, L.tc_blocks_per_sm[MT], 8)
                             : cluster_split(L, tiles, c16 ? 8 : 16, L.tc_blocks_per_sm[MT], c16 ? 16 : 8);
-  launch_clustered(tc_gemm_kernel<MT, T, kGather>,
+  launch_clustered(tc_gemm_kernel<MT, T, kGather, kT8>,
                    dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split), static_cast<unsigned>(mtiles)),
                    dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", xp, m, ldxp,
                    static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
                    static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                    static_cast<const __half*>(L.bias.get()), out, L.N, split,
-                   kGather ? L.kernel_perm() : static_cast<const int*>(nullptr));
+                   kGather ? static_cast<const int*>(L.tc_xsrc.get()) : static_cast<const int*>(nullptr));
 }
 
 }  // namespace
@@ -565,13 +733,19 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
     const void* mt1[] = {reinterpret_cast<const void*>(tc_gemm_kernel<1, __half>),
                          reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16>),
                          reinterpret_cast<const void*>(tc_gemm_kernel<1, __half, true>),
-                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16, true>)};
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16, true>),
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __half, false, true>),
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16, false, true>)};
     L.cluster16 = true;
     for (const void* k : mt1) {
       allow_cluster16(k);
       L.cluster16 = L.cluster16 && cluster16_launchable(k, kTcThreads);
     }
   }
+  L.tc_xsrc.allocate(static_cast<std::size_t>(L.num_chunks) * 32, "tc activation index");
+  tc_xsrc_kernel<<<grid_for(static_cast<std::int64_t>(L.num_chunks) * 32, kPackThreads), kPackThreads, 0, stream>>>(
+      L.kernel_perm(), static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks, L.tc_xsrc.get());
+  EXL2_CUDA_CHECK_LAUNCH("tc_xsrc_kernel");
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
   L.tc_gather_m1 = L.K * L.N < kTcGatherM1MaxWeights;
@@ -610,6 +784,8 @@ void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, c
   const __half* xph = reinterpret_cast<const __half*>(xpb);  // the kernel reads 16-bit values of T
   if (L.tc_wgmma && m >= L.tc_wgmma_min_rows)
     launch_tc_wgmma(L, xph, m, ldxp, out, stream);
+  else if (m <= 8)
+    launch_tc_rows<1, T, false, true>(L, xph, m, ldxp, out, stream);
   else if (m <= 16)
     launch_tc_rows<1>(L, xph, m, ldxp, out, stream);
   else if (m <= 32)

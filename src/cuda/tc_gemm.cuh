@@ -26,12 +26,14 @@ namespace exl2::detail::cuda {
 /// else more row tiles of the mma.sync kernel.
 constexpr int kTcMaxRows = 64;
 /// At m = 1 on layers of fewer weights (K * N) than this, the tc kernel gathers its activation
-/// row itself (tc_gemm_kernel's kGather) instead of after a gather launch into a scratch: on
-/// small layers the launch and the allocation are a large part of the call (H100, this version:
-/// 4096x4096 GPTQ-4 eager 11.7-12.5 us per call against 16.7-24.0 with the gather launch, GPU time
-/// 10.4-10.8 against 11.8-12.0 us), while on large ones the in-kernel descriptor -> perm -> x load
-/// chain cost more than the launch (an earlier session's A/B on the H100: 8192x28672 69.7 against
-/// 64.9 us, 14336x4096 27.5 against 26.6, 4096x4096 11.6 against 12.3).
+/// row itself (tc_gemm_kernel's kGather: the block's whole activation segment into shared memory
+/// before its loop, then the transposed mma) instead of after a gather launch into a scratch: on
+/// small layers the launch and the allocation are a large part of the call. On large ones the
+/// blocks' gather before their loop costs more than the launch. H100, same session, GPTQ-4 at
+/// m = 1, kGather against the gather launch + the transposed 8-row kernel (kT8): 4096x4096 9.1
+/// against 10.3 us, 14336x4096 18.4 against 19.3, 8192x28672 57.4 against 54.5 (EXL2 4.0 bpw:
+/// 58.2 against 54.7; 6.0 bpw: 83.1 against 78.0); the earlier kGather, which gathered each
+/// iteration's 128 activations through the chunk table and perm: 4096x4096 10.2-10.5 us.
 constexpr std::int64_t kTcGatherM1MaxWeights = std::int64_t{1} << 25;
 /// Where the layer has the wgmma kernel, it serves m from here on: its 64-row tiles beat the
 /// mma.sync kernel's at m = 33 and 64 on the four bench shapes (H200, GPTQ-4, same session:
