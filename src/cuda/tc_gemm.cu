@@ -270,8 +270,8 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
 }
 
 // ---------------------------------------------------------------------------------
-// m = 1 (kGather): the block gathers its whole activation segment once, and the mma runs
-// transposed, out^T = W^T x^T.
+// m <= 8 (kT8; kGather at m = 1 on small layers, which also gathers the block's whole activation
+// segment once): the mma runs transposed, out^T = W^T x^T.
 //
 // With one activation row, 15 of the 16 rows of the usual A tile are padding. Transposed, the
 // decoded weights are the A operand (the B fragments of n8 tiles 2i and 2i + 1 are exactly the
@@ -283,7 +283,7 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
 
 /// Chunks of the activation segment that kGather holds in shared memory (the xs array): a block
 /// gathers the activations of its first kSegChunks chunks before its loop and of the next ones
-/// each kSegChunks chunks (at most K / 32 / split chunks; 8192 x 28672 at split 8: 32).
+/// each kSegChunks chunks (a block has K / 32 / split chunks; 14336 x 4096 at split 16: 28).
 constexpr int kSegChunks = 64;
 
 /// Position of chunk row r (0..31) in the chunk's 32 halves of the kGather segment: word
@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][jj][e] = 0.0f;
-  float acc1[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // kGather (transposed tiles)
+  float acc1[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // kGather, kT8 (transposed tiles)
 
   if (cb < ce) {
     // The block's stream (chunk_range); its first chunk's header is read directly below when
