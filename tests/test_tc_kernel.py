@@ -221,14 +221,16 @@ def test_tc_routes_by_m(monkeypatch: pytest.MonkeyPatch) -> None:
                 assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL
 
 
-def test_tc_m1_gathers_inside_the_kernel_on_small_layers_only() -> None:
-    """m = 1 gathers the activation row inside the tc kernel on layers of fewer than 2^25 weights
-    (no tc_gather_x_kernel launch), and launches the gather first on larger ones; both against
+def test_tc_m1_gathers_inside_the_kernel_where_the_blocks_fit_one_wave() -> None:
+    """m = 1 gathers the activation row inside the tc kernel (no tc_gather_x_kernel launch) where
+    its blocks fit one wave, and launches the gather first where they do not (8 tiles of 128
+    columns per multiprocessor, more than the 6 blocks of the kernel that fit one); both against
     fp64, with act-order."""
     rng = np.random.default_rng(12)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     small = LAYERS["gptq_act_order"]
-    large = R.random_gptq(rng, 2048, 16384, group_size=128, act_order=True)  # 2^25 weights
-    for layer, gathers_first in ((small, False), (large, True)):
+    many_tiles = R.random_gptq(rng, 256, 128 * 8 * sms, group_size=128, act_order=True)
+    for layer, gathers_first in ((small, False), (many_tiles, True)):
         K = layer["weight"].shape[0]
         with build(layer, "cuda") as q:
             x = torch.from_numpy(random_x(rng, (1, K))).cuda()

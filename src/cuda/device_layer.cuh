@@ -236,7 +236,6 @@ struct DeviceLayer {
   bool tc_wgmma = false;
   int tc_wgmma_min_rows = 0;  // smallest m sent to it (tc_gemm.cu)
   int tc_wgmma_forced = -1;   // its shape for every m (EXL2_CUDA_WGMMA_CFG at construction), or -1
-  bool tc_gather_m1 = false;  // m = 1 gathers its row inside the tc kernel (kTcGatherM1MaxWeights)
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.
   const int* kernel_perm() const noexcept { return identity_perm ? nullptr : perm.get(); }

@@ -639,12 +639,9 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
-/// kGather: m = 1, `xp` the caller's row itself; kT8: m <= 8 (tc_gemm_kernel's).
-template <int MT, class T, bool kGather = false, bool kT8 = false>
-void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
-                    cudaStream_t stream) {
-  const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
-  if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
+/// The split-K factor (blocks per cluster) of launch_tc_rows<MT> with `mtiles` row tiles.
+template <int MT>
+int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles) {
   // Up to 8 blocks per cluster: measured on the H100 (EXL2_CUDA_MAX_SPLIT sweep, GPTQ-4, m = 4):
   // 4096x4096 13.3 us with 8 against 17.3 with 4, 14336x4096 30.3 against 43.7, 8192x28672
   // 73.3 against 78.0, 4096x14336 level.
@@ -659,8 +656,17 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   // 53.1 / 53.8 at 8; 4096x4096 and 14336x4096 unchanged (8 either way).
   const std::int64_t tiles = L.tc_tiles * mtiles;
   const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, L.tc_blocks_per_sm[MT]);
-  const int split = MT == 4 ? single_wave_split(L, tiles, 16, L.tc_blocks_per_sm[MT], 8)
-                            : cluster_split(L, tiles, c16 ? 8 : 16, L.tc_blocks_per_sm[MT], c16 ? 16 : 8);
+  return MT == 4 ? single_wave_split(L, tiles, 16, L.tc_blocks_per_sm[MT], 8)
+                 : cluster_split(L, tiles, c16 ? 8 : 16, L.tc_blocks_per_sm[MT], c16 ? 16 : 8);
+}
+
+/// kGather: m = 1, `xp` the caller's row itself; kT8: m <= 8 (tc_gemm_kernel's).
+template <int MT, class T, bool kGather = false, bool kT8 = false>
+void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
+                    cudaStream_t stream) {
+  const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
+  if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
+  const int split = tc_rows_split<MT>(L, mtiles);
   launch_clustered(tc_gemm_kernel<MT, T, kGather, kT8>,
                    dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split), static_cast<unsigned>(mtiles)),
                    dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", xp, m, ldxp,
@@ -748,7 +754,6 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   EXL2_CUDA_CHECK_LAUNCH("tc_xsrc_kernel");
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
-  L.tc_gather_m1 = L.K * L.N < kTcGatherM1MaxWeights;
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope; and the pack kernels read the canonical codes, scales and
   // zeros, which the tc stream replaces from here on (one copy of the codes per layer).
@@ -769,7 +774,8 @@ constexpr std::int64_t kTcSliceRows = 4096;
 
 template <class T>
 void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
-  if (m == 1 && L.tc_gather_m1) {  // decode on a small layer: the kernel gathers the row itself
+  // Decode where the blocks fit one wave: the kernel gathers the row itself (the rule: tc_gemm.cuh).
+  if (m == 1 && L.tc_tiles * tc_rows_split<1>(L, 1) <= resident_blocks(L, L.tc_blocks_per_sm[1])) {
     launch_tc_rows<1, T, true>(L, reinterpret_cast<const __half*>(x), 1, L.K, out, stream);
     return;
   }

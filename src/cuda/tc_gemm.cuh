@@ -25,16 +25,18 @@ namespace exl2::detail::cuda {
 /// (tc_wgmma.cu) where the layer has it (compute capability 9.0, sm_90a build: layer.tc_wgmma),
 /// else more row tiles of the mma.sync kernel.
 constexpr int kTcMaxRows = 64;
-/// At m = 1 on layers of fewer weights (K * N) than this, the tc kernel gathers its activation
-/// row itself (tc_gemm_kernel's kGather: the block's whole activation segment into shared memory
-/// before its loop, then the transposed mma) instead of after a gather launch into a scratch: on
-/// small layers the launch and the allocation are a large part of the call. On large ones the
-/// blocks' gather before their loop costs more than the launch. H100, same session, GPTQ-4 at
-/// m = 1, kGather against the gather launch + the transposed 8-row kernel (kT8): 4096x4096 9.1
-/// against 10.3 us, 14336x4096 18.4 against 19.3, 8192x28672 57.4 against 54.5 (EXL2 4.0 bpw:
-/// 58.2 against 54.7; 6.0 bpw: 83.1 against 78.0); the earlier kGather, which gathered each
-/// iteration's 128 activations through the chunk table and perm: 4096x4096 10.2-10.5 us.
-constexpr std::int64_t kTcGatherM1MaxWeights = std::int64_t{1} << 25;
+// m = 1 (tc_gemm.cu, launch_tc_slice): where the layer's blocks at m = 1 fit one wave (tiles x
+// split <= resident blocks), the tc kernel gathers its activation row itself (tc_gemm_kernel's
+// kGather: each block its whole activation segment into shared memory before its loop, then the
+// transposed mma); elsewhere a gather launch writes the permuted row into a scratch first and
+// the transposed 8-row kernel (kT8) reads it. In one wave every block pays the gather's latency
+// at the same time, alongside its first ring steps; over several waves each later block stalls
+// on it again. H100, GPTQ-4 at m = 1, kGather against the gather launch + kT8 (two A/Bs, each in
+// one session): 4096x4096 (one wave) 8.9 against 10.2 us, 4096x14336 (one wave) 16.5 against
+// 17.4, 14336x4096 (one wave) 17.8 against 18.5 (all EXL2 widths likewise), 8192x28672 (2.3
+// waves) 55.2 against 55.3 (EXL2 4.0 bpw: 57.1 against 55.4; 6.0 bpw: 80.4 against 79.0);
+// the earlier kGather, which gathered each iteration's 128 activations through the chunk table
+// and perm: 4096x4096 10.2-10.5 us.
 /// Where the layer has the wgmma kernel, it serves m from here on: its 64-row tiles beat the
 /// mma.sync kernel's at m = 33 and 64 on the four bench shapes (H200, GPTQ-4, same session:
 /// 8192x28672 121.8 / 131.9 against 132.0 / 137.1 us, 14336x4096 44.5 / 49.2 against 50.2 / 52.4,
