@@ -7,7 +7,9 @@
 #      (built through the host), float16 and bfloat16 activations, every bit width incl.
 #      codes straddling words, short last groups,
 #      act-order, bias / no bias, N not a multiple of the tile widths, m in every kernel
-#      bucket (GEMV m <= 8, 64x64 and 128x128 MMA tiles), x / out at odd (2-byte aligned)
+#      bucket (GEMV m <= 8, 64x64 and 128x128 MMA tiles; tensor-core kernel: m = 1 gathering
+#      in the kernel, over two activation segments too, m <= 8 transposed, 16/32/64-row tiles,
+#      wgmma), x / out at odd (2-byte aligned)
 #      addresses, host- and device-resident construction inputs, NaN-checked scales,
 #      dequantize, side streams, a close() while a GEMM is still queued; results are
 #      checked against the numpy reference; it runs twice, the second time with the
@@ -173,6 +175,16 @@ for fmt, layer in (cases[1], cases[3]):
     q = build(layer, fmt, True, True)
     check(q, layer["weight"], layer["bias"], [1, 9, 17, 65], dtypes=(torch.bfloat16,))
     q.close()
+
+# one block per tile (EXL2_CUDA_MAX_SPLIT=1, read at construction): at m = 1 a block's 71 chunks
+# span two of the tensor-core kernel's 64-chunk activation segments (kGather)
+import os
+os.environ["EXL2_CUDA_MAX_SPLIT"] = "1"
+seg = R.random_exl2(rng, 2272, 72, bits=[(6, 96), (4, 1280), (3, 544), (5, 352)], bias=True)
+q = build(seg, "exl2", True, True)
+del os.environ["EXL2_CUDA_MAX_SPLIT"]
+check(q, seg["weight"], seg["bias"], [1, 2, 5], dtypes=(torch.float16, torch.bfloat16))
+q.close()
 
 # the 128x128 MMA tiles: m >= 256 and ceil(m/128) * ceil(N/128) >= 256
 big = R.random_gptq(rng, 256, 8192, group_size=64, act_order=True)
