@@ -439,20 +439,16 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
   cluster.sync();
   const int share = (kRows * tc::kTileCols) / split;
   for (int i = rank * share + tid; i < (rank + 1) * share; i += kTcThreads) {
+    float sum = 0.0f;
+    for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(const_cast<float*>(red), q)[i];
     const std::int64_t row = m0 + i / tc::kTileCols;
     const std::int64_t n = tile * tc::kTileCols + i % tc::kTileCols;
-    if (row < M && n < N) {  // (only elements that are stored are read: see the barrier below)
-      float sum = 0.0f;
-      for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(const_cast<float*>(red), q)[i];
+    if (row < M && n < N) {
       if (bias) sum += __half2float(bias[n]);
       out[row * N + n] = from_float<T>(sum);
     }
   }
-  // Keep this block's shared memory alive until every rank has read it. Execution order is all
-  // this barrier needs: every remote load a thread issued has returned before its arrive, since
-  // the store above consumes its value and a warp issues in order. So the arrive is relaxed:
-  // cluster.sync()'s release arrive costs a MEMBAR.ALL.GPU per thread, a GPU-scope fence.
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+  cluster.sync();
 #else
   (void)red, (void)rank, (void)split, (void)tid, (void)m0, (void)M, (void)tile, (void)N, (void)bias, (void)out;
   __trap();
