@@ -423,6 +423,49 @@ __device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_
   return chunk_lane_word(d, b, s0, static_cast<int>(threadIdx.x) & 31, static_cast<int>(threadIdx.x) >> 5);
 }
 
+// ---------------------------------------------------------------------------------
+// Push-based split-K for one output row (tc_gemm_kernel's kGather): each block sends every
+// partial value straight into the shared memory of the block that sums it (st.async, completed
+// on that block's mbarrier), so no block reads another's shared memory and no cluster barrier
+// with a GPU-scope fence is needed at the end (cluster_reduce_store needs two).
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+/// An mbarrier for one arrival that completes once `bytes` have landed; made visible to the
+/// cluster by the relaxed cluster arrive that follows (cluster_arrive_relaxed).
+__device__ __forceinline__ void push_row_init(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n"
+               "fence.mbarrier_init.release.cluster;\n"
+               "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); }
+/// st.async of v to `addr` (this CTA's shared-window address) in cluster block `rank`, completing
+/// 4 bytes on that block's mbarrier at `bar` (likewise).
+__device__ __forceinline__ void push_f32(unsigned addr, unsigned bar, unsigned rank, float v) {
+  asm volatile("{\n .reg .b32 ra, rb;\n"
+               " mapa.shared::cluster.u32 ra, %0, %2;\n"
+               " mapa.shared::cluster.u32 rb, %1, %2;\n"
+               " st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [ra], %3, [rb];\n}\n" ::"r"(addr),
+               "r"(bar), "r"(rank), "r"(__float_as_uint(v))
+               : "memory");
+}
+/// Waits until phase 0 of the mbarrier at `bar` has completed (every pushed byte has landed).
+__device__ __forceinline__ void push_row_wait(unsigned bar) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar)
+                 : "memory");
+}
+#endif
+
 /// Split-K over a thread-block cluster (compute capability 9.0+), after every block of the
 /// cluster has written its fp32 partial tile (kRows x 128 columns, row-major) to its own shared
 /// memory `red`: block `rank` of `split` adds a 1/split share of the tile over ranks 0..split-1 in

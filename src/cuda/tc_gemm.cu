@@ -365,6 +365,12 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   __shared__ __align__(128) std::uint32_t ring[kRingWords];
   __shared__ __align__(16) __half xs[R * S::kXRow];
   __shared__ int4 dring[2][Q];  // descriptors of the current and the next iteration's chunks
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // kGather with split-K: the partials pushed to this block, [sender rank][its share], and the
+  // mbarrier that counts their bytes (push_f32).
+  __shared__ float rrow[kGather ? tc::kTileCols : 1];
+  __shared__ __align__(8) std::uint64_t rbar;
+#endif
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31;
@@ -375,6 +381,14 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.z) * R;
   const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kGather) {
+    if (split > 1) {  // the receive mbarrier, initialised before any block of the cluster pushes
+      if (tid == 0) push_row_init(smem_u32(&rbar), tc::kTileCols * sizeof(float));
+      cluster_arrive_relaxed();  // (waited for before pushing, at the end)
+    }
+  }
+#endif
   const int cb = static_cast<int>(static_cast<std::int64_t>(num_chunks) * rank / split);
   const int ce = static_cast<int>(static_cast<std::int64_t>(num_chunks) * (rank + 1) / split);
 
@@ -544,10 +558,20 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     const int col = warp * tc::kBlockCols + 16 * (t >> 1) + 8 * hi + g;  // in the tile
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (split > 1) {
-      float* red = reinterpret_cast<float*>(ring);
-      __syncthreads();  // every warp is done reading the ring
-      red[col] = v;
-      cluster_reduce_store<1>(red, rank, split, tid, 0, 1, tile, N, bias, out);
+      // Rank r sums columns r * share .. of the tile: every block pushes its value of column col
+      // to slot [its rank][col % share] of that column's owner; the owner waits for all
+      // split * share values and adds them in rank order (deterministic, the order of
+      // cluster_reduce_store). A block exits only after everything pushed to it has landed.
+      const int share = tc::kTileCols / split;
+      cluster_wait();  // every block's mbarrier is initialised
+      push_f32(smem_u32(&rrow[rank * share + col % share]), smem_u32(&rbar), static_cast<unsigned>(col / share), v);
+      if (tid < share) {
+        push_row_wait(smem_u32(&rbar));
+        float sum = 0.0f;
+        for (int q = 0; q < split; ++q) sum += rrow[q * share + tid];
+        const std::int64_t n = tile * tc::kTileCols + rank * share + tid;
+        if (n < N) out[n] = from_float<T>(bias ? sum + __half2float(bias[n]) : sum);
+      }
       return;
     }
 #endif
