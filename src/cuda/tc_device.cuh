@@ -46,6 +46,10 @@ static_assert((kRingWords & (kRingWords - 1)) == 0, "the ring is indexed with a 
 // ---------------------------------------------------------------------------------
 // PTX helpers (compute capability 8.0+; below it layers keep the canonical layout: build_tc_layout).
 // ---------------------------------------------------------------------------------
+/// A shared-memory pointer as the 32-bit shared-window address PTX's .shared operands take.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
 __device__ __forceinline__ __half2 u32_as_h2(std::uint32_t u) {
   __half2 h;
   std::memcpy(&h, &u, 4);
@@ -86,7 +90,7 @@ __device__ __forceinline__ void cp_async_wait() {
 /// supplied per lane as for mma.m16n8k16's a0..a3).
 __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&a)[4], const void* smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned s = smem_u32(smem);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
                : "r"(s));
@@ -371,7 +375,7 @@ struct RingFill {
   __device__ __forceinline__ RingFill(const std::uint32_t* tsrc, std::int64_t s0, std::int64_t s1, int t,
                                       const std::uint32_t* ring)
       : src(tsrc + s0 * tc::kUnitWords + t * 4),
-        ring_s(static_cast<unsigned>(__cvta_generic_to_shared(ring))),
+        ring_s(smem_u32(ring)),
         dst_off(static_cast<unsigned>(t * 4)),
         steps0((static_cast<int>(s1 - s0) - t / 32 + kStepUnits - 1) / kStepUnits),
         steps1((static_cast<int>(s1 - s0) - 4 - t / 32 + kStepUnits - 1) / kStepUnits) {
@@ -429,10 +433,6 @@ __device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_
 // on that block's mbarrier), so no block reads another's shared memory and no cluster barrier
 // with a GPU-scope fence is needed at the end (cluster_reduce_store needs two).
 // ---------------------------------------------------------------------------------
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 /// An mbarrier for one arrival that completes once `bytes` have landed; made visible to the
 /// cluster by the relaxed cluster arrive that follows (cluster_arrive_relaxed).

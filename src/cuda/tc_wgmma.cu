@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     // iteration past ce read the next row or the scratch's tail padding (unused: only its nq
     // chunks run).
     const std::int64_t rows_here = M - m0;  // > 0
-    const unsigned smem_s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const unsigned smem_s = smem_u32(smem);
     const unsigned xs_s = smem_s + static_cast<unsigned>(WG * S::kRingBytes);
     if ((xs_s & 1023u) != 0) __trap();  // swizzle atoms must be 1024-byte aligned
     const __half* __restrict__ xblock = xp + m0 * ldxp;
