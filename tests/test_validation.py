@@ -342,6 +342,14 @@ def test_awq_qzeros_shape() -> None:
         make_awq(qzeros=AWQ["qzeros"][:, :2].contiguous())
 
 
+def test_awq_qweight_columns_that_qzeros_and_scales_disagree_with() -> None:
+    """qzeros and scales agreeing on N while qweight does not (e.g. a transposed qweight): the error
+    names qweight (found by the fuzz tests: it used to name qzeros)."""
+    q = AWQ["qweight"]
+    with pytest.raises(ValueError, match=r"qweight: expected shape \[K, N/8\] with N/8 = 4 \(qzeros is"):
+        make_awq(qweight=q.reshape(q.shape[0] // 2, q.shape[1] * 2).contiguous())
+
+
 def test_awq_scales_shape() -> None:
     with pytest.raises(ValueError, match=r"scales: expected shape \[G, N\] = \[4, 32\] \(N = 8 \* qweight columns\)"):
         make_awq(scales=AWQ["scales"][:, :16].contiguous())
@@ -355,8 +363,8 @@ def test_awq_groups_divide_rows() -> None:
 
 
 def test_gptq_checkpoint_given_to_from_awq() -> None:
-    # GPTQ qweight [K/8, N] read as AWQ's [K, N/8]: the scales' width cannot match
-    with pytest.raises(ValueError, match=r"(qzeros|scales): expected shape \[G, N"):
+    # GPTQ qweight [K/8, N] read as AWQ's [K, N/8]: qzeros and scales agree on N, qweight does not
+    with pytest.raises(ValueError, match=r"qweight: expected shape \[K, N/8\].*a GPTQ checkpoint .*from_gptq"):
         exl2.QMatrix.from_awq(GPTQ["qweight"], GPTQ["qzeros"], GPTQ["scales"])
 
 

@@ -18,6 +18,15 @@ ValidatedAwq validate_awq(const AwqWeights& w, Device target, cudaStream_t strea
   m.N = w.qweight.shape[1] * 8;  // 8 columns per word
   m.G = w.qzeros.shape[0];
   if (w.qzeros.shape[1] != w.qweight.shape[1]) {
+    // Blame the tensor the other two disagree with: qzeros [G, N/8] and scales [G, N] agreeing on
+    // N (say a transposed qweight) make qweight the odd one out.
+    if (w.scales.shape == std::vector<std::int64_t>{w.qzeros.shape[0], w.qzeros.shape[1] * 8}) {
+      fail_value("qweight: expected shape [K, N/8] with N/8 = ", w.qzeros.shape[1], " (qzeros is [G, N/8] = ",
+                 w.qzeros.shape_str(), ", scales [G, N] = ", w.scales.shape_str(), "), got ", w.qweight.shape_str(),
+                 w.qweight.shape[1] == w.scales.shape[1]
+                     ? "; a GPTQ checkpoint (qweight [K/8, N], packed along K) goes to QMatrix.from_gptq"
+                     : "");
+    }
     fail_value("qzeros: expected shape [G, N/8] with N/8 = ", w.qweight.shape[1], " (qweight is [K, N/8] = ",
                w.qweight.shape_str(), "), got ", w.qzeros.shape_str());
   }
