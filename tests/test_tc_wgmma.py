@@ -38,9 +38,10 @@ def _wgmma_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 1 << 30)
 
 
-# The kernel's shapes (EXL2_CUDA_WGMMA_CFG, tc_wgmma.cu): rows per block, 4-warp groups, chunks
-# per iteration; None: the default choice by m.
-CONFIGS = [None, "0", "1", "2"]
+# The kernel shapes (EXL2_CUDA_WGMMA_CFG, tc_wgmma.cu): rows per block and 4-warp groups (0-2),
+# the warp-specialised kernel with 128 or 256 rows (3, 4, tc_wgmma_ws.cu); None: the default
+# choice by m.
+CONFIGS = [None, "0", "1", "2", "3", "4"]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -73,8 +74,10 @@ def test_wgmma_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch
     check_one_hot_rows(LAYERS[name], dtype, (64, 128, 200), min_rows=17)
 
 
-@pytest.mark.parametrize("m", [33, 65, 256])
-def test_wgmma_deterministic_and_graph_safe(m: int) -> None:
+@pytest.mark.parametrize("m,cfg", [(33, None), (65, None), (256, None), (256, "4"), (300, "3")])
+def test_wgmma_deterministic_and_graph_safe(m: int, cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    if cfg is not None:  # the warp-specialised kernel (its TMA descriptor is made per call)
+        monkeypatch.setenv("EXL2_CUDA_WGMMA_CFG", cfg)
     layer = LAYERS["exl2_mixed"]
     x = torch.from_numpy(random_x(np.random.default_rng(2), (m, 1024))).cuda()
     with build(layer, "cuda") as q:
@@ -82,15 +85,17 @@ def test_wgmma_deterministic_and_graph_safe(m: int) -> None:
 
 
 def test_wgmma_large_layer_runs_the_kernel() -> None:
-    """A layer with more tiles than one wave holds (no split) and act-order, at m = 256 and 257."""
+    """A layer with more tiles than one wave holds (no split), an odd tile count and act-order: the
+    register-operand kernel at m = 128, the warp-specialised one at m = 129, 256, 257 and 512."""
     rng = np.random.default_rng(3)
-    layer = R.random_gptq(rng, 2048, 128 * 300, group_size=128, act_order=True, bias=True)
+    layer = R.random_gptq(rng, 2048, 128 * 301, group_size=128, act_order=True, bias=True)
     with build(layer, "cuda") as q:
-        for m in (256, 257):
+        for m, kernel in ((128, "tc_wgmma_kernel"), (129, "tc_wgmma_ws_kernel"), (256, "tc_wgmma_ws_kernel"),
+                          (257, "tc_wgmma_ws_kernel"), (512, "tc_wgmma_ws_kernel")):
             x = torch.from_numpy(random_x(rng, (m, 2048))).cuda()
             kernels = _kernels_run(lambda: q.matmul(x))
             if kernels:  # (compute-sanitizer excludes the CUDA profiler)
-                assert _ran(kernels, "tc_wgmma_kernel") and not _ran(kernels, "tc_gemm_kernel"), sorted(kernels)
+                assert _ran(kernels, kernel) and not _ran(kernels, "tc_gemm_kernel"), sorted(kernels)
             assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
 
 
@@ -105,15 +110,19 @@ def test_wgmma_bfloat16_within_bound(name: str) -> None:
 
 
 def test_wgmma_routing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a wgmma GPU (the default tc layout): m <= 32 runs the mma.sync tc kernel, 33 <= m <= 256 the
-    wgmma kernel on a layer of at least 2^25 weights, larger m the Python API's dense route
-    (dequantize + cuBLAS); on a smaller layer the dense route from m = 65 on."""
+    """On a wgmma GPU (the default tc layout): m <= 32 runs the mma.sync tc kernel, 33 <= m <= 128 the
+    wgmma kernel on a layer of at least 2^25 weights, 129 <= m <= 512 the warp-specialised wgmma
+    kernel where its blocks fill the GPU (else the wgmma kernel up to 256), larger m the Python
+    API's dense route (dequantize + cuBLAS); on a smaller layer the dense route from m = 65 on."""
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 64)
     rng = np.random.default_rng(6)
-    large = R.random_gptq(rng, 2048, 16384, group_size=128)
+    large = R.random_gptq(rng, 2048, 16384, group_size=128)  # 128 tiles
+    few_tiles = R.random_gptq(rng, 8192, 4096, group_size=128)  # 32 tiles
     small = LAYERS["gptq_act_order"]
     for layer, cases in ((large, ((32, "tc_gemm_kernel"), (33, "tc_wgmma_kernel"), (65, "tc_wgmma_kernel"),
-                                  (256, "tc_wgmma_kernel"), (257, None))),
+                                  (128, "tc_wgmma_kernel"), (129, "tc_wgmma_ws_kernel"), (256, "tc_wgmma_ws_kernel"),
+                                  (512, "tc_wgmma_ws_kernel"), (513, None))),
+                         (few_tiles, ((129, "tc_wgmma_kernel"), (256, "tc_wgmma_kernel"), (257, None))),
                          (small, ((64, "tc_wgmma_kernel"), (65, None)))):
         K = layer["weight"].shape[0]
         with build(layer, "cuda") as q:
@@ -122,7 +131,7 @@ def test_wgmma_routing(monkeypatch: pytest.MonkeyPatch) -> None:
                 kernels = _kernels_run(lambda: q.matmul(x))
                 if not kernels:  # (compute-sanitizer excludes the CUDA profiler)
                     pytest.skip("the CUDA profiler recorded no kernels")
-                tc = {k for k in kernels if "tc_gemm_kernel" in k or "tc_wgmma_kernel" in k}
+                tc = {k for k in kernels if "tc_gemm_kernel" in k or "tc_wgmma" in k}
                 where = f"{K}x{q.out_features} m={m}"
                 if kernel is None:
                     assert not tc, f"{where}: expected the dense route, ran {sorted(kernels)}"

@@ -65,13 +65,20 @@ _TC_MAX_ROWS = 64
 # m = 128 on (H200, 4096x4096: 42.7 against about 28 us).
 _WGMMA_MAX_ROWS = 256
 _WGMMA_MIN_WEIGHTS = 1 << 25
+# Up to m = _WS_MAX_ROWS where the warp-specialised wgmma kernel (src/cuda/tc_wgmma_ws.cu) runs:
+# its blocks of 128 columns x 256 rows fill at least 4/5 of the multiprocessors at m = 512 (the
+# rule of tc_wgmma.cu's config_for). H100, one session (GPTQ-4, m = 512): 8192x28672 572 us
+# against 606 for the dense route, 4096x14336 154 against 161; at m = 2048 the dense route wins
+# (1668 against 2116 us on 8192x28672).
+_WS_MAX_ROWS = 512
 
 
-def _native_max_rows(device: torch.device, weights: int, tensor_core_layout: bool) -> int:
+def _native_max_rows(device: torch.device, weights: int, tensor_core_layout: bool, n: int) -> int:
     """The largest m that matmul on `device` sends to the library's own kernels instead of the
-    dense route (besides _DENSE_MIN_ROWS), for a layer of `weights` = K * N: 0 for the canonical
-    layout, else _TC_MAX_ROWS, or _WGMMA_MAX_ROWS where the wgmma kernel runs and the layer is
-    large enough."""
+    dense route (besides _DENSE_MIN_ROWS), for a layer of `weights` = K * N weights and N = `n`
+    columns: 0 for the canonical layout, else _TC_MAX_ROWS, or where the wgmma kernels run and
+    the layer is large enough _WGMMA_MAX_ROWS, or _WS_MAX_ROWS where the warp-specialised kernel
+    takes m = 257.._WS_MAX_ROWS."""
     if device.type != "cuda" or not tensor_core_layout:
         return 0
     if weights < _WGMMA_MIN_WEIGHTS:
@@ -79,6 +86,10 @@ def _native_max_rows(device: torch.device, weights: int, tensor_core_layout: boo
     index = device.index if device.index is not None else torch.cuda.current_device()
     if torch.cuda.get_device_capability(index) == (9, 0) and any(
             a.startswith("90a") for a in _ext.cuda_architectures().split()):
+        tiles = -(-n // 128)
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        if tiles * (-(-_WS_MAX_ROWS // 256)) * 5 >= sms * 4:
+            return _WS_MAX_ROWS
         return max(_TC_MAX_ROWS, _WGMMA_MAX_ROWS)
     return _TC_MAX_ROWS
 
@@ -154,7 +165,7 @@ class QMatrix:
         self._k = int(native.in_features)  # cached: read on every matmul
         self._n = int(native.out_features)
         # cached: read on every matmul
-        self._native_rows = _native_max_rows(device, self._k * self._n, bool(native.tensor_core_layout))
+        self._native_rows = _native_max_rows(device, self._k * self._n, bool(native.tensor_core_layout), self._n)
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -201,7 +201,7 @@ struct DeviceLayer {
   int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)
   int mma_blocks_per_sm[2] = {};    // small tile, large tile
   int tc_blocks_per_sm[5] = {};     // index: m tiles of 16 rows (1, 2, 4); tc layout only
-  int tc_wgmma_blocks_per_sm[3] = {};  // wgmma kernel shapes (tc_wgmma.cu); tc layout only
+  int tc_wgmma_blocks_per_sm[5] = {};  // wgmma kernel shapes (tc_wgmma.cu); tc layout only
   // The bfloat16 mma_kernel runs code compiled for compute capability 8.0+ on this
   // device (wmma bfloat16); false: bfloat16 with m > 16 uses GEMV slices (gemm.cu).
   bool mma_bf16 = false;
@@ -231,6 +231,7 @@ struct DeviceLayer {
   DeviceBuffer<int> tc_xsrc;          // [num_chunks * 32] row of x per chunk row, -1 past its rows (m = 1)
   std::int64_t tc_tiles = 0;          // ceil(N / 128)
   std::int64_t tc_tile_words = 0;     // words of one tile's stream (128 per unit)
+  int tc_ring_ahead = 2;              // ring steps a kernel may copy ahead (tc::ring_lookahead, 4-chunk iterations)
   // The tc layout may use the wgmma kernel (tc_wgmma.cu) for m > kTcMaxRows: compute capability
   // 9.0 and the build holds its sm_90a code (query_tc_wgmma).
   bool tc_wgmma = false;

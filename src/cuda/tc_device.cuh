@@ -86,6 +86,20 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+/// Waits until at most n of this thread's cp.async groups are pending (n clamped to 0..7).
+__device__ __forceinline__ void cp_async_wait_at_most(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+  }
+}
+
 /// The four 8x8 matrices of a 16x16 fp16 A fragment from shared memory (row addresses
 /// supplied per lane as for mma.m16n8k16's a0..a3).
 __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&a)[4], const void* smem) {

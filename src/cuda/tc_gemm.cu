@@ -67,6 +67,7 @@ struct StreamTables {
   std::vector<int4> chunks;           // { row0, first code unit, bits | rows << 8 | flags, header unit }
   std::vector<std::int32_t> header;   // [G] header unit of each group
   std::int64_t units = 0;
+  int ring_ahead = 0;                 // tc::ring_lookahead for iterations of 4 chunks
 };
 
 StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t G) {
@@ -86,6 +87,8 @@ StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t
   t.units = tc::place_units(n, group.data(), bits.data(), unit0.data(), header.data());
   if (t.units < 0) internal_error("tc layout: chunks are not in group order");
   if (t.units > 0x7fffffffLL / tc::kUnitWords) internal_error("tc layout: stream too long");
+  t.ring_ahead = tc::ring_lookahead(n, unit0.data(), header.data(), bits.data(), 4, kRingSteps, kStepUnits);
+  if (t.ring_ahead < kLookahead) internal_error("tc layout: an iteration's chunks do not fit the ring");
   t.chunks.resize(canonical.size());
   t.header.assign(static_cast<std::size_t>(G), -1);
   for (int c = 0; c < n; ++c) {
@@ -735,6 +738,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   const StreamTables tables = make_stream_tables(chunks_host, L.G);
   L.tc_tiles = (L.N + tc::kTileCols - 1) / tc::kTileCols;
   L.tc_tile_words = tables.units * tc::kUnitWords;
+  L.tc_ring_ahead = tables.ring_ahead;
   L.tc_chunks.allocate(tables.chunks.size(), "tc chunk table");
   EXL2_CUDA_CHECK(cudaMemcpyAsync(L.tc_chunks.get(), tables.chunks.data(), tables.chunks.size() * sizeof(int4),
                                   cudaMemcpyHostToDevice, stream));

@@ -81,6 +81,29 @@ inline std::int64_t place_units(int n, const int* group, const int* bits, std::i
   return u;
 }
 
+/// Steps of lookahead for a kernel ring of `ring_steps` steps of `step_units` units whose
+/// iterations consume q consecutive chunks (placed by place_units). A kernel refills the ring
+/// only after the barrier that ends the previous iteration, up to `ahead` steps past the last
+/// step the current iteration reads; step p overwrites step p - ring_steps, so the iteration's
+/// data (from its first chunk's header unit when that chunk starts a group, else its first code
+/// unit, to its last chunk's last unit) must span at most ring_steps - ahead steps. A span of
+/// u units covers at most (u + step_units - 2) / step_units + 1 steps (it may start on a step's
+/// last unit: blocks of a split start anywhere). Returns the largest safe `ahead` over every
+/// window of q chunks: 2 for 8-bit codes (4 chunks of 8 units and 4 headers), 5 for 4-bit codes
+/// in groups of 128 rows (17 units).
+inline int ring_lookahead(int n, const std::int64_t* unit0, const std::int64_t* header, const int* bits, int q,
+                          int ring_steps, int step_units) {
+  std::int64_t span_units = 0;
+  for (int c = 0; c < n; ++c) {
+    const int last = c + q - 1 < n ? c + q - 1 : n - 1;
+    const std::int64_t begin = unit0[c] == header[c] + 1 ? header[c] : unit0[c];
+    const std::int64_t end = unit0[last] + bits[last];
+    if (end - begin > span_units) span_units = end - begin;
+  }
+  const std::int64_t span_steps = (span_units + step_units - 2) / step_units + 1;
+  return static_cast<int>(ring_steps - span_steps);
+}
+
 /// Flags in bits 16 and up of a tc chunk descriptor's `z` (bits | rows << 8 below them):
 /// chunks c .. c + q - 1 all exist and share chunk c's bit width, for the kernel's iterations of
 /// q = 4 (MT = 1, 2) and q = 2 (MT = 4) chunks, which then run unrolled for that width without

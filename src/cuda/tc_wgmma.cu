@@ -35,17 +35,13 @@
 #include "cuda/tc_device.cuh"
 #include "cuda/tc_layout.hpp"
 #include "cuda/tc_wgmma.cuh"
+#include "cuda/tc_wgmma_ws.cuh"
+#include "cuda/wgmma_device.cuh"
 #include "cuda/wgmma_ops.cuh"
 
 namespace exl2::detail::cuda {
 
 namespace {
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define EXL2_WGMMA_ASM(text) asm volatile(text ::: "memory")
-#else
-#define EXL2_WGMMA_ASM(text) __trap()
-#endif
 
 // 1 in the device code compiled for sm_90a (read by query_tc_wgmma with cudaMemcpyFromSymbol),
 // 0 in every other compilation pass.
@@ -55,10 +51,6 @@ __device__ const int tc_wgmma_compiled = 1;
 __device__ const int tc_wgmma_compiled = 0;
 #endif
 
-/// Orders this thread's register writes before the warpgroup's next wgmma reads them.
-__device__ __forceinline__ void wgmma_fence() { EXL2_WGMMA_ASM("wgmma.fence.sync.aligned;\n"); }
-__device__ __forceinline__ void wgmma_commit() { EXL2_WGMMA_ASM("wgmma.commit_group.sync.aligned;\n"); }
-__device__ __forceinline__ void wgmma_wait_all() { EXL2_WGMMA_ASM("wgmma.wait_group.sync.aligned 0;\n"); }
 /// Marks the A registers as used here: placed after the wait for the wgmma that read them, it
 /// keeps them allocated until then, so that ptxas gives the next chunk's A fragments other
 /// registers instead of waiting for the group before decoding into the same ones.
@@ -68,25 +60,6 @@ __device__ __forceinline__ void keep_until_here(std::uint32_t (&a)[2][2][4]) {
 #pragma unroll
     for (int s = 0; s < 2; ++s)
       asm volatile("" : "+r"(a[h][s][0]), "+r"(a[h][s][1]), "+r"(a[h][s][2]), "+r"(a[h][s][3]));
-}
-
-/// Waits until at most one of the warpgroup's wgmma groups is pending.
-__device__ __forceinline__ void wgmma_wait_one() { EXL2_WGMMA_ASM("wgmma.wait_group.sync.aligned 1;\n"); }
-/// Makes this thread's completed shared-memory writes (here: cp.async) visible to wgmma.
-__device__ __forceinline__ void fence_proxy_async() { EXL2_WGMMA_ASM("fence.proxy.async.shared::cta;\n"); }
-
-/// Waits until at most n of this thread's cp.async groups are pending (n clamped to 0..7).
-__device__ __forceinline__ void cp_async_wait_at_most(int n) {
-  switch (n) {
-    case 0: cp_async_wait<0>(); break;
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    case 3: cp_async_wait<3>(); break;
-    case 4: cp_async_wait<4>(); break;
-    case 5: cp_async_wait<5>(); break;
-    case 6: cp_async_wait<6>(); break;
-    default: cp_async_wait<7>(); break;
-  }
 }
 
 /// R: activation rows per block (the wgmma N); WG: 4-warp groups per block, each with its own
@@ -119,15 +92,6 @@ struct WgShape {
   // Registers: R = 128 needs about 230 a thread (two blocks of one group, or one of two, per SM).
   static constexpr int kMinBlocks = R == 128 ? 2 / WG : (WG == 1 ? 3 : 1);
 };
-
-/// wgmma shared-memory descriptor fields of an operand at shared address `addr`: leading and stride
-/// byte offsets `lbo` / `sbo` (no swizzle: between core matrices adjacent in K / in the row
-/// dimension; 128-byte swizzle, K-major: lbo unused, sbo between 8-row groups). The caller sets
-/// the swizzle mode (bits 62-63).
-__device__ __forceinline__ std::uint64_t smem_desc(unsigned addr, unsigned lbo, unsigned sbo) {
-  return static_cast<std::uint64_t>((addr >> 4) & 0x3fffu) | (static_cast<std::uint64_t>((lbo >> 4) & 0x3fffu) << 16) |
-         (static_cast<std::uint64_t>((sbo >> 4) & 0x3fffu) << 32);
-}
 
 /// Byte offset, in an activation buffer, of k16 step s of chunk q (columns 32 q + 16 s ..): the
 /// buffer is 64-column atoms of R rows x 128 bytes (128-byte swizzle), and a k16 step advances 32
@@ -430,22 +394,31 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
                         static_cast<const __half*>(L.bias.get()), out, L.N, split);
 }
 
-/// The kernel shapes (R rows, WG 4-warp groups, Q chunks per iteration), indexed as
-/// DeviceLayer::tc_wgmma_blocks_per_sm.
-constexpr int kWgConfigs = 3;
+/// The kernel shapes (R rows, WG 4-warp groups), indexed as DeviceLayer::tc_wgmma_blocks_per_sm;
+/// then the warp-specialised kernel's (tc_wgmma_ws.cu) with 128 and 256 rows.
+constexpr int kWgConfigs = 5;
+constexpr int kWsConfig128 = 3, kWsConfig256 = 4;
 #define EXL2_WG_CONFIGS(X) X(0, 64, 1) X(1, 128, 2) X(2, 128, 1)
 
-/// The shape for m rows: 64-row tiles up to m = 64; above, 128-row tiles of two 128-column tiles
-/// per block (the activation tile shared by 256 columns) where those fill the GPU, else of one
-/// (whose chunk range may be split over a cluster); or the shape EXL2_CUDA_WGMMA_CFG forced at
-/// construction (query_tc_wgmma).
+/// The shape for m rows: 64-row tiles up to m = 64; from m = 129 the warp-specialised kernel's
+/// 256-row tiles where their blocks fill at least 4/5 of the multiprocessors (one tile per block,
+/// no split-K); else 128-row tiles of two 128-column tiles per block (the activation tile shared
+/// by 256 columns) where those fill the GPU, else of one (whose chunk range may be split over a
+/// cluster); or the shape EXL2_CUDA_WGMMA_CFG forced at construction (query_tc_wgmma).
+/// The warp-specialised kernel, H100, same session (GPTQ-4, m = 256 / 512): 8192 x 28672 291 /
+/// 572 us against 379 (this kernel) / 606 (the Python API's dense route), 4096 x 14336 76 / 154
+/// against 100 / 161; at m = 128 it lost on 8192 x 28672 (259 against 189 us; 1.7 waves of
+/// blocks), at m = 2048 to the dense route (2116 against 1668 us).
 int config_for(const DeviceLayer& L, std::int64_t m) {
   if (L.tc_wgmma_forced >= 0) return L.tc_wgmma_forced;
   if (m <= 64) return 0;
+  if (m > 128 && L.tc_wgmma_blocks_per_sm[kWsConfig256] > 0 &&
+      L.tc_tiles * ((m + 255) / 256) * 5 >= static_cast<std::int64_t>(L.sm_count) * 4)
+    return kWsConfig256;
   return ((m + 127) / 128) * ((L.tc_tiles + 1) / 2) >= L.sm_count ? 1 : 2;
 }
 
-/// EXL2_CUDA_WGMMA_CFG=0|1|2 at construction (a measurement and test knob): the shape for every
+/// EXL2_CUDA_WGMMA_CFG=0..4 at construction (a measurement and test knob): the shape for every
 /// m; -1 when unset or anything else.
 int forced_config_from_env() {
   const char* v = std::getenv("EXL2_CUDA_WGMMA_CFG");
@@ -462,6 +435,8 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
   case I: launch_rows<R, WG>(L, xp, m, ldxp, out, L.tc_wgmma_blocks_per_sm[I], stream); break;
     EXL2_WG_CONFIGS(EXL2_WG_LAUNCH)
 #undef EXL2_WG_LAUNCH
+    case kWsConfig128: launch_tc_wgmma_ws(L, xp, m, ldxp, 128, out, stream); break;
+    case kWsConfig256: launch_tc_wgmma_ws(L, xp, m, ldxp, 256, out, stream); break;
     default: internal_error("launch_tc_wgmma: no such shape");
   }
 }
@@ -477,9 +452,12 @@ void query_tc_wgmma(DeviceLayer& L) {
 #define EXL2_WG_QUERY(I, R, WG) L.tc_wgmma_blocks_per_sm[I] = blocks_per_sm<R, WG>();
   EXL2_WG_CONFIGS(EXL2_WG_QUERY)
 #undef EXL2_WG_QUERY
-  L.tc_wgmma = true;
-  for (int i = 0; i < kWgConfigs; ++i) L.tc_wgmma = L.tc_wgmma && L.tc_wgmma_blocks_per_sm[i] > 0;
+  L.tc_wgmma_blocks_per_sm[kWsConfig128] = tc_wgmma_ws_blocks_per_sm(128);
+  L.tc_wgmma_blocks_per_sm[kWsConfig256] = tc_wgmma_ws_blocks_per_sm(256);
+  L.tc_wgmma = true;  // (the warp-specialised shapes are optional: config_for checks them)
+  for (int i = 0; i < kWsConfig128; ++i) L.tc_wgmma = L.tc_wgmma && L.tc_wgmma_blocks_per_sm[i] > 0;
   L.tc_wgmma_forced = forced_config_from_env();
+  if (L.tc_wgmma_forced >= 0 && L.tc_wgmma_blocks_per_sm[L.tc_wgmma_forced] == 0) L.tc_wgmma_forced = -1;
 }
 
 void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,

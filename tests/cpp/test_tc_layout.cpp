@@ -187,6 +187,62 @@ static void check_place_units(std::mt19937& rng) {
   }
 }
 
+// Ring lookahead (tc::ring_lookahead): simulating every block start a split can give and every
+// iteration of 4 chunks from it, the steps an iteration's data spans plus the lookahead never
+// exceed the ring (8 steps of 8 units), so no refill overwrites data the iteration still reads;
+// and the bound is the documented one for uniform layers.
+static void check_ring_lookahead(std::mt19937& rng) {
+  const int widths[6] = {2, 3, 4, 5, 6, 8};
+  constexpr int kSteps = 8, kStepUnits = 8, kQ = 4;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 48);
+    const int rows_per_group = 1 << (rng() % 3);  // 1, 2 or 4 chunks per group
+    const bool mixed = trial % 2 == 1;
+    std::vector<int> group(n), bits(n);
+    int b = widths[rng() % 6];
+    for (int c = 0; c < n; ++c) {
+      group[c] = c / rows_per_group;
+      if (mixed && c % rows_per_group == 0) b = widths[rng() % 6];  // one width per group
+      bits[c] = b;
+    }
+    std::vector<std::int64_t> unit0(n), header(n);
+    tc::place_units(n, group.data(), bits.data(), unit0.data(), header.data());
+    const int ahead = tc::ring_lookahead(n, unit0.data(), header.data(), bits.data(), kQ, kSteps, kStepUnits);
+    if (ahead < 2) {
+      std::fprintf(stderr, "ring_lookahead: %d steps (< 2) for a layer of %d chunks\n", ahead, n);
+      ++g_failures;
+      return;
+    }
+    for (int cb = 0; cb < n; ++cb) {
+      auto begin = [&](int c) { return unit0[c] == header[c] + 1 ? header[c] : unit0[c]; };
+      const std::int64_t s0 = begin(cb);
+      for (int c0 = cb; c0 < n; c0 += kQ) {
+        const int last = c0 + kQ - 1 < n ? c0 + kQ - 1 : n - 1;
+        const std::int64_t first_step = (begin(c0) - s0) / kStepUnits;
+        const std::int64_t last_step = (unit0[last] + bits[last] - 1 - s0) / kStepUnits;
+        if (last_step - first_step + 1 + ahead > kSteps) {
+          std::fprintf(stderr, "ring_lookahead: %d steps ahead overwrite chunk %d's data (block from chunk %d)\n", ahead,
+                       c0, cb);
+          ++g_failures;
+          return;
+        }
+      }
+    }
+  }
+  // 4-bit codes in groups of 4 chunks: 17 units per iteration; 8-bit codes, one chunk per group: 36.
+  std::vector<int> group(16), bits4(16, 4), bits8(16, 8), group1(16);
+  for (int c = 0; c < 16; ++c) group[c] = c / 4, group1[c] = c;
+  std::vector<std::int64_t> unit0(16), header(16);
+  tc::place_units(16, group.data(), bits4.data(), unit0.data(), header.data());
+  const int a4 = tc::ring_lookahead(16, unit0.data(), header.data(), bits4.data(), kQ, kSteps, kStepUnits);
+  tc::place_units(16, group1.data(), bits8.data(), unit0.data(), header.data());
+  const int a8 = tc::ring_lookahead(16, unit0.data(), header.data(), bits8.data(), kQ, kSteps, kStepUnits);
+  if (a4 != 5 || a8 != 2) {
+    std::fprintf(stderr, "ring_lookahead: %d (4-bit, g128) and %d (8-bit, g32), expected 5 and 2\n", a4, a8);
+    ++g_failures;
+  }
+}
+
 // The uniform-iteration flags of the chunk descriptors: bit uniform_flag_bit(q) of chunk c is
 // set exactly when chunks c .. c + q - 1 exist and all have chunk c's width, and the flags sit
 // above the bits | rows << 8 fields.
@@ -221,6 +277,7 @@ int main() {
   check_header();
   check_place_units(rng);
   check_uniform_flags(rng);
+  check_ring_lookahead(rng);
   check_width<2>(rng);
   check_width<3>(rng);
   check_width<4>(rng);

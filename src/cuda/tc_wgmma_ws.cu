@@ -1,0 +1,353 @@
+// Hopper tensor-core kernel for m from 129 on large layers, on the tc stream layout
+// (tc_layout.hpp): warp-specialised, with both wgmma operands in shared memory.
+//
+// The product is computed transposed, out^T = W^T x^T, as in tc_wgmma.cu, but the roles are
+// split between the warpgroups of a block (3 x 128 threads) instead of every warpgroup
+// decoding the codes into its own registers between its wgmma:
+//   warpgroup 0 (the producer) streams the tile's 128 columns through the cp.async ring
+//     (RingFill, as every tc kernel, tc_ring_ahead steps ahead), decodes each chunk exactly as
+//     the other tc kernels do (decode_chunk: bit-exact dequantize() values) and stores the
+//     fragments with stmatrix into a stage's A tile; one of its threads copies the stage's
+//     activation tile (R rows x 64 columns of the gathered copy) with the tensor memory
+//     accelerator (TMA);
+//   warpgroups 1 and 2 (the consumers) each own 64 of the tile's columns and run
+//     wgmma.m64nRk16 on the stages, R = 128 or 256 activation rows, fp32 accumulators.
+// So the consumers hold only accumulators (R / 2 registers) and the decode runs concurrently
+// with the tensor cores instead of between their instructions.
+//
+// Stages (4): one per pair of chunks (64 rows of K). A stage holds
+//   A: the tile's 128 columns x 64 rows of K in the K-major 128-byte-swizzle layout wgmma reads
+//      (column n at 128 n bytes, its 16-byte piece c (8 rows of K) at 16 (c ^ (n & 7))): 16 KB;
+//   X: R activation rows x 64 columns in the same layout (TMA's 128-byte swizzle): R x 128 bytes.
+// mbarriers order them: full[s] (128 producer arrivals after their A writes and a proxy fence,
+// plus the TMA's bytes) and empty[s] (256 consumer arrivals once the wgmma that read the stage
+// have completed). The activations run 3 stages ahead of the decode. A pair with one chunk (the
+// last of an odd count) runs 2 of the 4 k16 steps.
+//
+// Measured on the H100 (8192 x 28672 GPTQ-4, A/Bs in one session; docs/performance.md): copying the activations with 16-byte cp.asyncs from the producer's
+// threads instead of TMA: 3239 against 2211 us at m = 2048; a cluster of two blocks on adjacent
+// column tiles sharing the activations by TMA multicast (half the L2 traffic, but a cluster-wide
+// release of every stage): 2448 against 2116 us. Without decode and wgmma the kernel's copies
+// and handshakes alone take 1176 us at m = 2048, so it serves m = 129..512, where it is the
+// fastest route (routing: tc_wgmma.cu's config_for), not prefill.
+//
+// Order: every output element is the sum over the chunks in order, k inside a chunk in the
+// instruction's order, in one accumulator: deterministic. Blocks of one column tile are
+// consecutive (blockIdx.x = row tile), so the blocks that read the same weight stream run
+// together and it comes from DRAM about once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <cstdint>
+#include <string>
+
+#include "core/cuda_backend.hpp"
+#include "cuda/cuda_check.cuh"
+#include "cuda/device_layer.cuh"
+#include "cuda/gemv.cuh"
+#include "cuda/tc_device.cuh"
+#include "cuda/tc_layout.hpp"
+#include "cuda/tc_wgmma_ws.cuh"
+#include "cuda/wgmma_device.cuh"
+#include "cuda/wgmma_ops.cuh"
+
+namespace exl2::detail::cuda {
+
+namespace {
+
+template <int R>
+struct WsShape {
+  static constexpr int kStages = 4;  // (R = 256: 196 KB of stages + the 32 KB ring)
+  static constexpr int kThreads = 3 * kTcThreads;
+  static constexpr int Q = 4;  // chunks per producer iteration (two stages)
+  static constexpr std::size_t kABytes = static_cast<std::size_t>(tc::kTileCols) * 128;
+  static constexpr std::size_t kXBytes = static_cast<std::size_t>(R) * 128;
+  static constexpr std::size_t kStageBytes = kABytes + kXBytes;  // a multiple of 1024
+  static constexpr std::size_t kRingBytes = kRingWords * 4;
+  static constexpr std::size_t kRingOffset = kStages * kStageBytes;
+  static constexpr std::size_t kDescOffset = kRingOffset + kRingBytes;  // int4 [2][Q]
+  static constexpr std::size_t kBarOffset = kDescOffset + 2 * Q * sizeof(int4);  // u64 full[S], empty[S]
+  static constexpr std::size_t kSmemBytes = kBarOffset + 2 * kStages * sizeof(std::uint64_t);
+  static constexpr int kAcc = R / 2;
+  static_assert(kStageBytes % 1024 == 0, "swizzle atoms are 1024-byte aligned");
+};
+
+template <int R, class T>
+__device__ __forceinline__ void ws_mma(float (&d)[R / 2], std::uint64_t adesc, std::uint64_t bdesc) {
+  if constexpr (R == 256) {
+    if constexpr (kIsBf16<T>) wgmma::wgmma_ss_m64n256k16_bf16(d, adesc, bdesc);
+    else wgmma::wgmma_ss_m64n256k16_f16(d, adesc, bdesc);
+  } else {
+    static_assert(R == 128, "R = 128 or 256");
+    if constexpr (kIsBf16<T>) wgmma::wgmma_ss_m64n128k16_bf16(d, adesc, bdesc);
+    else wgmma::wgmma_ss_m64n128k16_f16(d, adesc, bdesc);
+  }
+}
+
+/// Producer: chunk q (0 or 1) of a stage decoded into its A tile at shared address `a_s`: warp w's
+/// 32 columns, rows 32 q .. 32 q + 31 of the stage's 64.
+template <int B, class T>
+__device__ __forceinline__ void ws_decode_chunk(const std::uint32_t* ring, int wo, const GroupConsts& gc, unsigned a_s,
+                                                int q, int lane, int warp) {
+  std::uint32_t w[8];
+  ring_lane_words<B>(ring, wo, w);
+  std::uint32_t b[4][2][2];
+  decode_chunk<B, T>(w, gc, b);
+  // stmatrix: matrix i of half h, k16 step s = (columns 16h + 8 (i & 1) .., K rows 16 s + 8 (i >> 1)
+  // ..) of the warp's block: the A fragment a0..a3 = b[2h][s][0], b[2h+1][s][0], b[2h][s][1],
+  // b[2h+1][s][1]. Lane l gives row l % 8 of matrix l / 8.
+  const int mi = lane >> 3;
+  const unsigned n = static_cast<unsigned>(warp * 32 + (lane & 7) + 8 * (mi & 1));
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const unsigned nn = n + 16u * h;
+      const unsigned piece = static_cast<unsigned>(4 * q + 2 * s + (mi >> 1));
+      stmatrix_x4(a_s + nn * 128u + ((piece ^ (nn & 7u)) << 4), b[2 * h][s][0], b[2 * h + 1][s][0], b[2 * h][s][1],
+                  b[2 * h + 1][s][1]);
+    }
+}
+
+template <int R, class T>
+__global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
+    tc_wgmma_ws_kernel(std::int64_t M, const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
+                       const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
+                       T* __restrict__ out, std::int64_t N, int ahead, const __grid_constant__ CUtensorMap xmap) {
+  using S = WsShape<R>;
+  constexpr int kStages = S::kStages, Q = S::Q;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const unsigned smem_s = smem_u32(smem);
+  if ((smem_s & 1023u) != 0) __trap();  // swizzle atoms must be 1024-byte aligned
+  std::uint32_t* ring = reinterpret_cast<std::uint32_t*>(smem + S::kRingOffset);
+  int4* dring = reinterpret_cast<int4*>(smem + S::kDescOffset);
+  const unsigned full_s = smem_s + static_cast<unsigned>(S::kBarOffset);
+  const unsigned empty_s = full_s + kStages * 8u;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int grp = tid / kTcThreads;
+  const int lane = tid & 31;
+  const int warp = (tid % kTcThreads) >> 5;
+  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * R;
+  const std::int64_t tile = blockIdx.y;
+  const int pairs = (num_chunks + 1) / 2;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_s + 8u * s, kTcThreads);
+      mbar_init(empty_s + 8u * s, 2 * kTcThreads);
+    }
+  }
+  __syncthreads();
+
+  if (grp == 0) {
+    // ---- producer ----
+    const int g = lane >> 2;
+    const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
+    const ChunkRange cr = chunk_range(tc_chunks, 0, num_chunks);
+    const std::int64_t s0 = cr.s0;
+    RingFill fill(tsrc, s0, cr.s1, tid, ring);
+    // A stage's activations: one tensor-memory-accelerator copy of the box (64 columns, R rows)
+    // at column 64 p, row m0 of the gathered activations, which writes it in the 128-byte
+    // swizzle layout and completes its bytes on full[stage] (rows past M and columns past the
+    // last chunk arrive as zeros). 16-byte cp.asyncs by the producer's 128 threads measured 1.5x
+    // slower at m = 2048 (H100, 8192 x 28672 GPTQ-4: 3239 against 2211 us; without the decode and
+    // the wgmma, 2214 against 1176 us: the copies themselves).
+    auto issue_x = [&](int p) {
+      if (tid == 0) {
+        const int st = p % kStages;
+        tma_load_2d(smem_s + static_cast<unsigned>(st * S::kStageBytes + S::kABytes), &xmap, 64 * p,
+                    static_cast<int>(m0), full_s + 8u * st, static_cast<unsigned>(S::kXBytes));
+      }
+    };
+#pragma unroll 1
+    for (int p = 0; p < kStages - 1 && p < pairs; ++p) issue_x(p);
+    // The ring runs `ahead` steps ahead of the iteration's codes (tc::ring_lookahead: as far as
+    // the layer's widths allow; the producer is the ring's only reader).
+#pragma unroll 1
+    for (int p = 0; p < ahead; ++p) fill.issue_step();
+    GroupConsts gc;
+    int header = first_group_header<T>(tsrc, cr, g, warp, gc);
+    auto load_desc = [&](int c0) -> int4 {
+      const int c = c0 + lane;
+      return (tid < 32 && lane < Q && c < num_chunks) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
+    };
+    if (tid < Q) dring[tid] = load_desc(0);
+    int4 dnext = load_desc(Q);
+    named_barrier_sync(1, kTcThreads);
+
+#pragma unroll 1
+    for (int it = 0, c0 = 0; c0 < num_chunks; ++it, c0 += Q) {
+      const int nq = num_chunks - c0 < Q ? num_chunks - c0 : Q;
+      const int4* __restrict__ dcur = dring + (it & 1) * Q;
+      // (the barrier ending the previous iteration: every producer warp is done with its ring data)
+      {
+        const int4 dl = dcur[nq - 1];
+        const int last_step = static_cast<int>(static_cast<unsigned>(dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) /
+                                               static_cast<unsigned>(kStepUnits));
+#pragma unroll 1
+        while (fill.issued - ahead <= last_step) {
+          fill.issue_step();
+          cp_async_wait_at_most(ahead);
+        }
+      }
+      if (tid < Q) dring[((it + 1) & 1) * Q + tid] = dnext;
+      named_barrier_sync(1, kTcThreads);  // everyone's ring copies and the next descriptors
+      dnext = load_desc(c0 + 2 * Q);
+#pragma unroll 1
+      for (int h = 0; h < 2 && 2 * h < nq; ++h) {
+        const int p = it * 2 + h;  // the pair (stage) index
+        const unsigned a_s = smem_s + static_cast<unsigned>((p % kStages) * S::kStageBytes);
+        const int nc = nq - 2 * h < 2 ? nq - 2 * h : 2;
+#pragma unroll 1
+        for (int q = 0; q < nc; ++q) {
+          const int4 d = dcur[2 * h + q];
+          const int bits = d.z & 0xff;
+          load_group_header<T>(ring, d, bits, s0, header, gc, lane, warp);
+          const int wo = chunk_lane_word(d, bits, s0, lane, warp);
+          with_code_width(bits, [&](auto b) { ws_decode_chunk<decltype(b)::value, T>(ring, wo, gc, a_s, q, lane, warp); });
+        }
+        fence_proxy_async();  // the A tile's stmatrix writes, for the consumers' wgmma
+        mbar_arrive(full_s + 8u * (p % kStages));
+        // Once the consumers have released pair p - 1 (they run its wgmma while this pair was
+        // decoded): the activations of pair p + kStages - 1 into its stage. That release also
+        // frees the stage of pair p + 1 (consumers release in order).
+        if (p + kStages - 1 < pairs) {
+          const int q = p + kStages - 1;
+          if (q >= kStages) mbar_wait(empty_s + 8u * (q % kStages), (q / kStages - 1) & 1);
+          issue_x(q);
+        } else if (p + 1 < pairs && p + 1 >= kStages) {
+          mbar_wait(empty_s + 8u * ((p + 1) % kStages), ((p + 1) / kStages - 1) & 1);
+        }
+      }
+      named_barrier_sync(1, kTcThreads);  // every producer warp is done with this iteration's ring data
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  // ---- consumers: warpgroup 1 or 2, columns 64 (grp - 1) .. of the tile ----
+  const int cg = grp - 1;
+  float acc[S::kAcc];
+#pragma unroll
+  for (int e = 0; e < S::kAcc; ++e) acc[e] = 0.0f;
+#pragma unroll 1
+  for (int p = 0; p < pairs; ++p) {
+    const int st = p % kStages;
+    mbar_wait(full_s + 8u * st, (p / kStages) & 1);
+    const unsigned a_s = smem_s + static_cast<unsigned>(st * S::kStageBytes) + static_cast<unsigned>(cg) * 64u * 128u;
+    const unsigned x_s = smem_s + static_cast<unsigned>(st * S::kStageBytes + S::kABytes);
+    const std::uint64_t ad = smem_desc_sw128(a_s), xd = smem_desc_sw128(x_s);
+    wgmma_fence();
+    if (2 * p + 1 < num_chunks) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) ws_mma<R, T>(acc, ad + 2 * k, xd + 2 * k);  // + 32 bytes per k16 step
+    } else {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) ws_mma<R, T>(acc, ad + 2 * k, xd + 2 * k);
+    }
+    wgmma_commit();
+    // Release the stage once its wgmma have completed (the other consumer keeps the tensor
+    // cores busy meanwhile). Releasing it only after the next pair's wgmma were issued would
+    // keep a group in flight, but then the producer could not copy activations more than
+    // kStages - 2 stages ahead without waiting on itself.
+    wgmma_wait_all();
+    mbar_arrive(empty_s + 8u * st);
+  }
+
+  // acc[4 j + e]: tile column 64 cg + 16 warp + g + 8 (e >> 1), activation row 8 j + 2 t + (e & 1).
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < S::kAcc; ++i) {
+    const std::int64_t row = m0 + 8 * (i / 4) + 2 * t + (i & 1);
+    const std::int64_t n = tile * tc::kTileCols + 64 * cg + 16 * warp + g + 8 * ((i % 4) >> 1);
+    if (row < M && n < N) {
+      float v = acc[i];
+      if (bias) v += __half2float(bias[n]);
+      out[row * N + n] = from_float<T>(v);
+    }
+  }
+}
+
+/// The driver's cuTensorMapEncodeTiled, looked up through the runtime (the library does not link
+/// libcuda), or nullptr where the driver lacks it (then the kernel is not used: query_tc_wgmma).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+/// The TMA descriptor of the gathered activations xp [m, ldxp] (16-bit values) for boxes of 64
+/// columns x `rows` rows, 128-byte swizzle; reads past the tensor's edges return zeros.
+CUtensorMap make_xmap(const __half* xp, std::int64_t m, std::int64_t ldxp, int rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) internal_error("tc_wgmma_ws: cuTensorMapEncodeTiled is not available");
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(ldxp), static_cast<cuuint64_t>(m)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ldxp) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(rows)};
+  const cuuint32_t estr[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<__half*>(xp), dims, strides, box, estr,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) internal_error("cuTensorMapEncodeTiled failed: " + std::to_string(static_cast<int>(r)));
+  return map;
+}
+
+template <int R, class T>
+void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
+                 cudaStream_t stream) {
+  const std::int64_t mtiles = (m + R - 1) / R;
+  if (L.tc_tiles > 65535) throw Unsupported("gemm: N is too large for the wgmma kernel");
+  if (mtiles > 0x7fffffffLL) throw Unsupported("gemm: m = " + std::to_string(m) + " is too large");
+  launch_clustered_smem(tc_wgmma_ws_kernel<R, T>, dim3(static_cast<unsigned>(mtiles), static_cast<unsigned>(L.tc_tiles)),
+                        dim3(WsShape<R>::kThreads), WsShape<R>::kSmemBytes, 1, 1, stream, "tc_wgmma_ws_kernel launch",
+                        m, static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
+                        static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
+                        static_cast<const __half*>(L.bias.get()), out, L.N, L.tc_ring_ahead,
+                        make_xmap(xp, m, ldxp, R));
+}
+
+template <int R>
+int blocks_per_sm_for() {
+  for (const void* k : {reinterpret_cast<const void*>(tc_wgmma_ws_kernel<R, __half>),
+                        reinterpret_cast<const void*>(tc_wgmma_ws_kernel<R, __nv_bfloat16>)})
+    EXL2_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(WsShape<R>::kSmemBytes)));
+  int n = 0;
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, tc_wgmma_ws_kernel<R, __half>,
+                                                                WsShape<R>::kThreads, WsShape<R>::kSmemBytes));
+  return n;
+}
+
+}  // namespace
+
+int tc_wgmma_ws_blocks_per_sm(int rows) {
+  if (tensor_map_encoder() == nullptr) return 0;
+  return rows == 256 ? blocks_per_sm_for<256>() : blocks_per_sm_for<128>();
+}
+
+void launch_tc_wgmma_ws(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows,
+                        __half* out, cudaStream_t stream) {
+  if (rows == 256) launch_rows<256>(L, xp, m, ldxp, out, stream);
+  else launch_rows<128>(L, xp, m, ldxp, out, stream);
+}
+
+void launch_tc_wgmma_ws(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows,
+                        __nv_bfloat16* out, cudaStream_t stream) {
+  if (rows == 256) launch_rows<256>(L, xp, m, ldxp, out, stream);
+  else launch_rows<128>(L, xp, m, ldxp, out, stream);
+}
+
+}  // namespace exl2::detail::cuda
