@@ -29,7 +29,7 @@ ROUTING = {
     "tc": "On CUDA (compute capability 9.0+ by default), layers hold their codes in the tensor-core stream layout and "
           "QMatrix.matmul runs exl2's own kernels up to m = 64: the mma.sync tensor-core kernel "
           "(src/cuda/tc_gemm.cu), and on compute capability 9.0 the wgmma kernel (src/cuda/tc_wgmma.cu) from "
-          "m = 33, which also serves 64 < m <= 256 on layers of at least 2^25 weights; from m = 129 the "
+          "m = 33, which also serves 64 < m <= 128 on layers of at least 2^25 weights; from m = 129 the "
           "warp-specialised wgmma kernel (src/cuda/tc_wgmma_ws.cu) where its 128-column x 256-row blocks fill "
           "the GPU, up to m = 512 (8192x28672, 4096x14336); larger m dequantize into a scratch tensor and call "
           "torch.mm (cuBLAS).",

@@ -329,7 +329,7 @@ def test_performance_tables_match_the_json() -> None:
 
 def test_performance_dense_threshold_is_current() -> None:
     """The page and the plot say where matmul on CUDA switches to dequantize + cuBLAS: m >= 65 for
-    the tensor-core layout, m >= 257 on layers of at least 2^25 weights with the wgmma kernel, m >=
+    the tensor-core layout, m >= 129 on layers of at least 2^25 weights with the wgmma kernel, m >=
     513 where the warp-specialised wgmma kernel's blocks fill the GPU, m >= 13 for the canonical
     layout (float16)."""
     import torch
@@ -339,15 +339,15 @@ def test_performance_dense_threshold_is_current() -> None:
     pp = _perf_plot()
     assert qmatrix._DENSE_MIN_ROWS[torch.float16] == pp.DENSE_MIN_ROWS == 13
     assert qmatrix._TC_MAX_ROWS + 1 == pp.TC_DENSE_MIN_ROWS == 65
-    assert qmatrix._WGMMA_MAX_ROWS + 1 == pp.WGMMA_DENSE_MIN_ROWS == 257
+    assert qmatrix._WGMMA_MAX_ROWS + 1 == pp.WGMMA_DENSE_MIN_ROWS == 129
     assert qmatrix._WS_MAX_ROWS + 1 == pp.WS_DENSE_MIN_ROWS == 513
     assert qmatrix._WGMMA_MIN_WEIGHTS == pp.WGMMA_MIN_WEIGHTS
     page = (DOCS / "performance.md").read_text()
-    for text in ("m ≥ 13", "m ≥ 65", "m ≥ 257", "m ≥ 513", "2^25 weights"):
+    for text in ("m ≥ 13", "m ≥ 65", "m ≥ 129", "m ≥ 513", "2^25 weights"):
         assert text in page, text
     assert pp.dense_min_rows({"command": "python -m exl2 bench"}, "8192x28672") == 513
     assert pp.dense_min_rows({"command": "python -m exl2 bench"}, "4096x14336") == 513
-    assert pp.dense_min_rows({"command": "python -m exl2 bench"}, "14336x4096") == 257
+    assert pp.dense_min_rows({"command": "python -m exl2 bench"}, "14336x4096") == 129
     assert pp.dense_min_rows({"command": "python -m exl2 bench"}, "4096x4096") == 65
     assert pp.dense_min_rows({"command": "EXL2_CUDA_TC=0 python -m exl2 bench"}, "8192x28672") == 13
 

@@ -112,7 +112,7 @@ def test_wgmma_bfloat16_within_bound(name: str) -> None:
 def test_wgmma_routing(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a wgmma GPU (the default tc layout): m <= 32 runs the mma.sync tc kernel, 33 <= m <= 128 the
     wgmma kernel on a layer of at least 2^25 weights, 129 <= m <= 512 the warp-specialised wgmma
-    kernel where its blocks fill the GPU (else the wgmma kernel up to 256), larger m the Python
+    kernel where its blocks fill the GPU (else the dense route from m = 129), larger m the Python
     API's dense route (dequantize + cuBLAS); on a smaller layer the dense route from m = 65 on."""
     monkeypatch.setattr(qmatrix_module, "_TC_MAX_ROWS", 64)
     rng = np.random.default_rng(6)
@@ -122,7 +122,7 @@ def test_wgmma_routing(monkeypatch: pytest.MonkeyPatch) -> None:
     for layer, cases in ((large, ((32, "tc_gemm_kernel"), (33, "tc_wgmma_kernel"), (65, "tc_wgmma_kernel"),
                                   (128, "tc_wgmma_kernel"), (129, "tc_wgmma_ws_kernel"), (256, "tc_wgmma_ws_kernel"),
                                   (512, "tc_wgmma_ws_kernel"), (513, None))),
-                         (few_tiles, ((129, "tc_wgmma_kernel"), (256, "tc_wgmma_kernel"), (257, None))),
+                         (few_tiles, ((128, "tc_wgmma_kernel"), (129, None))),
                          (small, ((64, "tc_wgmma_kernel"), (65, None)))):
         K = layer["weight"].shape[0]
         with build(layer, "cuda") as q:

@@ -62,8 +62,11 @@ _TC_MAX_ROWS = 64
 # natively on layers of at least _WGMMA_MIN_WEIGHTS weights. Measured on the H100 (GPTQ-4, one
 # session): 8192x28672 197 / 380 us at m = 128 / 256 against 454 / 458 for the dense route, but
 # about 730 against 612 at m = 512; on smaller layers its few blocks lose to the dense route from
-# m = 128 on (H200, 4096x4096: 42.7 against about 28 us).
-_WGMMA_MAX_ROWS = 256
+# m = 128 on (H200, 4096x4096: 42.7 against about 28 us). On layers of 32 tiles of 128 columns it
+# loses from m = 129 (H100, later session, GPTQ-4, m = 129 / 256: 14336x4096 166 / 202 us against
+# 113 / 124 for the dense route, 8192x4096 103 / 122 against 67 / 73; level or faster at m <= 128),
+# so layers where the warp-specialised kernel does not take over (_WS_MAX_ROWS) stop at 128.
+_WGMMA_MAX_ROWS = 128
 _WGMMA_MIN_WEIGHTS = 1 << 25
 # Up to m = _WS_MAX_ROWS where the warp-specialised wgmma kernel (src/cuda/tc_wgmma_ws.cu) runs:
 # its blocks of 128 columns x 256 rows fill at least 4/5 of the multiprocessors at m = 512 (the
@@ -78,7 +81,7 @@ def _native_max_rows(device: torch.device, weights: int, tensor_core_layout: boo
     dense route (besides _DENSE_MIN_ROWS), for a layer of `weights` = K * N weights and N = `n`
     columns: 0 for the canonical layout, else _TC_MAX_ROWS, or where the wgmma kernels run and
     the layer is large enough _WGMMA_MAX_ROWS, or _WS_MAX_ROWS where the warp-specialised kernel
-    takes m = 257.._WS_MAX_ROWS."""
+    takes m = 129.._WS_MAX_ROWS."""
     if device.type != "cuda" or not tensor_core_layout:
         return 0
     if weights < _WGMMA_MIN_WEIGHTS:
