@@ -405,6 +405,21 @@ struct RingFill {
     dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kRingWords - 1);
     ++issued;
   }
+
+  /// Step B of the kernels' iterations: issues steps until the ring runs `ahead` steps past the
+  /// one holding the end of the iteration's last chunk (descriptor `last`; `s0`: the stream unit
+  /// at ring word 0), waiting after each for the step `ahead` before it, so that every step the
+  /// iteration reads has landed (this thread's copies). Only after the barrier that ends the
+  /// previous iteration: the refills overwrite its data (`ahead` <= tc::ring_lookahead).
+  __device__ __forceinline__ void issue_through(const int4 last, std::int64_t s0, int ahead) {
+    const int last_step = static_cast<int>(static_cast<unsigned>(last.y + (last.z & 0xff) - 1 - static_cast<int>(s0)) /
+                                           static_cast<unsigned>(kStepUnits));
+#pragma unroll 1
+    while (issued - ahead <= last_step) {
+      issue_step();
+      cp_async_wait_at_most(ahead);
+    }
+  }
 };
 
 /// A chunk's group constants and code words: on a group change (header unit d.w differs from
@@ -441,6 +456,22 @@ __device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_
   return chunk_lane_word(d, b, s0, static_cast<int>(threadIdx.x) & 31, static_cast<int>(threadIdx.x) >> 5);
 }
 
+/// Waits until the phase of parity `parity` of the mbarrier at shared address `bar` has completed
+/// (compute capability 9.0+: the kGather push reduction, the warp-specialised wgmma kernel).
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+#else
+  (void)bar, (void)parity;
+  __trap();
+#endif
+}
+
 // ---------------------------------------------------------------------------------
 // Push-based split-K for one output row (tc_gemm_kernel's kGather): each block sends every
 // partial value straight into the shared memory of the block that sums it (st.async, completed
@@ -469,16 +500,16 @@ __device__ __forceinline__ void push_f32(unsigned addr, unsigned bar, unsigned r
                "r"(bar), "r"(rank), "r"(__float_as_uint(v))
                : "memory");
 }
-/// Waits until phase 0 of the mbarrier at `bar` has completed (every pushed byte has landed).
-__device__ __forceinline__ void push_row_wait(unsigned bar) {
-  unsigned done = 0;
-  while (!done)
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done)
-                 : "r"(bar)
-                 : "memory");
-}
 #endif
+
+/// out[row, n] (row-major, N columns) = v plus column n's fp16 bias (when there is one), rounded to
+/// T once: how every tc kernel stores an output element.
+template <class T>
+__device__ __forceinline__ void store_output(T* out, std::int64_t row, std::int64_t N, std::int64_t n, float v,
+                                             const __half* bias) {
+  if (bias) v += __half2float(bias[n]);
+  out[row * N + n] = from_float<T>(v);
+}
 
 /// Split-K over a thread-block cluster (compute capability 9.0+), after every block of the
 /// cluster has written its fp32 partial tile (kRows x 128 columns, row-major) to its own shared
@@ -500,10 +531,7 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
     for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(const_cast<float*>(red), q)[i];
     const std::int64_t row = m0 + i / tc::kTileCols;
     const std::int64_t n = tile * tc::kTileCols + i % tc::kTileCols;
-    if (row < M && n < N) {
-      if (bias) sum += __half2float(bias[n]);
-      out[row * N + n] = from_float<T>(sum);
-    }
+    if (row < M && n < N) store_output(out, row, N, n, sum, bias);
   }
   cluster.sync();
 #else

@@ -483,16 +483,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
       const int4* __restrict__ dcur = dring[it & 1];
       // A. (the barrier ending the previous iteration) everyone is done with its ring data and xs.
       // B. The steps holding this iteration's chunks have landed (this thread's copies).
-      {
-        const int4 dl = dcur[nq - 1];
-        const int last_step = static_cast<int>(static_cast<unsigned>(dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) /
-                                               static_cast<unsigned>(kStepUnits));
-#pragma unroll 1
-        while (fill.issued - kLookahead <= last_step) {
-          fill.issue_step();
-          cp_async_wait<kLookahead>();
-        }
-      }
+      fill.issue_through(dcur[nq - 1], s0, kLookahead);
       // C. This iteration's activations and the next iteration's descriptors into shared memory.
       if constexpr (kGather) {
         if (c0 != cb && (c0 - cb) % kSegChunks == 0) gather_seg(c0);  // (after barrier A)
@@ -569,17 +560,17 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
       cluster_wait();  // every block's mbarrier is initialised
       push_f32(smem_u32(&rrow[rank * share + col % share]), smem_u32(&rbar), static_cast<unsigned>(col / share), v);
       if (tid < share) {
-        push_row_wait(smem_u32(&rbar));
+        mbar_wait(smem_u32(&rbar), 0);  // phase 0: every byte pushed to this block has landed
         float sum = 0.0f;
         for (int q = 0; q < split; ++q) sum += rrow[q * share + tid];
         const std::int64_t n = tile * tc::kTileCols + rank * share + tid;
-        if (n < N) out[n] = from_float<T>(bias ? sum + __half2float(bias[n]) : sum);
+        if (n < N) store_output(out, 0, N, n, sum, bias);
       }
       return;
     }
 #endif
     const std::int64_t n = tile * tc::kTileCols + col;
-    if (n < N) out[n] = from_float<T>(bias ? v + __half2float(bias[n]) : v);
+    if (n < N) store_output(out, 0, N, n, v, bias);
     return;
   } else if constexpr (kT8) {
     // acc1[i][e]: column 16i + g + 8 (e >> 1) of the warp's block, batch row 2t + (e & 1).
@@ -603,10 +594,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
       for (int e = 0; e < 4; ++e) {
         const std::int64_t row = 2 * t + (e & 1);
         const std::int64_t n = tile * tc::kTileCols + col(i, e);
-        if (row < M && n < N) {
-          const float v = acc1[i][e];
-          out[row * N + n] = from_float<T>(bias ? v + __half2float(bias[n]) : v);
-        }
+        if (row < M && n < N) store_output(out, row, N, n, acc1[i][e], bias);
       }
     return;
   }
@@ -615,10 +603,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   auto store = [&](int mt, int jj, int e, float v) {
     const std::int64_t row = m0 + mt * 16 + g + 8 * (e >> 1);
     const std::int64_t n = n_block + 8 * jj + 2 * t + (e & 1);
-    if (row < M && n < N) {
-      if (bias) v += __half2float(bias[n]);
-      out[row * N + n] = from_float<T>(v);
-    }
+    if (row < M && n < N) store_output(out, row, N, n, v, bias);
   };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (split > 1) {

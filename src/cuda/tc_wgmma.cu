@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     };
     // Descriptor of buffer 0 (k16 step 0; buffer b is b kXBytes further): 128-byte swizzle mode
     // (bit 62), 8-row groups 1024 bytes apart (the leading offset is unused for this layout).
-    const std::uint64_t xdesc0 = smem_desc(xs_s, 16, 1024) | (1ull << 62);
+    const std::uint64_t xdesc0 = smem_desc_sw128(xs_s);
 
     issue_x(cb, 0);
     int x_mark = fill.issued;  // ring groups committed before the newest activation group
@@ -292,14 +292,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       }
       // B. This iteration's ring steps and activations have landed (this thread's copies).
       {
-        const int4 dl = dcur[nq - 1];
-        const int last_step = static_cast<int>(static_cast<unsigned>(dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) /
-                                               static_cast<unsigned>(kStepUnits));
-#pragma unroll 1
-        while (fill.issued - S::kAhead <= last_step) {
-          fill.issue_step();
-          cp_async_wait<S::kAhead>();
-        }
+        fill.issue_through(dcur[nq - 1], s0, S::kAhead);
         // This iteration's activations: groups committed after theirs are the ring steps issued
         // since, plus the next iteration's activation group.
         cp_async_wait_at_most(fill.issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
@@ -356,11 +349,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     for (int i = 0; i < S::kAcc; ++i) {
       const std::int64_t row = m0 + row_of(i / 4, i % 4);
       const std::int64_t n = tile * tc::kTileCols + col_of(h, i % 4);
-      if (row < M && n < N) {
-        float v = acc[h][i];
-        if (bias) v += __half2float(bias[n]);
-        out[row * N + n] = from_float<T>(v);
-      }
+      if (row < M && n < N) store_output(out, row, N, n, acc[h][i], bias);
     }
 }
 

@@ -184,16 +184,7 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
       const int nq = num_chunks - c0 < Q ? num_chunks - c0 : Q;
       const int4* __restrict__ dcur = dring + (it & 1) * Q;
       // (the barrier ending the previous iteration: every producer warp is done with its ring data)
-      {
-        const int4 dl = dcur[nq - 1];
-        const int last_step = static_cast<int>(static_cast<unsigned>(dl.y + (dl.z & 0xff) - 1 - static_cast<int>(s0)) /
-                                               static_cast<unsigned>(kStepUnits));
-#pragma unroll 1
-        while (fill.issued - ahead <= last_step) {
-          fill.issue_step();
-          cp_async_wait_at_most(ahead);
-        }
-      }
+      fill.issue_through(dcur[nq - 1], s0, ahead);
       if (tid < Q) dring[((it + 1) & 1) * Q + tid] = dnext;
       named_barrier_sync(1, kTcThreads);  // everyone's ring copies and the next descriptors
       dnext = load_desc(c0 + 2 * Q);
@@ -264,11 +255,7 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
   for (int i = 0; i < S::kAcc; ++i) {
     const std::int64_t row = m0 + 8 * (i / 4) + 2 * t + (i & 1);
     const std::int64_t n = tile * tc::kTileCols + 64 * cg + 16 * warp + g + 8 * ((i % 4) >> 1);
-    if (row < M && n < N) {
-      float v = acc[i];
-      if (bias) v += __half2float(bias[n]);
-      out[row * N + n] = from_float<T>(v);
-    }
+    if (row < M && n < N) store_output(out, row, N, n, acc[i], bias);
   }
 }
 

@@ -40,7 +40,8 @@ __device__ __forceinline__ std::uint64_t smem_desc_sw128(unsigned addr) {
   return smem_desc(addr, 16, 1024) | (1ull << 62);
 }
 
-// mbarriers of one CTA (shared-window addresses), for the warp-specialised kernel's stages.
+// mbarriers of one CTA (shared-window addresses), for the warp-specialised kernel's stages (their
+// wait: mbar_wait, tc_device.cuh).
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -54,20 +55,6 @@ __device__ __forceinline__ void mbar_arrive(unsigned bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 #else
   (void)bar;
-  __trap();
-#endif
-}
-/// Waits until the phase of parity `parity` of the mbarrier has completed.
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  unsigned done = 0;
-  while (!done)
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done)
-                 : "r"(bar), "r"(parity)
-                 : "memory");
-#else
-  (void)bar, (void)parity;
   __trap();
 #endif
 }
