@@ -9,7 +9,7 @@ from pathlib import Path
 # (activation rows N of the wgmma, PTX type, C++ suffix): A from registers (tc_wgmma.cu) ...
 SHAPES = [(n, ty, suffix) for n in (64, 128) for ty, suffix in (("f16", "f16"), ("bf16", "bf16"))]
 # ... and A from shared memory (tc_wgmma_ws.cu)
-SS_SHAPES = [(n, ty, suffix) for n in (64, 128, 256) for ty, suffix in (("f16", "f16"), ("bf16", "bf16"))]
+SS_SHAPES = [(n, ty, suffix) for n in (64, 128, 192, 256) for ty, suffix in (("f16", "f16"), ("bf16", "bf16"))]
 
 
 def wrapper(n: int, ty: str, suffix: str) -> str:

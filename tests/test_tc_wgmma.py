@@ -9,6 +9,9 @@ determinism, graph capture, bfloat16 and agreement with the fp64 reference.
 
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +44,7 @@ def _wgmma_on(monkeypatch: pytest.MonkeyPatch) -> None:
 # The kernel shapes (EXL2_CUDA_WGMMA_CFG, tc_wgmma.cu): rows per block and 4-warp groups (0-2),
 # the warp-specialised kernel with 128 or 256 rows (3, 4, tc_wgmma_ws.cu); None: the default
 # choice by m.
-CONFIGS = [None, "0", "1", "2", "3", "4"]
+CONFIGS = [None, "0", "1", "2", "3", "4", "5"]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -74,7 +77,7 @@ def test_wgmma_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch
     check_one_hot_rows(LAYERS[name], dtype, (64, 128, 200), min_rows=17)
 
 
-@pytest.mark.parametrize("m,cfg", [(33, None), (65, None), (256, None), (256, "4"), (300, "3")])
+@pytest.mark.parametrize("m,cfg", [(33, None), (65, None), (256, None), (256, "4"), (300, "3"), (400, "5")])
 def test_wgmma_deterministic_and_graph_safe(m: int, cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     if cfg is not None:  # the warp-specialised kernel (its TMA descriptor is made per call)
         monkeypatch.setenv("EXL2_CUDA_WGMMA_CFG", cfg)
@@ -84,18 +87,31 @@ def test_wgmma_deterministic_and_graph_safe(m: int, cfg, monkeypatch: pytest.Mon
         check_deterministic_and_graph_safe(q, x, repeats=10)
 
 
+def _ws_rows(kernels: set) -> Optional[int]:
+    """The row count R of the warp-specialised kernel among `kernels` (its first template argument,
+    "tc_wgmma_ws_kernel<192, ..." or "<(int)192, ..." depending on the demangler), else None."""
+    for k in kernels:
+        found = re.search(r"tc_wgmma_ws_kernel<(?:\(int\))?(\d+)", k)
+        if found:
+            return int(found.group(1))
+    return None
+
+
 def test_wgmma_large_layer_runs_the_kernel() -> None:
     """A layer with more tiles than one wave holds (no split), an odd tile count and act-order: the
-    register-operand kernel at m = 128, the warp-specialised one at m = 129, 256, 257 and 512."""
+    register-operand kernel at m = 128, the warp-specialised one from m = 129, with the 192-row
+    shape where it pads m to fewer rows than the 256-row one (m = 129, 192, 257, 384)."""
     rng = np.random.default_rng(3)
     layer = R.random_gptq(rng, 2048, 128 * 301, group_size=128, act_order=True, bias=True)
     with build(layer, "cuda") as q:
-        for m, kernel in ((128, "tc_wgmma_kernel"), (129, "tc_wgmma_ws_kernel"), (256, "tc_wgmma_ws_kernel"),
-                          (257, "tc_wgmma_ws_kernel"), (512, "tc_wgmma_ws_kernel")):
+        for m, rows in ((128, None), (129, 192), (192, 192), (193, 256), (256, 256), (257, 192), (384, 192),
+                        (385, 256), (512, 256)):
             x = torch.from_numpy(random_x(rng, (m, 2048))).cuda()
             kernels = _kernels_run(lambda: q.matmul(x))
             if kernels:  # (compute-sanitizer excludes the CUDA profiler)
+                kernel = "tc_wgmma_ws_kernel" if rows else "tc_wgmma_kernel"
                 assert _ran(kernels, kernel) and not _ran(kernels, "tc_gemm_kernel"), sorted(kernels)
+                assert _ws_rows(kernels) == rows, (m, sorted(kernels))
             assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
 
 

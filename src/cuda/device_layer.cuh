@@ -201,7 +201,7 @@ struct DeviceLayer {
   int gemv_blocks_per_sm[17] = {};  // index: rows m (1..16)
   int mma_blocks_per_sm[2] = {};    // small tile, large tile
   int tc_blocks_per_sm[5] = {};     // index: m tiles of 16 rows (1, 2, 4); tc layout only
-  int tc_wgmma_blocks_per_sm[5] = {};  // wgmma kernel shapes (tc_wgmma.cu); tc layout only
+  int tc_wgmma_blocks_per_sm[6] = {};  // wgmma kernel shapes (tc_wgmma.cu); tc layout only
   // The bfloat16 mma_kernel runs code compiled for compute capability 8.0+ on this
   // device (wmma bfloat16); false: bfloat16 with m > 16 uses GEMV slices (gemm.cu).
   bool mma_bf16 = false;

@@ -384,9 +384,10 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
 }
 
 /// The kernel shapes (R rows, WG 4-warp groups), indexed as DeviceLayer::tc_wgmma_blocks_per_sm;
-/// then the warp-specialised kernel's (tc_wgmma_ws.cu) with 128 and 256 rows.
-constexpr int kWgConfigs = 5;
-constexpr int kWsConfig128 = 3, kWsConfig256 = 4;
+/// then the warp-specialised kernel's (tc_wgmma_ws.cu) with 128, 256 and 192 rows (192: two
+/// producer warpgroups).
+constexpr int kWgConfigs = 6;
+constexpr int kWsConfig128 = 3, kWsConfig256 = 4, kWsConfig192 = 5;
 #define EXL2_WG_CONFIGS(X) X(0, 64, 1) X(1, 128, 2) X(2, 128, 1)
 
 /// The shape for m rows: 64-row tiles up to m = 64; from m = 129 the warp-specialised kernel's
@@ -398,16 +399,22 @@ constexpr int kWsConfig128 = 3, kWsConfig256 = 4;
 /// 572 us against 379 (this kernel) / 606 (the Python API's dense route), 4096 x 14336 76 / 154
 /// against 100 / 161; at m = 128 it lost on 8192 x 28672 (259 against 189 us; 1.7 waves of
 /// blocks), at m = 2048 to the dense route (2116 against 1668 us).
+/// Of its shapes, 192 rows (two producer warpgroups) where they pad m to fewer rows than 256 do
+/// (m = 129..192, 257..384, ...): a 192-row tile costs about 0.86 of a 256-row one (H100,
+/// 8192 x 28672 GPTQ-4, same call: m = 129 / 192 / 384 202-209 / 222 / 437-442 us against
+/// 247 / 241-243 / 489-498; m = 512 / 2048 641-645 / 2222-2239 against 529-540 / 1921-1923).
 int config_for(const DeviceLayer& L, std::int64_t m) {
   if (L.tc_wgmma_forced >= 0) return L.tc_wgmma_forced;
   if (m <= 64) return 0;
   if (m > 128 && L.tc_wgmma_blocks_per_sm[kWsConfig256] > 0 &&
-      L.tc_tiles * ((m + 255) / 256) * 5 >= static_cast<std::int64_t>(L.sm_count) * 4)
-    return kWsConfig256;
+      L.tc_tiles * ((m + 255) / 256) * 5 >= static_cast<std::int64_t>(L.sm_count) * 4) {
+    const bool fewer_rows = (m + 191) / 192 * 192 < (m + 255) / 256 * 256;
+    return fewer_rows && L.tc_wgmma_blocks_per_sm[kWsConfig192] > 0 ? kWsConfig192 : kWsConfig256;
+  }
   return ((m + 127) / 128) * ((L.tc_tiles + 1) / 2) >= L.sm_count ? 1 : 2;
 }
 
-/// EXL2_CUDA_WGMMA_CFG=0..4 at construction (a measurement and test knob): the shape for every
+/// EXL2_CUDA_WGMMA_CFG=0..5 at construction (a measurement and test knob): the shape for every
 /// m; -1 when unset or anything else.
 int forced_config_from_env() {
   const char* v = std::getenv("EXL2_CUDA_WGMMA_CFG");
@@ -426,6 +433,7 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
 #undef EXL2_WG_LAUNCH
     case kWsConfig128: launch_tc_wgmma_ws(L, xp, m, ldxp, 128, out, stream); break;
     case kWsConfig256: launch_tc_wgmma_ws(L, xp, m, ldxp, 256, out, stream); break;
+    case kWsConfig192: launch_tc_wgmma_ws(L, xp, m, ldxp, 192, out, stream); break;
     default: internal_error("launch_tc_wgmma: no such shape");
   }
 }
@@ -443,6 +451,7 @@ void query_tc_wgmma(DeviceLayer& L) {
 #undef EXL2_WG_QUERY
   L.tc_wgmma_blocks_per_sm[kWsConfig128] = tc_wgmma_ws_blocks_per_sm(128);
   L.tc_wgmma_blocks_per_sm[kWsConfig256] = tc_wgmma_ws_blocks_per_sm(256);
+  L.tc_wgmma_blocks_per_sm[kWsConfig192] = tc_wgmma_ws_blocks_per_sm(192);
   L.tc_wgmma = true;  // (the warp-specialised shapes are optional: config_for checks them)
   for (int i = 0; i < kWsConfig128; ++i) L.tc_wgmma = L.tc_wgmma && L.tc_wgmma_blocks_per_sm[i] > 0;
   L.tc_wgmma_forced = forced_config_from_env();

@@ -61,7 +61,12 @@ namespace {
 template <int R>
 struct WsShape {
   static constexpr int kStages = 4;  // (R = 256: 196 KB of stages + the 32 KB ring)
-  static constexpr int kThreads = 3 * kTcThreads;
+  // Producer warpgroups. With two (R = 192), warpgroup k decodes chunk k of every pair, so a
+  // stage's decode takes one chunk's time: the producer is latency-bound at one warp per
+  // scheduler and sets the kernel's pace. 512 threads leave 128 registers a thread, too few for
+  // the 128 accumulators of 256 rows (setmaxnreg does not raise ptxas's limit), hence 192 rows.
+  static constexpr int kProducers = R == 192 ? 2 : 1;
+  static constexpr int kThreads = (kProducers + 2) * kTcThreads;
   static constexpr int Q = 4;  // chunks per producer iteration (two stages)
   static constexpr std::size_t kABytes = static_cast<std::size_t>(tc::kTileCols) * 128;
   static constexpr std::size_t kXBytes = static_cast<std::size_t>(R) * 128;
@@ -80,8 +85,11 @@ __device__ __forceinline__ void ws_mma(float (&d)[R / 2], std::uint64_t adesc, s
   if constexpr (R == 256) {
     if constexpr (kIsBf16<T>) wgmma::wgmma_ss_m64n256k16_bf16(d, adesc, bdesc);
     else wgmma::wgmma_ss_m64n256k16_f16(d, adesc, bdesc);
+  } else if constexpr (R == 192) {
+    if constexpr (kIsBf16<T>) wgmma::wgmma_ss_m64n192k16_bf16(d, adesc, bdesc);
+    else wgmma::wgmma_ss_m64n192k16_f16(d, adesc, bdesc);
   } else {
-    static_assert(R == 128, "R = 128 or 256");
+    static_assert(R == 128, "R = 128, 192 or 256");
     if constexpr (kIsBf16<T>) wgmma::wgmma_ss_m64n128k16_bf16(d, adesc, bdesc);
     else wgmma::wgmma_ss_m64n128k16_f16(d, adesc, bdesc);
   }
@@ -137,16 +145,18 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
   const std::int64_t tile = blockIdx.y;
   const int pairs = (num_chunks + 1) / 2;
 
+  constexpr int kP = S::kProducers, kPThreads = kP * kTcThreads;
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full_s + 8u * s, kTcThreads);
+      mbar_init(full_s + 8u * s, kPThreads);
       mbar_init(empty_s + 8u * s, 2 * kTcThreads);
     }
   }
   __syncthreads();
 
-  if (grp == 0) {
-    // ---- producer ----
+  if (grp < kP) {
+    // ---- producer warpgroup pg: chunk pg of every pair (kP = 2) or both chunks (kP = 1) ----
+    const int pg = grp;
     const int g = lane >> 2;
     const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
     const ChunkRange cr = chunk_range(tc_chunks, 0, num_chunks);
@@ -169,8 +179,11 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
     for (int p = 0; p < kStages - 1 && p < pairs; ++p) issue_x(p);
     // The ring runs `ahead` steps ahead of the iteration's codes (tc::ring_lookahead: as far as
     // the layer's widths allow; the producer is the ring's only reader).
+    // Warpgroup 0 alone fills the ring; the producers' barriers make its data visible to both.
+    if (pg == 0) {
 #pragma unroll 1
-    for (int p = 0; p < ahead; ++p) fill.issue_step();
+      for (int p = 0; p < ahead; ++p) fill.issue_step();
+    }
     GroupConsts gc;
     int header = first_group_header<T>(tsrc, cr, g, warp, gc);
     auto load_desc = [&](int c0) -> int4 {
@@ -179,16 +192,16 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
     };
     if (tid < Q) dring[tid] = load_desc(0);
     int4 dnext = load_desc(Q);
-    named_barrier_sync(1, kTcThreads);
+    named_barrier_sync(1, kPThreads);
 
 #pragma unroll 1
     for (int it = 0, c0 = 0; c0 < num_chunks; ++it, c0 += Q) {
       const int nq = num_chunks - c0 < Q ? num_chunks - c0 : Q;
       const int4* __restrict__ dcur = dring + (it & 1) * Q;
       // (the barrier ending the previous iteration: every producer warp is done with its ring data)
-      fill.issue_through(dcur[nq - 1], s0, ahead);
+      if (pg == 0) fill.issue_through(dcur[nq - 1], s0, ahead);
       if (tid < Q) dring[((it + 1) & 1) * Q + tid] = dnext;
-      named_barrier_sync(1, kTcThreads);  // everyone's ring copies and the next descriptors
+      named_barrier_sync(1, kPThreads);  // everyone's ring copies and the next descriptors
       dnext = load_desc(c0 + 2 * Q);
       // Pair p's A tile is complete: publish it; then, once the consumers have released pair
       // p - 1 (they run its wgmma while pair p was decoded), the activations of pair
@@ -197,6 +210,7 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
       auto finish_pair = [&](int p) {
         fence_proxy_async();  // the A tile's stmatrix writes, for the consumers' wgmma
         mbar_arrive(full_s + 8u * (p % kStages));
+        if (pg != 0) return;  // (warpgroup 0 copies the activations)
         if (p + kStages - 1 < pairs) {
           const int q = p + kStages - 1;
           if (q >= kStages) mbar_wait(empty_s + 8u * (q % kStages), (q / kStages - 1) & 1);
@@ -220,6 +234,7 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
             const unsigned a_s = smem_s + static_cast<unsigned>((p % kStages) * S::kStageBytes);
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
+              if (kP == 2 && q != pg) continue;
               const int4 d = dcur[2 * h + q];
               load_group_header<T>(ring, d, B, s0, header, gc, lane, warp);
               ws_decode_chunk<B, T>(ring, chunk_lane_word(d, B, s0, lane, warp), gc, a_s, q, lane, warp);
@@ -235,6 +250,7 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
           const int nc = nq - 2 * h < 2 ? nq - 2 * h : 2;
 #pragma unroll 1
           for (int q = 0; q < nc; ++q) {
+            if (kP == 2 && q != pg) continue;
             const int4 d = dcur[2 * h + q];
             const int bits = d.z & 0xff;
             load_group_header<T>(ring, d, bits, s0, header, gc, lane, warp);
@@ -244,14 +260,14 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
           finish_pair(p);
         }
       }
-      named_barrier_sync(1, kTcThreads);  // every producer warp is done with this iteration's ring data
+      named_barrier_sync(1, kPThreads);  // every producer warp is done with this iteration's ring data
     }
-    cp_async_wait<0>();
+    if (pg == 0) cp_async_wait<0>();
     return;
   }
 
-  // ---- consumers: warpgroup 1 or 2, columns 64 (grp - 1) .. of the tile ----
-  const int cg = grp - 1;
+  // ---- consumers: warpgroups kP and kP + 1, columns 64 (grp - kP) .. of the tile ----
+  const int cg = grp - kP;
   float acc[S::kAcc];
 #pragma unroll
   for (int e = 0; e < S::kAcc; ++e) acc[e] = 0.0f;
@@ -353,18 +369,20 @@ int blocks_per_sm_for() {
 
 int tc_wgmma_ws_blocks_per_sm(int rows) {
   if (tensor_map_encoder() == nullptr) return 0;
-  return rows == 256 ? blocks_per_sm_for<256>() : blocks_per_sm_for<128>();
+  return rows == 256 ? blocks_per_sm_for<256>() : rows == 192 ? blocks_per_sm_for<192>() : blocks_per_sm_for<128>();
 }
 
 void launch_tc_wgmma_ws(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows,
                         __half* out, cudaStream_t stream) {
   if (rows == 256) launch_rows<256>(L, xp, m, ldxp, out, stream);
+  else if (rows == 192) launch_rows<192>(L, xp, m, ldxp, out, stream);
   else launch_rows<128>(L, xp, m, ldxp, out, stream);
 }
 
 void launch_tc_wgmma_ws(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows,
                         __nv_bfloat16* out, cudaStream_t stream) {
   if (rows == 256) launch_rows<256>(L, xp, m, ldxp, out, stream);
+  else if (rows == 192) launch_rows<192>(L, xp, m, ldxp, out, stream);
   else launch_rows<128>(L, xp, m, ldxp, out, stream);
 }
 

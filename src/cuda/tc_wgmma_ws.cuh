@@ -13,12 +13,12 @@
 
 namespace exl2::detail::cuda {
 
-/// Blocks of the kernel with `rows` (128 or 256) activation rows per block that fit one
+/// Blocks of the kernel with `rows` (128, 192 or 256) activation rows per block that fit one
 /// multiprocessor (sets its shared-memory attribute first); 0 where the driver cannot encode its
 /// tensor maps.
 int tc_wgmma_ws_blocks_per_sm(int rows);
 
-/// out[m, N] = xp @ W (+ bias), as launch_tc_wgmma, with `rows` (128 or 256) activation rows per block.
+/// out[m, N] = xp @ W (+ bias), as launch_tc_wgmma, with `rows` (128, 192 or 256) activation rows per block.
 void launch_tc_wgmma_ws(const DeviceLayer& layer, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows,
                         __half* out, cudaStream_t stream);
 void launch_tc_wgmma_ws(const DeviceLayer& layer, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows,
