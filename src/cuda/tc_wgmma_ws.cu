@@ -2,16 +2,17 @@
 // (tc_layout.hpp): warp-specialised, with both wgmma operands in shared memory.
 //
 // The product is computed transposed, out^T = W^T x^T, as in tc_wgmma.cu, but the roles are
-// split between the warpgroups of a block (3 x 128 threads) instead of every warpgroup
-// decoding the codes into its own registers between its wgmma:
+// split between the warpgroups of a block (3 x 128 threads; 4 x 128 for R = 192) instead of
+// every warpgroup decoding the codes into its own registers between its wgmma:
 //   warpgroup 0 (the producer) streams the tile's 128 columns through the cp.async ring
 //     (RingFill, as every tc kernel, tc_ring_ahead steps ahead), decodes each chunk exactly as
 //     the other tc kernels do (decode_chunk: bit-exact dequantize() values) and stores the
 //     fragments with stmatrix into a stage's A tile; one of its threads copies the stage's
 //     activation tile (R rows x 64 columns of the gathered copy) with the tensor memory
-//     accelerator (TMA);
-//   warpgroups 1 and 2 (the consumers) each own 64 of the tile's columns and run
-//     wgmma.m64nRk16 on the stages, R = 128 or 256 activation rows, fp32 accumulators.
+//     accelerator (TMA); with R = 192 a second producer warpgroup decodes the second chunk of
+//     every stage (warpgroup 0 the first; it alone fills the ring and copies the activations);
+//   the last two warpgroups (the consumers) each own 64 of the tile's columns and run
+//     wgmma.m64nRk16 on the stages, R = 128, 192 or 256 activation rows, fp32 accumulators.
 // So the consumers hold only accumulators (R / 2 registers) and the decode runs concurrently
 // with the tensor cores instead of between their instructions.
 //
@@ -19,7 +20,7 @@
 //   A: the tile's 128 columns x 64 rows of K in the K-major 128-byte-swizzle layout wgmma reads
 //      (column n at 128 n bytes, its 16-byte piece c (8 rows of K) at 16 (c ^ (n & 7))): 16 KB;
 //   X: R activation rows x 64 columns in the same layout (TMA's 128-byte swizzle): R x 128 bytes.
-// mbarriers order them: full[s] (128 producer arrivals after their A writes and a proxy fence,
+// mbarriers order them: full[s] (128 per producer warpgroup after their A writes and a proxy fence,
 // plus the TMA's bytes) and empty[s] (256 consumer arrivals once the wgmma that read the stage
 // have completed). The activations run 3 stages ahead of the decode. A pair with one chunk (the
 // last of an odd count) runs 2 of the 4 k16 steps.
@@ -29,7 +30,10 @@
 // column tiles sharing the activations by TMA multicast (half the L2 traffic, but a cluster-wide
 // release of every stage): 2448 against 2116 us. Without decode and wgmma the kernel's copies
 // and handshakes alone take 1176 us at m = 2048, so it serves m = 129..512, where it is the
-// fastest route (routing: tc_wgmma.cu's config_for), not prefill.
+// fastest route (routing: tc_wgmma.cu's config_for), not prefill. Nsight Compute at m = 512
+// (R = 256, 1.44 GHz): tensor pipe 56% busy, shared memory 58%, L2 29%, DRAM 10% of peak, issue
+// slots 20%: nothing saturated; the producer/consumer handshake's latencies set the pace, and
+// loosening it (a wgmma group in flight, the producer up to 3 stages ahead) measured slower.
 //
 // Order: every output element is the sum over the chunks in order, k inside a chunk in the
 // instruction's order, in one accumulator: deterministic. Blocks of one column tile are
