@@ -42,8 +42,8 @@ def _wgmma_on(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # The kernel shapes (EXL2_CUDA_WGMMA_CFG, tc_wgmma.cu): rows per block and 4-warp groups (0-2),
-# the warp-specialised kernel with 128 or 256 rows (3, 4, tc_wgmma_ws.cu); None: the default
-# choice by m.
+# the warp-specialised kernel with 128 or 256 rows (3, 4, tc_wgmma_ws.cu) and with 192 rows and
+# two producer warpgroups (5); None: the default choice by m.
 CONFIGS = [None, "0", "1", "2", "3", "4", "5"]
 
 

@@ -64,7 +64,7 @@ namespace {
 
 template <int R>
 struct WsShape {
-  static constexpr int kStages = 4;  // (R = 256: 196 KB of stages + the 32 KB ring)
+  static constexpr int kStages = 4;  // (R = 256: 192 KB of stages + the 32 KB ring)
   // Producer warpgroups. With two (R = 192), warpgroup k decodes chunk k of every pair, so a
   // stage's decode takes one chunk's time: the producer is latency-bound at one warp per
   // scheduler and sets the kernel's pace. 512 threads leave 128 registers a thread, too few for
