@@ -368,6 +368,14 @@ void allow_cluster16(const void* kernel) {
   EXL2_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 }
 
+int blocks_per_sm_with_smem(std::initializer_list<const void*> kernels, int threads, std::size_t smem_bytes) {
+  for (const void* k : kernels)
+    EXL2_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  int n = 0;
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, *kernels.begin(), threads, smem_bytes));
+  return n;
+}
+
 template <int... Ms>
 void occupancy_for(DeviceLayer& L, std::integer_sequence<int, Ms...>) {
   ((EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.gemv_blocks_per_sm[Ms + 1],

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "cuda/device_layer.cuh"
 
@@ -54,6 +55,11 @@ void allow_cluster16(const void* kernel);
 /// True when clusters of 16 blocks of `kernel` (`threads` per block) fit this device (after
 /// allow_cluster16).
 bool cluster16_launchable(const void* kernel, int threads);
+
+/// Blocks of `kernels[0]` (`threads` per block, `smem_bytes` of dynamic shared memory) that fit
+/// one multiprocessor, after letting every kernel of `kernels` (the instantiations of one shape
+/// for each activation type: same shared memory and launch bounds) use that much.
+int blocks_per_sm_with_smem(std::initializer_list<const void*> kernels, int threads, std::size_t smem_bytes);
 
 /// Launch `kernel` on grid/block with `smem_bytes` of dynamic shared memory and a cluster of
 /// `split` blocks along `split_dim` (0 = x, 1 = y, 2 = z; a plain launch when split == 1).

@@ -355,15 +355,9 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
 
 template <int R, int WG>
 int blocks_per_sm() {
-  for (const void* k : {reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __half>),
-                        reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __nv_bfloat16>)})
-    EXL2_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(WgShape<R, WG>::kSmemBytes)));
-  // (The bfloat16 instantiation fits as many: same shared memory and launch bounds.)
-  int n = 0;
-  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, tc_wgmma_kernel<R, WG, __half>,
-                                                                WgShape<R, WG>::kThreads, WgShape<R, WG>::kSmemBytes));
-  return n;
+  return blocks_per_sm_with_smem({reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __half>),
+                                  reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __nv_bfloat16>)},
+                                 WgShape<R, WG>::kThreads, WgShape<R, WG>::kSmemBytes);
 }
 
 template <int R, int WG, class T>

@@ -47,6 +47,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "core/cuda_backend.hpp"
 #include "cuda/cuda_check.cuh"
@@ -357,37 +358,43 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
                         make_xmap(xp, m, ldxp, R));
 }
 
-template <int R>
-int blocks_per_sm_for() {
-  for (const void* k : {reinterpret_cast<const void*>(tc_wgmma_ws_kernel<R, __half>),
-                        reinterpret_cast<const void*>(tc_wgmma_ws_kernel<R, __nv_bfloat16>)})
-    EXL2_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(WsShape<R>::kSmemBytes)));
-  int n = 0;
-  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, tc_wgmma_ws_kernel<R, __half>,
-                                                                WsShape<R>::kThreads, WsShape<R>::kSmemBytes));
-  return n;
+/// f(std::integral_constant<int, R>{}) for the kernel's shape of R = `rows` activation rows.
+template <class F>
+decltype(auto) with_rows(int rows, F&& f) {
+  switch (rows) {
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 192: return f(std::integral_constant<int, 192>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: internal_error("tc_wgmma_ws: no shape of " + std::to_string(rows) + " rows");
+  }
+}
+
+template <class T>
+void launch_shape(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows, T* out,
+                  cudaStream_t stream) {
+  with_rows(rows, [&](auto r) { launch_rows<decltype(r)::value>(L, xp, m, ldxp, out, stream); });
 }
 
 }  // namespace
 
 int tc_wgmma_ws_blocks_per_sm(int rows) {
   if (tensor_map_encoder() == nullptr) return 0;
-  return rows == 256 ? blocks_per_sm_for<256>() : rows == 192 ? blocks_per_sm_for<192>() : blocks_per_sm_for<128>();
+  return with_rows(rows, [](auto r) {
+    constexpr int R = decltype(r)::value;
+    return blocks_per_sm_with_smem({reinterpret_cast<const void*>(tc_wgmma_ws_kernel<R, __half>),
+                                    reinterpret_cast<const void*>(tc_wgmma_ws_kernel<R, __nv_bfloat16>)},
+                                   WsShape<R>::kThreads, WsShape<R>::kSmemBytes);
+  });
 }
 
 void launch_tc_wgmma_ws(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows,
                         __half* out, cudaStream_t stream) {
-  if (rows == 256) launch_rows<256>(L, xp, m, ldxp, out, stream);
-  else if (rows == 192) launch_rows<192>(L, xp, m, ldxp, out, stream);
-  else launch_rows<128>(L, xp, m, ldxp, out, stream);
+  launch_shape(L, xp, m, ldxp, rows, out, stream);
 }
 
 void launch_tc_wgmma_ws(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, int rows,
                         __nv_bfloat16* out, cudaStream_t stream) {
-  if (rows == 256) launch_rows<256>(L, xp, m, ldxp, out, stream);
-  else if (rows == 192) launch_rows<192>(L, xp, m, ldxp, out, stream);
-  else launch_rows<128>(L, xp, m, ldxp, out, stream);
+  launch_shape(L, xp, m, ldxp, rows, out, stream);
 }
 
 }  // namespace exl2::detail::cuda

@@ -13,7 +13,8 @@
 
 namespace exl2::detail::cuda {
 
-/// Blocks of the kernel with `rows` (128, 192 or 256) activation rows per block that fit one
+/// Blocks of the kernel with `rows` (128, 192 or 256; any other count is an internal error)
+/// activation rows per block that fit one
 /// multiprocessor (sets its shared-memory attribute first); 0 where the driver cannot encode its
 /// tensor maps.
 int tc_wgmma_ws_blocks_per_sm(int rows);
