@@ -263,7 +263,16 @@ __device__ __forceinline__ std::uint32_t decode_pair_f16(std::uint32_t qm, std::
 /// d * s_lo is exact (|d * k| <= 256 for s_lo = k 2^e, |k| <= 4) and fma(d, s_hi, d * s_lo)
 /// rounds the exact d * s once: bf16((q - z) * s), the bits decode_pair<bfloat16> gives, in three
 /// bfloat16 operations instead of a conversion to fp32 and back.
+/// Below compute capability 8.0 there is no bfloat16 arithmetic (and cuda_bf16.h declares none):
+/// the tc kernels never run there (build_tc_layout), so that code only traps, like cp_async16.
 __device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std::uint32_t zb, std::uint32_t sp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  (void)qm;
+  (void)zb;
+  (void)sp;
+  __trap();
+  return 0u;
+#else
   __nv_bfloat162 q, z, spp;
   std::memcpy(&q, &qm, 4);
   std::memcpy(&z, &zb, 4);
@@ -273,6 +282,7 @@ __device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std:
   std::uint32_t u;
   std::memcpy(&u, &r, 4);
   return u;
+#endif
 }
 
 /// The current group's decode constants for the lane's four columns 8 jj + g (from the group's
