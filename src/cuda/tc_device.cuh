@@ -500,6 +500,12 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); }
+/// A cluster barrier arrival with release semantics: this thread's earlier memory accesses (its
+/// shared-memory reads of the ring, an mbarrier's initialisation) are ordered before what the
+/// other blocks do after their cluster_wait (acquire).
+__device__ __forceinline__ void cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
 /// st.async of v to `addr` (this CTA's shared-window address) in cluster block `rank`, completing
 /// 4 bytes on that block's mbarrier at `bar` (likewise).
 __device__ __forceinline__ void push_f32(unsigned addr, unsigned bar, unsigned rank, float v) {
@@ -508,6 +514,15 @@ __device__ __forceinline__ void push_f32(unsigned addr, unsigned bar, unsigned r
                " mapa.shared::cluster.u32 rb, %1, %2;\n"
                " st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [ra], %3, [rb];\n}\n" ::"r"(addr),
                "r"(bar), "r"(rank), "r"(__float_as_uint(v))
+               : "memory");
+}
+/// push_f32 of two adjacent floats (`addr` 8-byte aligned).
+__device__ __forceinline__ void push_f32x2(unsigned addr, unsigned bar, unsigned rank, float v0, float v1) {
+  asm volatile("{\n .reg .b32 ra, rb;\n"
+               " mapa.shared::cluster.u32 ra, %0, %2;\n"
+               " mapa.shared::cluster.u32 rb, %1, %2;\n"
+               " st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [ra], {%3, %4}, [rb];\n}\n" ::"r"(addr),
+               "r"(bar), "r"(rank), "r"(__float_as_uint(v0)), "r"(__float_as_uint(v1))
                : "memory");
 }
 #endif
@@ -546,6 +561,65 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
   cluster.sync();
 #else
   (void)red, (void)rank, (void)split, (void)tid, (void)m0, (void)M, (void)tile, (void)N, (void)bias, (void)out;
+  __trap();
+#endif
+}
+
+/// Push-based split-K over a thread-block cluster (compute capability 9.0+) for a kRows x 128
+/// partial tile (tc_gemm_kernel's kT8 and 16- / 32-row tiles): rank r owns columns r * share ..
+/// (share = 128 / split, a power of two of at least 8), and every block sends each of its partial
+/// values straight into its owner's receive buffer `recv` with st.async, completed on the owner's
+/// mbarrier `bar` (shared-window addresses; push_reduce_init before the loop). The owner adds the
+/// split partials of each of its elements in rank order (the order and bits of
+/// cluster_reduce_store) and stores them (+ bias) to rows m0.. of out [M, N]. Against
+/// cluster_reduce_store: one cluster barrier instead of two and no reads of other blocks' shared
+/// memory.
+///
+/// `recv` is the block's ring, reused: the barrier at the start (every thread of every block,
+/// after its loop and its last cp.async wait) orders each block's last ring reads and its mbarrier
+/// initialisation before any push into it. A block exits only once everything pushed to it has
+/// landed; a sender needs nothing of its own afterwards.
+///
+/// Receive layout: [sender rank][element of the owner's share], the element of (row, column c of
+/// the share) at c * kRows + row when kPairRows (the thread's pairs are rows 2i, 2i + 1 of one
+/// column: kT8), else at row * share + c (pairs of columns 2i, 2i + 1). `for_pairs(f)` calls
+/// f(row, col, v0, v1) for every pair the thread holds (col in the tile; v1 at row + 1 or col + 1).
+template <int kRows>
+__device__ __forceinline__ void push_reduce_init(unsigned bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  push_row_init(bar, kRows * tc::kTileCols * sizeof(float));  // split x (kRows x share) floats
+#else
+  (void)bar;
+#endif
+}
+
+template <int kRows, bool kPairRows, class T, class ForPairs>
+__device__ __forceinline__ void push_reduce_store(float* recv, unsigned bar, int rank, int split, int tid,
+                                                  std::int64_t m0, std::int64_t M, std::int64_t tile,
+                                                  std::int64_t N, const __half* __restrict__ bias,
+                                                  T* __restrict__ out, ForPairs for_pairs) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cluster_arrive_release();
+  cluster_wait();
+  const int share = tc::kTileCols / split;
+  const int per_rank = kRows * share;
+  const unsigned recv_s = smem_u32(recv);
+  for_pairs([&](int row, int col, float v0, float v1) {
+    const int owner = col / share, c = col - owner * share;
+    const int e = kPairRows ? c * kRows + row : row * share + c;
+    push_f32x2(recv_s + static_cast<unsigned>(rank * per_rank + e) * 4u, bar, static_cast<unsigned>(owner), v0, v1);
+  });
+  mbar_wait(bar, 0);  // phase 0: every byte pushed to this block has landed
+  for (int e = tid; e < per_rank; e += kTcThreads) {
+    float sum = 0.0f;
+    for (int q = 0; q < split; ++q) sum += recv[q * per_rank + e];
+    const int row = kPairRows ? e % kRows : e / share, c = kPairRows ? e / kRows : e % share;
+    const std::int64_t r = m0 + row, n = tile * tc::kTileCols + rank * share + c;
+    if (r < M && n < N) store_output(out, r, N, n, sum, bias);
+  }
+#else
+  (void)recv, (void)bar, (void)rank, (void)split, (void)tid, (void)m0, (void)M, (void)tile, (void)N, (void)bias,
+      (void)out, (void)for_pairs;
   __trap();
 #endif
 }

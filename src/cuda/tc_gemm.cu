@@ -12,9 +12,11 @@
 //   block   = 4 warps and one tile of 128 output columns (warp w: columns 32w .. 32w+31,
 //             four mma n8 tiles) x one tile of 16*MT rows;
 //   K       = the block's chunk range (all chunks, or 1/split of them with a cluster);
-//   cluster = on compute capability 9.0+, up to 8 blocks of a cluster split the chunk range
+//   cluster = on compute capability 9.0+, up to 8 (16) blocks of a cluster split the chunk range
 //             (split-K) and add their fp32 partial tiles in rank order through distributed
-//             shared memory, as the GEMV kernel does (no workspace, no atomics).
+//             shared memory (no workspace, no atomics): up to 16 rows each block pushes its
+//             partials into their owners' rings (push_reduce_store; kGather: push_f32), the
+//             32- and 64-row tiles are read by their owners (cluster_reduce_store).
 //
 // Memory pipeline: because the stream layout stores a tile's data for consecutive chunks
 // contiguously, a block's whole K range is one contiguous byte range of the tile's stream.
@@ -22,7 +24,7 @@
 // thread), kLookahead steps ahead of what the current iteration consumes, whatever the
 // layer's bit widths. Scales and zeros arrive in the same stream (a header unit before each
 // group's codes). The activations are first gathered by perm into a chunk-padded copy
-// (tc_gather_x_kernel, stream-ordered scratch), so the kernel reads them with contiguous
+// (tc_gather_x_kernel through the layer's tc_xsrc, stream-ordered scratch), so the kernel reads them with contiguous
 // 16-byte loads, one iteration ahead, with no dependent load chain. One iteration handles
 // Q = 4 chunks (2 for MT = 4): two barriers, one activation tile, one descriptor set.
 //
@@ -190,29 +192,34 @@ __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, cons
 
 /// The activations (16-bit values of either type) in the order the kernel reads them:
 /// xp[row, 32 * c + r] = x[row, perm[row0_c + r]] for the rows r < rows_c of chunk c, else 0
-/// (short chunks padded to 32 rows), then kXTailPad zeros. One thread per element; the reads
-/// are scattered (act-order) but small, the writes coalesced.
+/// (short chunks padded to 32 rows), then kXTailPad zeros. One thread per 8 consecutive elements:
+/// their 8 source columns from the layer's tc_xsrc (two 16-byte loads, -1 past a chunk's rows),
+/// the 8 scattered (act-order) reads of x, one 16-byte store. Against one thread per element
+/// reading the chunk descriptor and perm: one dependent load fewer, a quarter of the loads.
 __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int64_t M, std::int64_t K,
-                                   const int* __restrict__ perm, const int4* __restrict__ tc_chunks, int num_chunks,
-                                   std::uint16_t* __restrict__ xp) {
-  const std::int64_t ld = static_cast<std::int64_t>(num_chunks) * 32;
-  const std::int64_t total = M * ld;
+                                   const int* __restrict__ xsrc, int num_chunks, std::uint16_t* __restrict__ xp) {
+  const std::int64_t ld8 = static_cast<std::int64_t>(num_chunks) * 4;  // 8-element pieces per row
+  const std::int64_t total8 = M * ld8;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const std::int64_t row = i / ld;
-    const int c = static_cast<int>((i % ld) >> 5), r = static_cast<int>(i & 31);
-    const int4 d = __ldg(tc_chunks + c);
-    std::uint16_t v = 0;  // +0 in float16 and bfloat16
-    if (r < ((d.z >> 8) & 0xff)) {
-      const int k = d.x + r;
-      v = x[row * K + (perm ? __ldg(perm + k) : k)];
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total8; i += stride) {
+    const std::int64_t row = i / ld8, k8 = 8 * (i % ld8);
+    const int4 a = __ldg(reinterpret_cast<const int4*>(xsrc + k8));
+    const int4 b = __ldg(reinterpret_cast<const int4*>(xsrc + k8 + 4));
+    const int src[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    const std::uint16_t* __restrict__ xr = x + row * K;
+    std::uint32_t v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const std::uint32_t lo = src[2 * u] >= 0 ? xr[src[2 * u]] : 0u;  // +0 in float16 and bfloat16
+      const std::uint32_t hi = src[2 * u + 1] >= 0 ? xr[src[2 * u + 1]] : 0u;
+      v[u] = lo | (hi << 16);
     }
-    xp[i] = v;
+    *reinterpret_cast<uint4*>(xp + 8 * i) = make_uint4(v[0], v[1], v[2], v[3]);
   }
   // The tail padding the tc kernel may read past the last row (kXTailPad), zeroed so that
   // nothing reads uninitialised memory.
   const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < kXTailPad) xp[total + t] = 0;
+  if (t < kXTailPad) xp[8 * total8 + t] = 0;
 }
 
 /// The layer's tc_xsrc: per chunk c and row r < 32 the row of x that chunk row multiplies,
@@ -372,7 +379,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   // kGather with split-K: the partials pushed to this block, [sender rank][its share], and the
   // mbarrier that counts their bytes (push_f32).
   __shared__ float rrow[kGather ? tc::kTileCols : 1];
-  __shared__ __align__(8) std::uint64_t rbar;
+  __shared__ __align__(8) std::uint64_t rbar;  // (the other kernels: push_reduce_store's)
 #endif
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -390,6 +397,9 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
       if (tid == 0) push_row_init(smem_u32(&rbar), tc::kTileCols * sizeof(float));
       cluster_arrive_relaxed();  // (waited for before pushing, at the end)
     }
+  } else {
+    // push_reduce_store's mbarrier (its barrier after the loop publishes the initialisation)
+    if (MT == 1 && split > 1 && tid == 0) push_reduce_init<R>(smem_u32(&rbar));
   }
 #endif
   const int cb = static_cast<int>(static_cast<std::int64_t>(num_chunks) * rank / split);
@@ -577,14 +587,15 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     auto col = [&](int i, int e) { return warp * tc::kBlockCols + 16 * i + g + 8 * (e >> 1); };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (split > 1) {
-      static_assert(8 * tc::kTileCols <= kRingWords, "the reduction tile must fit the ring");
-      float* red = reinterpret_cast<float*>(ring);
-      __syncthreads();  // every warp is done reading the ring
+      static_assert(8 * tc::kTileCols <= kRingWords, "the receive buffer must fit the ring");
+      // pairs: batch rows 2t, 2t + 1 of column col(i, e)
+      push_reduce_store<8, true>(reinterpret_cast<float*>(ring), smem_u32(&rbar), rank, split, tid, 0, M, tile, N,
+                                 bias, out, [&](auto&& f) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+                                   for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) red[(2 * t + (e & 1)) * tc::kTileCols + col(i, e)] = acc1[i][e];
-      cluster_reduce_store<8>(red, rank, split, tid, 0, M, tile, N, bias, out);
+                                     for (int e = 0; e < 4; e += 2) f(2 * t, col(i, e), acc1[i][e], acc1[i][e + 1]);
+                                 });
       return;
     }
 #endif
@@ -607,20 +618,32 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (split > 1) {
-    // Partial tiles through distributed shared memory (the ring is free now): rank r sums
-    // a 1/split share of the tile over ranks 0..split-1 in order.
-    static_assert(R * tc::kTileCols <= kRingWords, "the reduction tile must fit the ring");
-    float* red = reinterpret_cast<float*>(ring);
-    __syncthreads();  // every warp is done reading the ring
+    static_assert(R * tc::kTileCols <= kRingWords, "the receive buffer / reduction tile must fit the ring");
+    float* red = reinterpret_cast<float*>(ring);  // the ring is free now
+    if constexpr (MT == 1) {
+      // Partial tiles pushed to their owners: rank r sums a 1/split share of the tile over ranks
+      // 0..split-1 in order. Pairs: columns 8 jj + 2t, + 1 of row g (+ 8).
+      push_reduce_store<R, false>(red, smem_u32(&rbar), rank, split, tid, m0, M, tile, N, bias, out, [&](auto&& f) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+        for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj)
+          for (int h = 0; h < 2; ++h)
+            f(g + 8 * h, warp * tc::kBlockCols + 8 * jj + 2 * t, acc[0][jj][2 * h], acc[0][jj][2 * h + 1]);
+      });
+    } else {
+      // 32-row tiles: partial tiles read through distributed shared memory. Pushing them measured
+      // slower on the large layers (H100, 8192 x 28672 GPTQ-4 m = 32: 85.2 against 84.0 us).
+      __syncthreads();  // every warp is done reading the ring
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          red[(mt * 16 + g + 8 * (e >> 1)) * tc::kTileCols + warp * tc::kBlockCols + 8 * jj + 2 * t + (e & 1)] =
-              acc[mt][jj][e];
-    cluster_reduce_store<R>(red, rank, split, tid, m0, M, tile, N, bias, out);
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            red[(mt * 16 + g + 8 * (e >> 1)) * tc::kTileCols + warp * tc::kBlockCols + 8 * jj + 2 * t + (e & 1)] =
+                acc[mt][jj][e];
+      cluster_reduce_store<R>(red, rank, split, tid, m0, M, tile, N, bias, out);
+    }
     return;
   }
 #endif
@@ -796,9 +819,8 @@ void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, c
   // + kXTailPad: the kernel's unchecked activation loads of a last, partial iteration.
   StreamScratch xp(static_cast<std::size_t>(m * ldxp + kXTailPad) * sizeof(std::uint16_t), stream);
   std::uint16_t* xpb = static_cast<std::uint16_t*>(xp.get());
-  tc_gather_x_kernel<<<grid_for(m * ldxp, kPackThreads), kPackThreads, 0, stream>>>(
-      reinterpret_cast<const std::uint16_t*>(x), m, L.K, L.kernel_perm(), static_cast<const int4*>(L.tc_chunks.get()),
-      L.num_chunks, xpb);
+  tc_gather_x_kernel<<<grid_for(m * ldxp / 8, kPackThreads), kPackThreads, 0, stream>>>(
+      reinterpret_cast<const std::uint16_t*>(x), m, L.K, L.tc_xsrc.get(), L.num_chunks, xpb);
   EXL2_CUDA_CHECK_LAUNCH("tc_gather_x_kernel");
   const __half* xph = reinterpret_cast<const __half*>(xpb);  // the kernel reads 16-bit values of T
   if (L.tc_wgmma && m >= L.tc_wgmma_min_rows)
