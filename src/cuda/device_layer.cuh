@@ -236,6 +236,9 @@ struct DeviceLayer {
   // 9.0 and the build holds its sm_90a code (query_tc_wgmma).
   bool tc_wgmma = false;
   int tc_wgmma_min_rows = 0;  // smallest m sent to it (tc_gemm.cu)
+  // m = 1 gathers inside the tc kernel where its blocks fit one wave (kGather); false with
+  // EXL2_CUDA_TC_GATHER=0 at construction (the gather launch + kT8 instead: to measure and test it).
+  bool tc_gather = true;
   int tc_wgmma_forced = -1;   // its shape for every m (EXL2_CUDA_WGMMA_CFG at construction), or -1
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.

@@ -575,10 +575,13 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
 /// cluster_reduce_store: one cluster barrier instead of two and no reads of other blocks' shared
 /// memory.
 ///
-/// `recv` is the block's ring, reused: the barrier at the start (every thread of every block,
-/// after its loop and its last cp.async wait) orders each block's last ring reads and its mbarrier
-/// initialisation before any push into it. A block exits only once everything pushed to it has
-/// landed; a sender needs nothing of its own afterwards.
+/// kRingRecv: `recv` is the block's ring, reused: the barrier at the start (every thread of every
+/// block, after its loop and its last cp.async wait) orders each block's last ring reads and its
+/// mbarrier initialisation before any push into it. Otherwise `recv` is a buffer of its own, and
+/// the caller initialised the mbarrier and made a relaxed cluster arrival at the kernel's start
+/// (push_reduce_init_early): here only the wait for the other blocks' initialisations, so no
+/// block waits for the cluster's slowest one before sending. A block exits only once everything
+/// pushed to it has landed; a sender needs nothing of its own afterwards.
 ///
 /// Receive layout: [sender rank][element of the owner's share], the element of (row, column c of
 /// the share) at c * kRows + row when kPairRows (the thread's pairs are rows 2i, 2i + 1 of one
@@ -593,13 +596,25 @@ __device__ __forceinline__ void push_reduce_init(unsigned bar) {
 #endif
 }
 
-template <int kRows, bool kPairRows, class T, class ForPairs>
+/// push_reduce_init for a receive buffer of its own (!kRingRecv), every thread at the kernel's
+/// start: the mbarrier (thread 0), then a relaxed cluster arrival (push_reduce_store waits).
+template <int kRows>
+__device__ __forceinline__ void push_reduce_init_early(unsigned bar, int tid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (tid == 0) push_reduce_init<kRows>(bar);
+  cluster_arrive_relaxed();
+#else
+  (void)bar, (void)tid;
+#endif
+}
+
+template <int kRows, bool kPairRows, bool kRingRecv = true, class T, class ForPairs>
 __device__ __forceinline__ void push_reduce_store(float* recv, unsigned bar, int rank, int split, int tid,
                                                   std::int64_t m0, std::int64_t M, std::int64_t tile,
                                                   std::int64_t N, const __half* __restrict__ bias,
                                                   T* __restrict__ out, ForPairs for_pairs) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cluster_arrive_release();
+  if constexpr (kRingRecv) cluster_arrive_release();
   cluster_wait();
   const int share = tc::kTileCols / split;
   const int per_rank = kRows * share;

@@ -296,6 +296,12 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
 /// each kSegChunks chunks (a block has K / 32 / split chunks; 14336 x 4096 at split 16: 28).
 constexpr int kSegChunks = 64;
 
+/// kT8 at m <= kT8OwnRows (decode on layers whose blocks do not fit one wave, where kGather does
+/// not run) pushes its split-K partials into a receive buffer of its own (kT8OwnRows x 128
+/// floats: 1 KB still fits 6 blocks per multiprocessor beside the ring; 8 rows would not), so
+/// its blocks never wait for the cluster's slowest one (push_reduce_store, !kRingRecv).
+constexpr int kT8OwnRows = 2;
+
 /// Position of chunk row r (0..31) in the chunk's 32 halves of the kGather segment: word
 /// 4t + 2s + h holds rows 16s + 2t + 8h and + 1, the B fragment register b_h of k16 step s for
 /// lanes 4g + t, so lane t's four words are contiguous.
@@ -378,7 +384,8 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // kGather with split-K: the partials pushed to this block, [sender rank][its share], and the
   // mbarrier that counts their bytes (push_f32).
-  __shared__ float rrow[kGather ? tc::kTileCols : 1];
+  // kT8 with M <= kT8OwnRows: push_reduce_store's receive buffer of its own.
+  __shared__ float rrow[kGather ? tc::kTileCols : kT8 ? kT8OwnRows * tc::kTileCols : 1];
   __shared__ __align__(8) std::uint64_t rbar;  // (the other kernels: push_reduce_store's)
 #endif
 
@@ -398,8 +405,14 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
       cluster_arrive_relaxed();  // (waited for before pushing, at the end)
     }
   } else {
-    // push_reduce_store's mbarrier (its barrier after the loop publishes the initialisation)
-    if (MT == 1 && split > 1 && tid == 0) push_reduce_init<R>(smem_u32(&rbar));
+    // push_reduce_store's mbarrier: kT8 at M <= kT8OwnRows (its own buffer) published now, the
+    // others by the barrier after the loop
+    if (MT == 1 && split > 1) {
+      if (kT8 && M <= kT8OwnRows)
+        push_reduce_init_early<kT8OwnRows>(smem_u32(&rbar), tid);
+      else if (tid == 0)
+        push_reduce_init<R>(smem_u32(&rbar));
+    }
   }
 #endif
   const int cb = static_cast<int>(static_cast<std::int64_t>(num_chunks) * rank / split);
@@ -586,6 +599,21 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     // acc1[i][e]: column 16i + g + 8 (e >> 1) of the warp's block, batch row 2t + (e & 1).
     auto col = [&](int i, int e) { return warp * tc::kBlockCols + 16 * i + g + 8 * (e >> 1); };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (split > 1 && M <= kT8OwnRows) {
+      // rows 0 and 1 (lanes t = 0) into the owners' own buffers: no wait for the cluster's
+      // slowest block before sending
+      push_reduce_store<kT8OwnRows, true, false>(rrow, smem_u32(&rbar), rank, split, tid, 0, M, tile, N, bias, out,
+                                                 [&](auto&& f) {
+                                                   if (t == 0) {
+#pragma unroll
+                                                     for (int i = 0; i < 2; ++i)
+#pragma unroll
+                                                       for (int e = 0; e < 4; e += 2)
+                                                         f(0, col(i, e), acc1[i][e], acc1[i][e + 1]);
+                                                   }
+                                                 });
+      return;
+    }
     if (split > 1) {
       static_assert(8 * tc::kTileCols <= kRingWords, "the receive buffer must fit the ring");
       // pairs: batch rows 2t, 2t + 1 of column col(i, e)
@@ -790,6 +818,10 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   EXL2_CUDA_CHECK_LAUNCH("tc_xsrc_kernel");
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
+  {
+    const char* v = std::getenv("EXL2_CUDA_TC_GATHER");
+    L.tc_gather = !(v != nullptr && std::strcmp(v, "0") == 0);
+  }
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope; and the pack kernels read the canonical codes, scales and
   // zeros, which the tc stream replaces from here on (one copy of the codes per layer).
@@ -811,7 +843,7 @@ constexpr std::int64_t kTcSliceRows = 4096;
 template <class T>
 void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
   // Decode where the blocks fit one wave: the kernel gathers the row itself (the rule: tc_gemm.cuh).
-  if (m == 1 && L.tc_tiles * tc_rows_split<1>(L, 1) <= resident_blocks(L, L.tc_blocks_per_sm[1])) {
+  if (m == 1 && L.tc_gather && L.tc_tiles * tc_rows_split<1>(L, 1) <= resident_blocks(L, L.tc_blocks_per_sm[1])) {
     launch_tc_rows<1, T, true>(L, reinterpret_cast<const __half*>(x), 1, L.K, out, stream);
     return;
   }
