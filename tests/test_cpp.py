@@ -47,6 +47,22 @@ def test_cmake_build_ctest_install_and_example(tmp_path: Path) -> None:
     assert "cpu: max |error| vs dense = 0" in out
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CUDACXX", "nvcc")) is None, reason="needs nvcc")
+def test_cuda_library_compiles_for_the_oldest_release_architectures(tmp_path: Path) -> None:
+    """The release architecture list (cmake/Exl2Cuda.cmake, what wheels and `pip install .` on a
+    GPU machine build) starts at sm_75, and below sm_80 / sm_90 the kernels' device code takes
+    other preprocessor paths (traps where cp.async, bfloat16 arithmetic or clusters do not
+    exist). The CI build compiles sm_90a only, so the static library is built here for sm_75 and
+    sm_80 as well: this is where bfloat16 arithmetic that cuda_bf16.h does not declare below
+    sm_80 broke every release build."""
+    build = tmp_path / "build"
+    sh("cmake", "-S", str(ROOT), "-B", str(build), "-DEXL2_PYTHON=OFF", "-DEXL2_CUDA=ON",
+       "-DEXL2_CUDA_ARCHITECTURES=75-real;80-real", "-DEXL2_BUILD_TESTS=OFF", "-DEXL2_INSTALL=OFF",
+       "-DCMAKE_BUILD_TYPE=Release")
+    sh("cmake", "--build", str(build), "--target", "exl2", "--parallel", str(os.cpu_count() or 2))
+    assert list(build.glob("**/libexl2.a"))
+
+
 def test_add_subdirectory_consumer_without_python(tmp_path: Path) -> None:
     """A plain CMake project that vendors exl2 with add_subdirectory (as FetchContent
     does): no Python, no nanobind, no install step."""
