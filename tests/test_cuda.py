@@ -197,20 +197,23 @@ def test_native_kernel_large_m(layers, m: int) -> None:
 @pytest.mark.parametrize("max_split", ["1", "2", "4", "8", "bogus"])
 def test_max_split_knob(monkeypatch, max_split: str) -> None:
     """EXL2_CUDA_MAX_SPLIT (read at construction) caps the cluster split-K factor: every cap
-    gives correct, run-to-run identical results on the GEMV and fused kernels; other values
-    mean the default."""
+    gives correct, run-to-run identical results on the layer's kernels (compute capability 9.0:
+    the mma.sync tensor-core kernel at m = 1, 5, 12, the wgmma kernel at m = 40; the canonical
+    layout's GEMV and fused kernels elsewhere); other values mean the default."""
     from exl2._convert import native_view, stream_handle
 
     rng = np.random.default_rng(31)
-    layer = R.random_gptq(rng, 4096, 256, group_size=128, act_order=True, bias=True)  # 128 chunks: splits up to 8
+    # 128 chunks; 8 tiles of 128 columns, so that the tensor-core kernels' split rule (H100) takes
+    # different splits under different caps (the default: clusters of 16), not 1 for every cap.
+    layer = R.random_gptq(rng, 4096, 1024, group_size=128, act_order=True, bias=True)
     monkeypatch.setenv("EXL2_CUDA_MAX_SPLIT", max_split)
     with build(layer, "cuda") as q:
-        for m in (1, 5, 40):
+        for m in (1, 5, 12, 40):
             x = random_x(rng, (m, 4096))
             xt = torch.from_numpy(x).cuda()
             outs = []
             for _ in range(2):
-                out = torch.empty((m, 256), dtype=torch.float16, device="cuda")
+                out = torch.empty((m, 1024), dtype=torch.float16, device="cuda")
                 q._native.gemm(native_view(xt), native_view(out), stream_handle(xt.device))
                 outs.append(out)
             assert rel_err(outs[0], expected(layer, x)) < TOL, m

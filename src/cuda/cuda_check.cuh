@@ -47,6 +47,27 @@ inline void check_status(cudaError_t status, const char* what, const char* file,
 
 namespace exl2::detail::cuda {
 
+/// The driver entry point `symbol` with the ABI it had in CUDA `version` (e.g. 12000 for the
+/// PFN_*_v12000 types), looked up through the runtime so that the library does not link libcuda;
+/// nullptr (and the runtime's error state cleared) where the driver lacks it. The versioned
+/// lookup (CUDA 12.5+) pins the ABI the caller casts to; the unversioned one, deprecated in CUDA
+/// 13, returns the newest version of the symbol, whatever its signature.
+inline void* driver_entry_point(const char* symbol, unsigned version) noexcept {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+  const cudaError_t st = cudaGetDriverEntryPointByVersion(symbol, &fn, version, cudaEnableDefault, &found);
+#else
+  (void)version;
+  const cudaError_t st = cudaGetDriverEntryPoint(symbol, &fn, cudaEnableDefault, &found);
+#endif
+  if (st != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  return fn;
+}
+
 /// True if `device` already has an active primary context. Going back to a device
 /// without one would create it (hundreds of MiB on a GPU the caller never used), so the
 /// guards only restore such a device when it is already initialised, as PyTorch does.
@@ -54,13 +75,8 @@ namespace exl2::detail::cuda {
 /// link libcuda (it must load on machines without a driver).
 inline bool device_has_primary_context(int device) noexcept {
   using GetState = int (*)(int, unsigned int*, int*);  // CUresult (CUdevice, unsigned*, int*)
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  if (cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &fn, cudaEnableDefault, &found) != cudaSuccess ||
-      found != cudaDriverEntryPointSuccess || fn == nullptr) {
-    (void)cudaGetLastError();
-    return true;  // unknown: restore as usual
-  }
+  void* fn = driver_entry_point("cuDevicePrimaryCtxGetState", 12000);
+  if (fn == nullptr) return true;  // unknown: restore as usual
   unsigned int flags = 0;
   int active = 0;
   if (reinterpret_cast<GetState>(fn)(device, &flags, &active) != 0) return true;

@@ -314,16 +314,8 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
 /// The driver's cuTensorMapEncodeTiled, looked up through the runtime (the library does not link
 /// libcuda), or nullptr where the driver lacks it (then the kernel is not used: query_tc_wgmma).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      fn = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode =
+      reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(driver_entry_point("cuTensorMapEncodeTiled", 12000));
   return encode;
 }
 
