@@ -24,9 +24,10 @@
 // thread), kLookahead steps ahead of what the current iteration consumes, whatever the
 // layer's bit widths. Scales and zeros arrive in the same stream (a header unit before each
 // group's codes). The activations are first gathered by perm into a chunk-padded copy
-// (tc_gather_x_kernel through the layer's tc_xsrc, stream-ordered scratch), so the kernel reads them with contiguous
-// 16-byte loads, one iteration ahead, with no dependent load chain. One iteration handles
-// Q = 4 chunks (2 for MT = 4): two barriers, one activation tile, one descriptor set.
+// (tc_gather_x_kernel, through the layer's tc_xsrc, into a stream-ordered scratch), so the kernel
+// reads them with contiguous 16-byte loads, one iteration ahead, with no dependent load chain.
+// One iteration handles Q = 4 chunks (2 for MT = 4): two barriers, one activation tile, one
+// descriptor set.
 //
 // Per chunk a warp reads its lane's b words from the ring, decodes 16 half2 B-fragment
 // registers (magic 1024: (1024 + q) - (1024 + z) is the exact q - z, or (1024 + 2^b q) / 2^b -
