@@ -398,6 +398,9 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   const std::int64_t tile = blockIdx.x;
   const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.z) * R;
   const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
+  // kT8 at M <= kT8OwnRows: split-K partials into a receive buffer of its own (rrow), published at
+  // the start (push_reduce_init_early) instead of by a barrier after the loop.
+  [[maybe_unused]] const bool own_recv = kT8 && M <= kT8OwnRows;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (kGather) {
@@ -406,10 +409,10 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
       cluster_arrive_relaxed();  // (waited for before pushing, at the end)
     }
   } else {
-    // push_reduce_store's mbarrier: kT8 at M <= kT8OwnRows (its own buffer) published now, the
-    // others by the barrier after the loop
+    // push_reduce_store's mbarrier: own_recv's published now, the others by the barrier after the
+    // loop
     if (MT == 1 && split > 1) {
-      if (kT8 && M <= kT8OwnRows)
+      if (own_recv)
         push_reduce_init_early<kT8OwnRows>(smem_u32(&rbar), tid);
       else if (tid == 0)
         push_reduce_init<R>(smem_u32(&rbar));
@@ -600,7 +603,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     // acc1[i][e]: column 16i + g + 8 (e >> 1) of the warp's block, batch row 2t + (e & 1).
     auto col = [&](int i, int e) { return warp * tc::kBlockCols + 16 * i + g + 8 * (e >> 1); };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (split > 1 && M <= kT8OwnRows) {
+    if (split > 1 && own_recv) {
       // rows 0 and 1 (lanes t = 0) into the owners' own buffers: no wait for the cluster's
       // slowest block before sending
       push_reduce_store<kT8OwnRows, true, false>(rrow, smem_u32(&rbar), rank, split, tid, 0, M, tile, N, bias, out,
@@ -752,6 +755,13 @@ static int tc_wgmma_min_rows() {
   return kTcWgmmaMinRows;
 }
 
+/// Whether m = 1 may gather inside the tc kernel (kGather): false with EXL2_CUDA_TC_GATHER=0 at
+/// construction, to measure and test the gather launch + kT8 on any layer.
+static bool tc_gather_from_env() {
+  const char* v = std::getenv("EXL2_CUDA_TC_GATHER");
+  return !(v != nullptr && std::strcmp(v, "0") == 0);
+}
+
 bool tc_layout_wanted(const DeviceLayer& L) noexcept {
   const char* v = std::getenv("EXL2_CUDA_TC");
   if (v != nullptr && std::strcmp(v, "0") == 0) return false;
@@ -819,10 +829,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   EXL2_CUDA_CHECK_LAUNCH("tc_xsrc_kernel");
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
-  {
-    const char* v = std::getenv("EXL2_CUDA_TC_GATHER");
-    L.tc_gather = !(v != nullptr && std::strcmp(v, "0") == 0);
-  }
+  L.tc_gather = tc_gather_from_env();
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope; and the pack kernels read the canonical codes, scales and
   // zeros, which the tc stream replaces from here on (one copy of the codes per layer).
