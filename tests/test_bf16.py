@@ -11,7 +11,9 @@ float32 and require bit equality; they also check the float64 error bound
 
 (the output's one bfloat16 rounding, at most 2^-9 relative, with a factor 2 margin, plus
 the fp32 accumulation error, at most (K + 1) 2^-24 times the sum of magnitudes, also
-with a factor 2 margin).
+with a factor 2 margin). The CUDA tensor-core kernel's transposed tiles (m <= 8) apply each
+group's scale in fp32 to the group's sums instead (cuda_bf16_weight): the same bound holds
+there with the exact weight (q - z) * s in place of W_bf16.
 """
 
 from __future__ import annotations
@@ -34,16 +36,36 @@ def bits(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def bf16_weight(layer: Dict[str, Any], zero_format: str = "v1") -> np.ndarray:
-    """The reference weight in bfloat16 (float32 array of bfloat16 values)."""
+def reference_weight(layer: Dict[str, Any], dtype: str, zero_format: str = "v1") -> np.ndarray:
+    """The reference weight in `dtype` (exl2.reference: "float16", "bfloat16" or "float32")."""
     if "q_weight" in layer:
         return R.dequantize_exl2(layer["q_weight"], layer["q_invperm"], layer["q_scale"], layer["q_scale_max"],
-                                 layer["q_groups"], dtype="bfloat16")
+                                 layer["q_groups"], dtype=dtype)
     if exl2.loaders.detect_format(layer) == "awq":
-        return R.dequantize_awq(layer["qweight"], layer["qzeros"], layer["scales"], dtype="bfloat16")
+        return R.dequantize_awq(layer["qweight"], layer["qzeros"], layer["scales"], dtype=dtype)
     gptq_bits = 32 * layer["qzeros"].shape[1] // layer["scales"].shape[1]
     return R.dequantize_gptq(layer["qweight"], layer["qzeros"], layer["scales"], layer.get("g_idx"), zero_format,
-                             bits=gptq_bits, dtype="bfloat16")
+                             bits=gptq_bits, dtype=dtype)
+
+
+def bf16_weight(layer: Dict[str, Any], zero_format: str = "v1") -> np.ndarray:
+    """The reference weight in bfloat16 (float32 array of bfloat16 values)."""
+    return reference_weight(layer, "bfloat16", zero_format)
+
+
+def exact_weight(layer: Dict[str, Any], zero_format: str = "v1") -> np.ndarray:
+    """The exact weight (q - z) * s (float32, unrounded)."""
+    return reference_weight(layer, "float32", zero_format)
+
+
+def cuda_bf16_weight(q: Any, layer: Dict[str, Any], m: int, zero_format: str = "v1") -> np.ndarray:
+    """The weight that a bfloat16 matmul of `m` rows of the layer `q` is bounded against: on CUDA
+    in the tensor-core layout up to m = 8 (the mma.sync kernel's transposed tiles, which apply
+    each group's scale in fp32 after the mma: kGroupSums, src/cuda/tc_gemm.cu), the exact weight;
+    every other path multiplies by dequantize(bfloat16)'s weight."""
+    if q.device.type == "cuda" and q.tensor_core_layout and m <= 8:
+        return exact_weight(layer, zero_format)
+    return bf16_weight(layer, zero_format)
 
 
 def storage_perm(layer: Dict[str, Any]) -> np.ndarray:
@@ -125,9 +147,9 @@ def test_round_bf16_matches_torch() -> None:
 
 def test_reference_dtype_argument() -> None:
     layer = LAYERS["exl2_b4"]
-    with pytest.raises(ValueError, match="dtype: expected 'float16' or 'bfloat16'"):
+    with pytest.raises(ValueError, match="dtype: expected 'float16', 'bfloat16' or 'float32'"):
         R.dequantize_exl2(layer["q_weight"], layer["q_invperm"], layer["q_scale"], layer["q_scale_max"],
-                          layer["q_groups"], dtype="float32")
+                          layer["q_groups"], dtype="float64")
     # float16 stays the default and unchanged
     w16 = R.dequantize_exl2(layer["q_weight"], layer["q_invperm"], layer["q_scale"], layer["q_scale_max"],
                             layer["q_groups"])
@@ -137,6 +159,19 @@ def test_reference_dtype_argument() -> None:
     # one rounding of the exact product, not a second rounding of the fp16 weight: the two
     # differ somewhere in a layer of this size
     assert not np.array_equal(wb, R.round_bf16(w16.astype(np.float32)))
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_reference_exact_weight(name: str) -> None:
+    """dtype="float32": the unrounded product (q - z) * s, whose float16 and bfloat16 roundings are
+    the reference's weights, and which differs from both somewhere."""
+    layer = LAYERS[name]
+    w32 = exact_weight(layer)
+    assert w32.dtype == np.float32 and w32.shape == layer["weight"].shape
+    assert np.array_equal(w32.astype(np.float16).view(np.uint16), np.asarray(layer["weight"]).view(np.uint16))
+    assert np.array_equal(R.round_bf16(w32), bf16_weight(layer))
+    if name != "gptq8":  # (small codes and scales can be exact in float16)
+        assert not np.array_equal(w32, R.round_bf16(w32))
 
 
 # ------------------------------------------------------------------- dequantize

@@ -1,7 +1,9 @@
 """bfloat16 on the CUDA backend: dequantize bit-exact with the CPU backend and the
-reference, matmul within the bound of tests/test_bf16.py for every kernel path (GEMV,
-fused tensor-core kernel or its GEMV-slice fallback below compute capability 8.0, and the
-Python dense path for bfloat16 m >= 9), determinism, graph capture."""
+reference, matmul within the bound of tests/test_bf16.py for every kernel path (the
+tensor-core layout's kernels, bounded against the exact weight up to m = 8 where they sum
+groups in fp32, else against the bfloat16 weight: cuda_bf16_weight; the canonical layout's
+GEMV, fused tensor-core kernel or its GEMV-slice fallback below compute capability 8.0, and
+the Python dense path), determinism, graph capture."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 from exl2 import reference as R
 from layers import build
-from test_bf16 import assert_within_bound, bf16_weight, bits, random_bf16_x
+from test_bf16 import assert_within_bound, bf16_weight, bits, cuda_bf16_weight, random_bf16_x
 
 pytestmark = pytest.mark.cuda
 BF16 = torch.bfloat16
@@ -62,10 +64,10 @@ def test_matmul_within_bound(layers, fmt: str, m: int) -> None:
     from exl2._convert import native_view, stream_handle
 
     layer = layers[fmt]
-    w = bf16_weight(layer)
     x = random_bf16_x(np.random.default_rng(m), m, 1024)
     xt = torch.from_numpy(x).to(BF16).cuda()
     with build(layer, "cuda") as q:
+        w = cuda_bf16_weight(q, layer, m)
         y = q.matmul(xt)
         assert y.dtype == BF16 and y.shape == (m, 256)
         assert_within_bound(y, layer, x, w, **dense_slack(m))
@@ -74,16 +76,16 @@ def test_matmul_within_bound(layers, fmt: str, m: int) -> None:
         # tensor cores (m > 16) may truncate instead of round in their fp32 accumulation
         # (up to 1 ulp per addition): twice the accumulation term
         assert_within_bound(out, layer, x, w, mag_term=1026 * 2.0**-23 if m > 16 else 0.0)
-        with build(layer, "cpu") as qc:  # the CPU backend obeys the same bound
-            assert_within_bound(qc.matmul(xt.cpu()), layer, x, w)
+        with build(layer, "cpu") as qc:  # the CPU backend obeys the same bound (its weight: bfloat16)
+            assert_within_bound(qc.matmul(xt.cpu()), layer, x, bf16_weight(layer))
 
 
 @pytest.mark.parametrize("m", [1, 4, 33])
 def test_large_activations_beyond_fp16_range(layers, m: int) -> None:
     layer = layers["gptq"]
-    w = bf16_weight(layer)
     x = R.round_bf16(np.random.default_rng(m).standard_normal((m, 1024)) * 1e6)
     with build(layer, "cuda") as q:
+        w = cuda_bf16_weight(q, layer, m)
         y = q.matmul(torch.from_numpy(x).to(BF16).cuda())
     assert torch.isfinite(y).all()
     assert_within_bound(y, layer, x, w, **dense_slack(m))
@@ -108,8 +110,8 @@ def test_deterministic(layers, m: int) -> None:
 @pytest.mark.parametrize("m", [1, 4, 64])
 def test_graph_capture_and_replay(layers, m: int) -> None:
     layer = layers["exl2"]
-    w = bf16_weight(layer)
     with build(layer, "cuda") as q:
+        w = cuda_bf16_weight(q, layer, m)
         x = torch.zeros((m, 1024), dtype=BF16, device="cuda")
         out = torch.empty((m, 256), dtype=BF16, device="cuda")
         q.matmul(x, out=out)  # warm-up outside capture
@@ -131,7 +133,8 @@ def test_graph_capture_and_replay(layers, m: int) -> None:
 @pytest.mark.parametrize("m", [17, 40, 300])
 def test_gemv_slice_fallback(layers, monkeypatch, m: int) -> None:
     """The path of GPUs without bfloat16 tensor cores (compute capability 7.5), forced with
-    EXL2_CUDA_BF16_NO_MMA=1 at construction: GEMV on slices of <= 16 rows."""
+    EXL2_CUDA_BF16_NO_MMA=1 at construction: GEMV on slices of <= 16 rows (of the canonical
+    layout, EXL2_CUDA_TC=0: a layer in the tensor-core layout never reaches it)."""
     from exl2._convert import native_view, stream_handle
 
     layer = layers["exl2"]
@@ -139,8 +142,11 @@ def test_gemv_slice_fallback(layers, monkeypatch, m: int) -> None:
     x = random_bf16_x(np.random.default_rng(m + 1), m, 1024)
     xt = torch.from_numpy(x).to(BF16).cuda()
     monkeypatch.setenv("EXL2_CUDA_BF16_NO_MMA", "1")
+    monkeypatch.setenv("EXL2_CUDA_TC", "0")
     with build(layer, "cuda") as q:
         monkeypatch.delenv("EXL2_CUDA_BF16_NO_MMA")
+        monkeypatch.delenv("EXL2_CUDA_TC")
+        assert not q.tensor_core_layout
         out = torch.empty((m, 256), dtype=BF16, device="cuda")
         q._native.gemm(native_view(xt), native_view(out), stream_handle(xt.device))
         assert_within_bound(out, layer, x, w)

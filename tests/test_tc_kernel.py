@@ -135,13 +135,15 @@ def check_one_hot_rows(layer, dtype: torch.dtype, tile_rows, min_rows: int = 1) 
                 assert torch.equal(y, w[k]), f"rows {k0}..{k0 + k.numel() - 1} (tiles of {rows})"
 
 
-def check_bf16_within_bound(q, layer, w, ms) -> None:
-    """bfloat16 matmul at each m of `ms`: bfloat16 output within the bfloat16 bound of the weights
-    `w` (test_bf16), and the same bits on a second call."""
-    from test_bf16 import assert_within_bound, random_bf16_x
+def check_bf16_within_bound(q, layer, ms) -> None:
+    """bfloat16 matmul at each m of `ms`: bfloat16 output within the bfloat16 bound (test_bf16) of
+    the weight its kernel multiplies by (cuda_bf16_weight: the exact weight up to m = 8, else
+    bfloat16's), and the same bits on a second call."""
+    from test_bf16 import assert_within_bound, cuda_bf16_weight, random_bf16_x
 
     K = layer["weight"].shape[0]
     for m in ms:
+        w = cuda_bf16_weight(q, layer, m)
         x = random_bf16_x(np.random.default_rng(m), m, K)
         xt = torch.from_numpy(x).to(torch.bfloat16).cuda()
         y = q.matmul(xt)
@@ -304,17 +306,49 @@ def test_tc_large_m_in_cpp_runs_row_tiles_and_slices(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("name", ["exl2_mixed", "exl2_n40_short_groups", "gptq_act_order", "gptq3_act_order",
                                   "gptq8", "awq"])
 def test_tc_bfloat16_within_bound(name: str) -> None:
-    """bfloat16 through the tc kernel: weights bf16((q - z) * s) as dequantize(bfloat16) gives
-    them, fp32 accumulation (tensor cores: twice the accumulation term, as for the fused
-    bfloat16 kernel in test_cuda_bf16), the same bound as every other bfloat16 path; and
-    deterministic."""
+    """bfloat16 through the tc kernel: up to m = 8 the exact weights (q - z) * s (group sums
+    scaled in fp32), on the 16-, 32- and 64-row tiles bf16((q - z) * s) as dequantize(bfloat16)
+    gives them;
+    fp32 accumulation (tensor cores: twice the accumulation term, as for the fused bfloat16
+    kernel in test_cuda_bf16), the same bound as every other bfloat16 path; and deterministic."""
     from test_bf16 import bf16_weight
 
     layer = LAYERS[name]
     w = bf16_weight(layer)
     with build(layer, "cuda") as q:
         assert torch.equal(q.dequantize(torch.bfloat16).cpu(), torch.from_numpy(w).to(torch.bfloat16))
-        check_bf16_within_bound(q, layer, w, [1, 2, 5, 16, 17, 33, 64])
+        check_bf16_within_bound(q, layer, [1, 2, 5, 8, 9, 16, 17, 33, 64])
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 12, 24])
+def test_tc_bfloat16_group_sums_bit_exact(bits: int, m: int) -> None:
+    """bfloat16 up to m = 8 (the transposed tiles, kGroupSums): each group's x (q - z) summed in
+    fp32, times the scale once. With x = 1 on the rows of one group (row r of x: group r % G,
+    act-order), output row r is exactly bf16(s[g, n] * sum of (q - z) over the group) (groups of
+    32: the sums and the products are exact in fp32, however split-K divides the group). The 16-
+    and 32-row tiles (m = 12, 24) sum the bfloat16 weights instead, also exactly here (a group's
+    weights share one scale, so their sum spans fewer than 24 bits): bf16(sum of
+    bf16(s (q - z))). The two contracts differ (checked)."""
+    rng = np.random.default_rng(31 + bits)
+    K, N, gs = 512, 160, 32
+    layer = R.random_gptq(rng, K, N, group_size=gs, act_order=True, bits=bits)
+    g_idx = np.asarray(layer["g_idx"]).astype(np.int64)
+    d = (R.unpack_gptq_codes(layer["qweight"], bits) - R.unpack_gptq_zeros(layer["qzeros"], "v1", bits)[g_idx])
+    s = np.asarray(layer["scales"]).astype(np.float32)
+    G = s.shape[0]
+    groups = np.arange(m) % G
+    x = (g_idx[None, :] == groups[:, None]).astype(np.float32)
+    sums = np.stack([d[g_idx == g].sum(axis=0) for g in groups]).astype(np.float32)  # exact integers
+    group_sums = R.bf16_bits(sums * s[groups])
+    w_bf16 = R.dequantize_gptq(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits=bits,
+                               dtype="bfloat16")
+    bf16_sums = R.bf16_bits(x.astype(np.float64) @ w_bf16.astype(np.float64))
+    assert not np.array_equal(group_sums, bf16_sums)
+    expected = group_sums if m <= 8 else bf16_sums
+    with build(layer, "cuda", bias=False) as q:
+        y = q.matmul(torch.from_numpy(x).to(torch.bfloat16).cuda())
+    np.testing.assert_array_equal(y.cpu().view(torch.int16).numpy().view(np.uint16), expected)
 
 
 def test_tc_bfloat16_runs_the_tc_kernel() -> None:

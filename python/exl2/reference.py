@@ -62,6 +62,12 @@ scale above), i.e. the exact float32 product rounded once, to nearest even.
 numpy has no bfloat16 type, so such weights are returned as float32 arrays
 whose values are all bfloat16 values (:func:`round_bf16`; :func:`bf16_bits`
 gives the 16-bit patterns).
+
+``dtype="float32"`` returns the exact, unrounded weight ``(q - z) * s`` (exact
+in float32: at most 8 bits times the 11 of a float16 scale). It is what the
+CUDA kernel's bfloat16 path up to 32 rows multiplies by (it applies each
+group's scale in float32 to the group's sums of ``x * (q - z)``), so its
+results are bounded against this weight rather than the bfloat16 one.
 """
 
 from __future__ import annotations
@@ -231,12 +237,15 @@ def bf16_bits(a: Any) -> np.ndarray:
 
 
 def _round_weight(prod: np.ndarray, dtype: str) -> np.ndarray:
-    """The one rounding of the exact float32 weight products: float16 or bfloat16."""
+    """The one rounding of the exact float32 weight products: float16 or bfloat16; float32:
+    none (the products themselves)."""
     if dtype == "float16":
         return _f16(prod)
     if dtype == "bfloat16":
         return round_bf16(prod)
-    raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r}")
+    if dtype == "float32":
+        return np.ascontiguousarray(prod, dtype=np.float32)
+    raise ValueError(f"dtype: expected 'float16', 'bfloat16' or 'float32', got {dtype!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -396,8 +405,9 @@ def dequantize_exl2(
         q_weight, q_invperm, q_scale, q_scale_max, q_groups: the checkpoint tensors.
         prescaled: ``q_scale_max`` was already divided by 256 (see
             :func:`f16_scale_exl2`).
-        dtype: ``"float16"`` or ``"bfloat16"`` (``bf16((q - 2**(b-1)) * scale)`` with
-            the same float16 scale, returned as float32 holding bfloat16 values).
+        dtype: ``"float16"``, ``"bfloat16"`` (``bf16((q - 2**(b-1)) * scale)`` with
+            the same float16 scale, returned as float32 holding bfloat16 values) or
+            ``"float32"`` (the exact product, unrounded).
     """
     _round_weight(np.zeros(0, np.float32), dtype)  # validates dtype before any work
     invperm = np.asarray(q_invperm).astype(np.int64).reshape(-1)
@@ -571,7 +581,8 @@ def dequantize_gptq(
 
     ``W[k, n] = f16(scales[g, n] * (q[k, n] - z[g, n]))`` with ``g = g_idx[k]``,
     or ``g = k // (K / G)`` without ``g_idx``. The product is exact in float32.
-    ``dtype="bfloat16"`` rounds it to bfloat16 instead (float32 array of bfloat16 values).
+    ``dtype="bfloat16"`` rounds it to bfloat16 instead (float32 array of bfloat16 values),
+    ``dtype="float32"`` returns it unrounded.
     """
     _round_weight(np.zeros(0, np.float32), dtype)  # validates dtype before any work
     q = unpack_gptq_codes(qweight, bits)
@@ -691,7 +702,8 @@ def dequantize_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
                    dtype: str = "float16") -> np.ndarray:
     """Dense AWQ weight, float16 ``[K, N]``: ``W[k, n] = f16(scales[g, n] * (q[k, n] - z[g, n]))``
     with ``g = k // (K / G)``. The product is exact in float32 (one rounding).
-    ``dtype="bfloat16"`` rounds it to bfloat16 instead (float32 array of bfloat16 values)."""
+    ``dtype="bfloat16"`` rounds it to bfloat16 instead (float32 array of bfloat16 values),
+    ``dtype="float32"`` returns it unrounded."""
     _round_weight(np.zeros(0, np.float32), dtype)  # validates dtype before any work
     q = unpack_awq_codes(qweight)
     z = unpack_awq_zeros(qzeros)

@@ -59,7 +59,8 @@ bool all_finite_f16(const void* p, std::size_t count, int device, cudaStream_t s
 void dequantize(const DeviceLayer& layer, const LayerMeta& meta, void* out, bool bf16, cudaStream_t stream);
 
 /// out[m, N] = x[m, K] @ W (+ bias); x and out both fp16, or both bfloat16 when `bf16`
-/// (weights then rounded to bfloat16). fp32 accumulation, deterministic, out fully
+/// (weights then rounded to bfloat16; in the tc layout at m <= 8 the scales applied in fp32 to
+/// the groups' sums instead: QMatrix::gemm). fp32 accumulation, deterministic, out fully
 /// written, no host synchronisation (graph-capture safe; the tc kernels' activation scratch is
 /// stream-ordered, cudaMallocAsync).
 void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out, bool bf16,

@@ -285,26 +285,58 @@ __device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std:
 #endif
 }
 
+/// bfloat16, group sums (tc_gemm.cu, kGroupSums): the exact integers q - z of a pair as bfloat16
+/// (|q - z| <= 255, exact in bfloat16's 8 significant bits), the scale left for later. b <= 6:
+/// `qm` is bf16x2 128 + q and zb = bf16x2 128 + z, one subtraction; 8-bit codes: `qm` is fp16x2
+/// 1024 + q and zb fp16x2 1024 + z, the fp16 difference converted (exactly) to bfloat16.
+template <int B>
+__device__ __forceinline__ std::uint32_t int_pair_bf16(std::uint32_t qm, std::uint32_t zb) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  (void)qm;
+  (void)zb;
+  __trap();
+  return 0u;
+#else
+  __nv_bfloat162 r;
+  if constexpr (B <= 6) {
+    __nv_bfloat162 q, z;
+    std::memcpy(&q, &qm, 4);
+    std::memcpy(&z, &zb, 4);
+    r = __hsub2(q, z);
+  } else {
+    const float2 f = __half22float2(__hsub2(u32_as_h2(qm), u32_as_h2(zb)));
+    r = __floats2bfloat162_rn(f.x, f.y);
+  }
+  std::uint32_t u;
+  std::memcpy(&u, &r, 4);
+  return u;
+#endif
+}
+
 /// The current group's decode constants for the lane's four columns 8 jj + g (from the group's
 /// header, unpack_header):
 ///   float16:  s2 = the scale twice, z2 = fp16x2 1024 + zero, zx = fp16x2 1024 / 2^b + zero (for
 ///             the pairs held as 2^b q, b <= 5; b = the group's width);
 ///   bfloat16: s2 = s_hi | s_lo << 16 (decode_pair_bf16), z2 = fp16x2 1024 + zero (8-bit codes,
-///             decoded in float16), zx = bf16x2 128 + zero (b <= 6).
+///             decoded in float16), zx = bf16x2 128 + zero (b <= 6), sf = the scale in fp32
+///             (exact; the group sums of tc_gemm.cu apply it after the mma).
 struct GroupConsts {
   std::uint32_t s2[4] = {0, 0, 0, 0};
   std::uint32_t z2[4] = {0, 0, 0, 0};
   std::uint32_t zx[4] = {0, 0, 0, 0};
+  float sf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 };
 
 /// One chunk's 16 B-fragment registers of a lane, decoded from its words `w` with the group's
 /// constants: b[jj][s][h] holds rows 16 s + 2 t (+ 8 h), + 1 of column 8 jj + g of the warp's
 /// 32-column block (mma.m16n8k16 B operand of n8 tile jj, k16 step s; lane = 4 g + t).
-template <int B, class T>
+/// kIntBf16 (bfloat16 only): the exact q - z, unscaled (int_pair_bf16).
+template <int B, class T, bool kIntBf16 = false>
 __device__ __forceinline__ void decode_chunk(const std::uint32_t (&w)[8], const GroupConsts& gc,
                                              std::uint32_t (&b)[4][2][2]) {
+  static_assert(!kIntBf16 || kIsBf16<T>, "the unscaled decode is bfloat16's");
   std::uint32_t s32[4];  // bfloat16, 8-bit codes: the fp32 scale s_hi + s_lo (exact)
-  if constexpr (kIsBf16<T> && !kBf16Decode<B, T>) {
+  if constexpr (kIsBf16<T> && !kBf16Decode<B, T> && !kIntBf16) {
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj)
       s32[jj] = __float_as_uint(__uint_as_float(gc.s2[jj] << 16) + __uint_as_float(gc.s2[jj] & 0xffff0000u));
@@ -312,7 +344,9 @@ __device__ __forceinline__ void decode_chunk(const std::uint32_t (&w)[8], const 
 #define EXL2_TC_PAIR(JJ, S, H)                                                                          \
   {                                                                                                   \
     const std::uint32_t qm = pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H), T>(w);                      \
-    if constexpr (kBf16Decode<B, T>)                                                                  \
+    if constexpr (kIntBf16)                                                                           \
+      b[JJ][S][H] = int_pair_bf16<B>(qm, kBf16Decode<B, T> ? gc.zx[JJ] : gc.z2[JJ]);                  \
+    else if constexpr (kBf16Decode<B, T>)                                                             \
       b[JJ][S][H] = decode_pair_bf16(qm, gc.zx[JJ], gc.s2[JJ]);                                        \
     else if constexpr (kIsBf16<T>)                                                                    \
       b[JJ][S][H] = decode_pair<T>(qm, gc.z2[JJ], s32[JJ]);                                            \
@@ -336,6 +370,7 @@ __device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts&
     gc.z2[jj] = __byte_perm(hv[jj], 0, 0x3232);
     if constexpr (kIsBf16<T>) {
       const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu)));
+      gc.sf[jj] = s;
       const __nv_bfloat16 hi = __float2bfloat16_rn(s);
       const __nv_bfloat16 lo = __float2bfloat16_rn(s - __bfloat162float(hi));  // exact (<= 3 bits)
       gc.s2[jj] = static_cast<std::uint32_t>(__bfloat16_as_ushort(hi)) |

@@ -32,7 +32,8 @@
 // Per chunk a warp reads its lane's b words from the ring, decodes 16 half2 B-fragment
 // registers (magic 1024: (1024 + q) - (1024 + z) is the exact q - z, or (1024 + 2^b q) / 2^b -
 // (1024 / 2^b + z) for the pairs kept 2^b times their code; one __hmul2 by the scale rounds like
-// the reference: f16((q - z) * s); bfloat16: decode_pair_bf16), loads its A fragments with ldmatrix and
+// the reference: f16((q - z) * s); bfloat16: decode_pair_bf16, or up to m = 8 the exact q - z,
+// scaled per group after the mma, kGroupSums below), loads its A fragments with ldmatrix and
 // issues 8 * MT mma.m16n8k16 with fp32 accumulation; for m <= 8 the mma runs transposed (the
 // decoded weights as the A operand, 4 mma per chunk; kT8 and kGather below). Every output
 // element is summed in a fixed order (chunks in order inside the fragments, then cluster ranks
@@ -311,15 +312,43 @@ __device__ __forceinline__ int row1_pos(int r) {
   return 2 * (4 * ((rr & 7) >> 1) + 2 * s + (rr >> 3)) + (rr & 1);
 }
 
+/// bfloat16 in the transposed kernels (kT8, kGather: m <= 8): group sums. The mma multiplies x
+/// by the exact integers q - z (decode_chunk<..., true>: two operations per pair instead of four
+/// for bf16((q - z) * s)) into `grp1`, the group's fp32 sums; at each group change and after the
+/// block's last chunk (fold_group) they are multiplied by the group's scale in fp32 (the exact
+/// fp16 scale) and added to acc1. So y = sum over groups of s * fp32(sum of x (q - z)): the
+/// weights are never rounded to bfloat16, and the result is within the bfloat16 bound of the
+/// exact weights (q - z) * s rather than of dequantize(bfloat16) (one-hot rows still give
+/// dequantize(bfloat16)'s bits, bf16(s (q - z))). H100, same call (bfloat16, ab/s9_ab1.sh):
+/// 8192 x 28672 GPTQ-4 59.5 -> 53.4 us at m = 1, 60.9 -> 56.5 at m = 8, the smaller layers 7-17%
+/// faster. float16 keeps the reference's f16((q - z) * s) weights. The 16- and 32-row tiles keep
+/// bf16((q - z) * s): there a second accumulator set with its fold (scales of other lanes'
+/// columns through shuffles) measured 8-35% slower (8192 x 28672 m = 16: 70.7 -> 94.7 us).
+template <class T>
+inline constexpr bool kGroupSums = kIsBf16<T>;
+
+/// acc1 += s * grp1 and grp1 = 0, with the scales of the group just finished (gc): acc1[i][e] holds
+/// column 16 i + g + 8 (e >> 1), the lane's own column 8 jj + g for jj = 2i + (e >> 1).
+__device__ __forceinline__ void fold_group(float (&acc1)[2][4], float (&grp1)[2][4], const GroupConsts& gc) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc1[i][e] = fmaf(grp1[i][e], gc.sf[2 * i + (e >> 1)], acc1[i][e]);
+      grp1[i][e] = 0.0f;
+    }
+}
+
 /// kGather: one chunk, decoded from the lane's words at ring word `wo`, times the activation
-/// words `xa` (row1_pos), into acc1[i] = the 16 x 8 transposed tile of columns 16i .. 16i + 15.
+/// words `xa` (row1_pos), into acc1[i] = the 16 x 8 transposed tile of columns 16i .. 16i + 15
+/// (kGroupSums: into the group sums).
 template <int B, class T>
 __device__ __forceinline__ void tc_chunk_row1(const std::uint32_t* ring, int wo, const uint4 xa,
                                               const GroupConsts& gc, float (&acc1)[2][4]) {
   std::uint32_t w[8];
   ring_lane_words<B>(ring, wo, w);
   std::uint32_t b[4][2][2];
-  decode_chunk<B, T>(w, gc, b);
+  decode_chunk<B, T, kGroupSums<T>>(w, gc, b);
   const std::uint32_t xb[2][2] = {{xa.x, xa.y}, {xa.z, xa.w}};
 #pragma unroll
   for (int s = 0; s < 2; ++s)
@@ -351,10 +380,16 @@ __device__ __forceinline__ uint4 transposed_x(const __half* xit, const __half* x
 template <int B, class T, bool kGather, int kXRow>
 __device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, const __half* xit, const __half* xs,
                                                  const int4& d, int q, std::int64_t s0, int& header, GroupConsts& gc,
-                                                 float (&acc1)[2][4]) {
+                                                 float (&acc1)[2][4], float (&grp1)[2][4]) {
+  if constexpr (kGroupSums<T>) {
+    if (d.w != header) fold_group(acc1, grp1, gc);  // (before load_group_header replaces gc)
+  }
   load_group_header<T>(ring, d, B, s0, header, gc);
   const int wo = chunk_lane_word(d, B, s0);
-  tc_chunk_row1<B, T>(ring, wo, transposed_x<kGather, kXRow>(xit, xs, q), gc, acc1);
+  if constexpr (kGroupSums<T>)
+    tc_chunk_row1<B, T>(ring, wo, transposed_x<kGather, kXRow>(xit, xs, q), gc, grp1);
+  else
+    tc_chunk_row1<B, T>(ring, wo, transposed_x<kGather, kXRow>(xit, xs, q), gc, acc1);
 }
 
 /// T: the activation / output type (__half or __nv_bfloat16); `xp` holds its bits.
@@ -430,6 +465,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][jj][e] = 0.0f;
   float acc1[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // kGather, kT8 (transposed tiles)
+  float grp1[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // kGroupSums (transposed tiles)
 
   if (cb < ce) {
     // The block's stream (chunk_range); its first chunk's header is read directly below when
@@ -542,14 +578,15 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
 #pragma unroll
             for (int q = 0; q < Q; ++q)
               tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow>(ring, xit, xs, dcur[q], q, s0, header, gc,
-                                                                        acc1);
+                                                                        acc1, grp1);
           });
         } else {
 #pragma unroll 1
           for (int q = 0; q < nq; ++q) {
             const int4 d = dcur[q];
             with_code_width(d.z & 0xff, [&](auto b) {
-              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow>(ring, xit, xs, d, q, s0, header, gc, acc1);
+              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow>(ring, xit, xs, d, q, s0, header, gc, acc1,
+                                                                        grp1);
             });
           }
         }
@@ -569,6 +606,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
       __syncthreads();  // A. for the next iteration
     }
     cp_async_wait<0>();  // (copies past the stream's end were never issued; this is for form)
+    if constexpr (kTrans && kGroupSums<T>) fold_group(acc1, grp1, gc);  // the block's last group
   }
 
   if constexpr (kGather) {
@@ -848,10 +886,15 @@ namespace {
 /// 4096 rows.
 constexpr std::int64_t kTcSliceRows = 4096;
 
+/// `sliced`: the call has more than kTcSliceRows rows. bfloat16 then runs no slice on the
+/// transposed tiles, so that all rows of one call have the same contract (those tiles sum groups
+/// in fp32, kGroupSums).
 template <class T>
-void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
+void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, bool sliced, cudaStream_t stream) {
+  const bool transposed_ok = !(kGroupSums<T> && sliced);
   // Decode where the blocks fit one wave: the kernel gathers the row itself (the rule: tc_gemm.cuh).
-  if (m == 1 && L.tc_gather && L.tc_tiles * tc_rows_split<1>(L, 1) <= resident_blocks(L, L.tc_blocks_per_sm[1])) {
+  if (m == 1 && transposed_ok && L.tc_gather &&
+      L.tc_tiles * tc_rows_split<1>(L, 1) <= resident_blocks(L, L.tc_blocks_per_sm[1])) {
     launch_tc_rows<1, T, true>(L, reinterpret_cast<const __half*>(x), 1, L.K, out, stream);
     return;
   }
@@ -865,7 +908,7 @@ void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, c
   const __half* xph = reinterpret_cast<const __half*>(xpb);  // the kernel reads 16-bit values of T
   if (L.tc_wgmma && m >= L.tc_wgmma_min_rows)
     launch_tc_wgmma(L, xph, m, ldxp, out, stream);
-  else if (m <= 8)
+  else if (m <= 8 && transposed_ok)
     launch_tc_rows<1, T, false, true>(L, xph, m, ldxp, out, stream);
   else if (m <= 16)
     launch_tc_rows<1>(L, xph, m, ldxp, out, stream);
@@ -879,7 +922,8 @@ template <class T>
 void launch_tc_for(const DeviceLayer& L, const T* x, std::int64_t m, T* out, cudaStream_t stream) {
   if (!has_tc_layout(L)) internal_error("launch_tc: the layer has no tc layout");
   for (std::int64_t r = 0; r < m; r += kTcSliceRows)
-    launch_tc_slice(L, x + r * L.K, m - r < kTcSliceRows ? m - r : kTcSliceRows, out + r * L.N, stream);
+    launch_tc_slice(L, x + r * L.K, m - r < kTcSliceRows ? m - r : kTcSliceRows, out + r * L.N, m > kTcSliceRows,
+                    stream);
 }
 
 }  // namespace

@@ -76,7 +76,11 @@ class QMatrix {
   /// out[M, N] = x[M, K] @ W (+ bias) with float32 accumulation. x and out are contiguous,
   /// on device(), and have the same dtype T, Float16 or BFloat16:
   ///   out = round_T(sum_k x[k] * W_T[k, n] (+ float(bias[n]))), one rounding at the end;
-  /// W_T is the weight dequantize() returns in T. out is fully written.
+  /// W_T is the weight dequantize() returns in T. Except: BFloat16 with M <= 8 in the
+  /// tensor-core layout (tensor_core_layout()) applies the scales in float32 to each group's
+  /// float32 sums of x[k] * (q - z) and so multiplies by the exact weight (q - z) * s, unrounded:
+  ///   out = round_T(sum_groups s[g, n] * sum_{k in g} x[k] * (q - z)[k, n] (+ float(bias[n]))).
+  /// out is fully written.
   void gemm(const TensorView& x, const MutableTensorView& out, cudaStream_t stream = nullptr) const;
 
   /// Release the owned memory. Any later call except closed() throws InvalidArgument.
