@@ -320,6 +320,23 @@ def test_tc_bfloat16_within_bound(name: str) -> None:
         check_bf16_within_bound(q, layer, [1, 2, 5, 8, 9, 16, 17, 33, 64])
 
 
+def _group_indicator_layer(bits: int):
+    """A GPTQ act-order layer of `bits`-bit codes in groups of 32 rows, its g_idx, and
+    group_x(groups): x whose row r is 1 on the rows of group groups[r], 0 elsewhere."""
+    rng = np.random.default_rng(31 + bits)
+    layer = R.random_gptq(rng, 512, 160, group_size=32, act_order=True, bits=bits)
+    g_idx = np.asarray(layer["g_idx"]).astype(np.int64)
+    return layer, g_idx, lambda groups: (g_idx[None, :] == np.asarray(groups)[:, None]).astype(np.float32)
+
+
+def _bf16_weight_sums(layer, bits: int, x: np.ndarray) -> np.ndarray:
+    """bf16(x @ dequantize(bfloat16)) for 0/1 rows x of one group each: exact in fp32 in any order
+    (a group's weights share one scale, so their sum spans fewer than 24 bits)."""
+    w_bf16 = R.dequantize_gptq(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits=bits,
+                               dtype="bfloat16")
+    return R.bf16_bits(x.astype(np.float64) @ w_bf16.astype(np.float64))
+
+
 @pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("m", [1, 3, 8, 12, 24])
 def test_tc_bfloat16_group_sums_bit_exact(bits: int, m: int) -> None:
@@ -327,28 +344,38 @@ def test_tc_bfloat16_group_sums_bit_exact(bits: int, m: int) -> None:
     fp32, times the scale once. With x = 1 on the rows of one group (row r of x: group r % G,
     act-order), output row r is exactly bf16(s[g, n] * sum of (q - z) over the group) (groups of
     32: the sums and the products are exact in fp32, however split-K divides the group). The 16-
-    and 32-row tiles (m = 12, 24) sum the bfloat16 weights instead, also exactly here (a group's
-    weights share one scale, so their sum spans fewer than 24 bits): bf16(sum of
-    bf16(s (q - z))). The two contracts differ (checked)."""
-    rng = np.random.default_rng(31 + bits)
-    K, N, gs = 512, 160, 32
-    layer = R.random_gptq(rng, K, N, group_size=gs, act_order=True, bits=bits)
-    g_idx = np.asarray(layer["g_idx"]).astype(np.int64)
-    d = (R.unpack_gptq_codes(layer["qweight"], bits) - R.unpack_gptq_zeros(layer["qzeros"], "v1", bits)[g_idx])
+    and 32-row tiles (m = 12, 24) sum the bfloat16 weights instead, also exactly here:
+    bf16(sum of bf16(s (q - z))). The two contracts differ (checked)."""
+    layer, g_idx, group_x = _group_indicator_layer(bits)
+    d = R.unpack_gptq_codes(layer["qweight"], bits) - R.unpack_gptq_zeros(layer["qzeros"], "v1", bits)[g_idx]
     s = np.asarray(layer["scales"]).astype(np.float32)
-    G = s.shape[0]
-    groups = np.arange(m) % G
-    x = (g_idx[None, :] == groups[:, None]).astype(np.float32)
+    groups = np.arange(m) % s.shape[0]
+    x = group_x(groups)
     sums = np.stack([d[g_idx == g].sum(axis=0) for g in groups]).astype(np.float32)  # exact integers
     group_sums = R.bf16_bits(sums * s[groups])
-    w_bf16 = R.dequantize_gptq(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits=bits,
-                               dtype="bfloat16")
-    bf16_sums = R.bf16_bits(x.astype(np.float64) @ w_bf16.astype(np.float64))
+    bf16_sums = _bf16_weight_sums(layer, bits, x)
     assert not np.array_equal(group_sums, bf16_sums)
-    expected = group_sums if m <= 8 else bf16_sums
     with build(layer, "cuda", bias=False) as q:
         y = q.matmul(torch.from_numpy(x).to(torch.bfloat16).cuda())
-    np.testing.assert_array_equal(y.cpu().view(torch.int16).numpy().view(np.uint16), expected)
+    np.testing.assert_array_equal(y.cpu().view(torch.int16).numpy().view(np.uint16),
+                                  group_sums if m <= 8 else bf16_sums)
+
+
+def test_tc_bfloat16_sliced_call_keeps_one_contract() -> None:
+    """A native call of more than 4096 rows runs in slices of 4096 rows (launch_tc_for). Its last
+    slice (rows 4096..4098, which alone would take the transposed tiles' group sums) keeps the
+    other rows' contract, the bfloat16 weights: every row gives bf16(sum of bf16(s (q - z)))."""
+    from exl2._convert import native_view, stream_handle
+
+    layer, g_idx, group_x = _group_indicator_layer(4)
+    G = int(g_idx.max()) + 1
+    rows = 4096 + 3
+    xl = torch.from_numpy(group_x(np.arange(rows) % G)).to(torch.bfloat16).cuda()
+    with build(layer, "cuda", bias=False) as q:
+        out = torch.empty((rows, 160), dtype=torch.bfloat16, device="cuda")
+        q._native.gemm(native_view(xl), native_view(out), stream_handle(xl.device))
+    per_group = _bf16_weight_sums(layer, 4, group_x(np.arange(G)))
+    np.testing.assert_array_equal(out.cpu().view(torch.int16).numpy().view(np.uint16), per_group[np.arange(rows) % G])
 
 
 def test_tc_bfloat16_runs_the_tc_kernel() -> None:
