@@ -308,9 +308,9 @@ def test_tc_large_m_in_cpp_runs_row_tiles_and_slices(monkeypatch: pytest.MonkeyP
 def test_tc_bfloat16_within_bound(name: str) -> None:
     """bfloat16 through the tc kernel: up to m = 8 the exact weights (q - z) * s (group sums
     scaled in fp32), on the 16-, 32- and 64-row tiles bf16((q - z) * s) as dequantize(bfloat16)
-    gives them;
-    fp32 accumulation (tensor cores: twice the accumulation term, as for the fused bfloat16
-    kernel in test_cuda_bf16), the same bound as every other bfloat16 path; and deterministic."""
+    gives them; fp32 accumulation (tensor cores: twice the accumulation term, as for the fused
+    bfloat16 kernel in test_cuda_bf16), the same bound as every other bfloat16 path; and
+    deterministic."""
     from test_bf16 import bf16_weight
 
     layer = LAYERS[name]
