@@ -89,5 +89,6 @@ def test_matmul_against_float64(name: str, device: str) -> None:
         x, w = bf16_values(c["x_bf16"]), bf16_values(c["weight_bf16"])
         # the stored product is the float64 value of the bfloat16 contract's inputs
         assert np.allclose(R.gemm(x, w, c.get("bias")), c["y_bf16"], rtol=0, atol=0)
-        # CUDA m >= 13 (float16) / 9 (bfloat16) would take the dense route; these cases have m = 5 (the native kernels)
+        # these cases have m = 5: the native kernels on CUDA (in the canonical layout m >= 13 for float16 and
+        # m >= 9 for bfloat16 would take the dense route); in the tensor-core layout bfloat16 sums groups there
         assert_within_bound(yb, c, x, w if device == "cpu" else cuda_bf16_weight(q, c, x.shape[0], zero_format(name)))
