@@ -518,10 +518,10 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 }
 
 // ---------------------------------------------------------------------------------
-// Push-based split-K for one output row (tc_gemm_kernel's kGather): each block sends every
-// partial value straight into the shared memory of the block that sums it (st.async, completed
-// on that block's mbarrier), so no block reads another's shared memory and no cluster barrier
-// with a GPU-scope fence is needed at the end (cluster_reduce_store needs two).
+// Push-based split-K (push_reduce_store below; tc_gemm_kernel's kGather, kT8 and 16-row tiles):
+// each block sends every partial value straight into the shared memory of the block that sums it
+// (st.async, completed on that block's mbarrier), so no block reads another's shared memory and
+// no cluster barrier with a GPU-scope fence is needed at the end (cluster_reduce_store needs two).
 // ---------------------------------------------------------------------------------
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 /// An mbarrier for one arrival that completes once `bytes` have landed; made visible to the
@@ -621,7 +621,8 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
 /// Receive layout: [sender rank][element of the owner's share], the element of (row, column c of
 /// the share) at c * kRows + row when kPairRows (the thread's pairs are rows 2i, 2i + 1 of one
 /// column: kT8), else at row * share + c (pairs of columns 2i, 2i + 1). `for_pairs(f)` calls
-/// f(row, col, v0, v1) for every pair the thread holds (col in the tile; v1 at row + 1 or col + 1).
+/// f(row, col, v0, v1) for every pair the thread holds (col in the tile; v1 at row + 1 or col + 1),
+/// or f(row, col, v) for single values (kGather: one value of row 0 per thread).
 template <int kRows>
 __device__ __forceinline__ void push_reduce_init(unsigned bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -654,10 +655,15 @@ __device__ __forceinline__ void push_reduce_store(float* recv, unsigned bar, int
   const int share = tc::kTileCols / split;
   const int per_rank = kRows * share;
   const unsigned recv_s = smem_u32(recv);
-  for_pairs([&](int row, int col, float v0, float v1) {
+  for_pairs([&](int row, int col, float v0, auto... v1) {
+    static_assert(sizeof...(v1) <= 1, "one value or a pair");
     const int owner = col / share, c = col - owner * share;
     const int e = kPairRows ? c * kRows + row : row * share + c;
-    push_f32x2(recv_s + static_cast<unsigned>(rank * per_rank + e) * 4u, bar, static_cast<unsigned>(owner), v0, v1);
+    const unsigned addr = recv_s + static_cast<unsigned>(rank * per_rank + e) * 4u;
+    if constexpr (sizeof...(v1) == 1)
+      push_f32x2(addr, bar, static_cast<unsigned>(owner), v0, static_cast<float>(v1)...);
+    else
+      push_f32(addr, bar, static_cast<unsigned>(owner), v0);
   });
   mbar_wait(bar, 0);  // phase 0: every byte pushed to this block has landed
   for (int e = tid; e < per_rank; e += kTcThreads) {

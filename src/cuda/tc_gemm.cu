@@ -15,7 +15,7 @@
 //   cluster = on compute capability 9.0+, up to 8 (16) blocks of a cluster split the chunk range
 //             (split-K) and add their fp32 partial tiles in rank order through distributed
 //             shared memory (no workspace, no atomics): up to 16 rows each block pushes its
-//             partials into their owners' rings (push_reduce_store; kGather: push_f32), the
+//             partials into their owners' rings or receive buffers (push_reduce_store), the
 //             32- and 64-row tiles are read by their owners (cluster_reduce_store).
 //
 // Memory pipeline: because the stream layout stores a tile's data for consecutive chunks
@@ -418,9 +418,8 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   __shared__ __align__(16) __half xs[R * S::kXRow];
   __shared__ int4 dring[2][Q];  // descriptors of the current and the next iteration's chunks
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // kGather with split-K: the partials pushed to this block, [sender rank][its share], and the
-  // mbarrier that counts their bytes (push_f32).
-  // kT8 with M <= kT8OwnRows: push_reduce_store's receive buffer of its own.
+  // kGather with split-K, and kT8 with M <= kT8OwnRows: push_reduce_store's receive buffer of its
+  // own ([sender rank][its share of 1 or kT8OwnRows rows]).
   __shared__ float rrow[kGather ? tc::kTileCols : kT8 ? kT8OwnRows * tc::kTileCols : 1];
   __shared__ __align__(8) std::uint64_t rbar;  // (the other kernels: push_reduce_store's)
 #endif
@@ -439,10 +438,8 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (kGather) {
-    if (split > 1) {  // the receive mbarrier, initialised before any block of the cluster pushes
-      if (tid == 0) push_row_init(smem_u32(&rbar), tc::kTileCols * sizeof(float));
-      cluster_arrive_relaxed();  // (waited for before pushing, at the end)
-    }
+    // the receive mbarrier of push_reduce_store's one-row buffer, published before the loop
+    if (split > 1) push_reduce_init_early<1>(smem_u32(&rbar), tid);
   } else {
     // push_reduce_store's mbarrier: own_recv's published now, the others by the barrier after the
     // loop
@@ -617,20 +614,10 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     const int col = warp * tc::kBlockCols + 16 * (t >> 1) + 8 * hi + g;  // in the tile
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (split > 1) {
-      // Rank r sums columns r * share .. of the tile: every block pushes its value of column col
-      // to slot [its rank][col % share] of that column's owner; the owner waits for all
-      // split * share values and adds them in rank order (deterministic, the order of
-      // cluster_reduce_store). A block exits only after everything pushed to it has landed.
-      const int share = tc::kTileCols / split;
-      cluster_wait();  // every block's mbarrier is initialised
-      push_f32(smem_u32(&rrow[rank * share + col % share]), smem_u32(&rbar), static_cast<unsigned>(col / share), v);
-      if (tid < share) {
-        mbar_wait(smem_u32(&rbar), 0);  // phase 0: every byte pushed to this block has landed
-        float sum = 0.0f;
-        for (int q = 0; q < split; ++q) sum += rrow[q * share + tid];
-        const std::int64_t n = tile * tc::kTileCols + rank * share + tid;
-        if (n < N) store_output(out, 0, N, n, sum, bias);
-      }
+      // each thread pushes its one value of row 0 into the column's owner (no barrier after the
+      // loop: the buffer was published at the start)
+      push_reduce_store<1, false, false>(rrow, smem_u32(&rbar), rank, split, tid, 0, 1, tile, N, bias, out,
+                                         [&](auto&& f) { f(0, col, v); });
       return;
     }
 #endif
