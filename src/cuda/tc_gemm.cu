@@ -421,7 +421,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   // kGather with split-K, and kT8 with M <= kT8OwnRows: push_reduce_store's receive buffer of its
   // own ([sender rank][its share of 1 or kT8OwnRows rows]).
   __shared__ float rrow[kGather ? tc::kTileCols : kT8 ? kT8OwnRows * tc::kTileCols : 1];
-  __shared__ __align__(8) std::uint64_t rbar;  // (the other kernels: push_reduce_store's)
+  __shared__ __align__(8) std::uint64_t rbar;  // push_reduce_store's mbarrier
 #endif
 
   const int tid = static_cast<int>(threadIdx.x);
