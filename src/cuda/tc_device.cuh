@@ -257,34 +257,6 @@ __device__ __forceinline__ std::uint32_t decode_pair_f16(std::uint32_t qm, std::
     return decode_pair<__half>(qm, z2, s2);
 }
 
-/// bfloat16, b <= 6: the pair `qm` (bf16x2 128 + q, exact for q < 128) minus zb = bf16x2 128 + z is
-/// the exact q - z (|q - z| <= 64); the scale s (fp16) is split into s_hi = bf16(s) and s_lo = s -
-/// s_hi (<= 3 significant bits, so exact in bfloat16), packed as sp = s_hi | s_lo << 16. Then
-/// d * s_lo is exact (|d * k| <= 256 for s_lo = k 2^e, |k| <= 4) and fma(d, s_hi, d * s_lo)
-/// rounds the exact d * s once: bf16((q - z) * s), the bits decode_pair<bfloat16> gives, in three
-/// bfloat16 operations instead of a conversion to fp32 and back.
-/// Below compute capability 8.0 there is no bfloat16 arithmetic (and cuda_bf16.h declares none):
-/// the tc kernels never run there (build_tc_layout), so that code only traps, like cp_async16.
-__device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std::uint32_t zb, std::uint32_t sp) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  (void)qm;
-  (void)zb;
-  (void)sp;
-  __trap();
-  return 0u;
-#else
-  __nv_bfloat162 q, z, spp;
-  std::memcpy(&q, &qm, 4);
-  std::memcpy(&z, &zb, 4);
-  std::memcpy(&spp, &sp, 4);
-  const __nv_bfloat162 d = __hsub2(q, z);
-  const __nv_bfloat162 r = __hfma2(d, __low2bfloat162(spp), __hmul2(d, __high2bfloat162(spp)));
-  std::uint32_t u;
-  std::memcpy(&u, &r, 4);
-  return u;
-#endif
-}
-
 /// bfloat16, group sums (tc_gemm.cu, kGroupSums): the exact integers q - z of a pair as bfloat16
 /// (|q - z| <= 255, exact in bfloat16's 8 significant bits), the scale left for later. b <= 6:
 /// `qm` is bf16x2 128 + q and zb = bf16x2 128 + z, one subtraction; 8-bit codes: `qm` is fp16x2
@@ -307,6 +279,34 @@ __device__ __forceinline__ std::uint32_t int_pair_bf16(std::uint32_t qm, std::ui
     const float2 f = __half22float2(__hsub2(u32_as_h2(qm), u32_as_h2(zb)));
     r = __floats2bfloat162_rn(f.x, f.y);
   }
+  std::uint32_t u;
+  std::memcpy(&u, &r, 4);
+  return u;
+#endif
+}
+
+/// bfloat16, b <= 6: the pair `qm` (bf16x2 128 + q, exact for q < 128) minus zb = bf16x2 128 + z is
+/// the exact q - z (|q - z| <= 64; int_pair_bf16); the scale s (fp16) is split into s_hi = bf16(s)
+/// and s_lo = s - s_hi (<= 3 significant bits, so exact in bfloat16), packed as sp = s_hi |
+/// s_lo << 16. Then
+/// d * s_lo is exact (|d * k| <= 256 for s_lo = k 2^e, |k| <= 4) and fma(d, s_hi, d * s_lo)
+/// rounds the exact d * s once: bf16((q - z) * s), the bits decode_pair<bfloat16> gives, in three
+/// bfloat16 operations instead of a conversion to fp32 and back.
+/// Below compute capability 8.0 there is no bfloat16 arithmetic (and cuda_bf16.h declares none):
+/// the tc kernels never run there (build_tc_layout), so that code only traps, like cp_async16.
+__device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std::uint32_t zb, std::uint32_t sp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  (void)qm;
+  (void)zb;
+  (void)sp;
+  __trap();
+  return 0u;
+#else
+  const std::uint32_t du = int_pair_bf16<6>(qm, zb);  // the exact q - z
+  __nv_bfloat162 d, spp;
+  std::memcpy(&d, &du, 4);
+  std::memcpy(&spp, &sp, 4);
+  const __nv_bfloat162 r = __hfma2(d, __low2bfloat162(spp), __hmul2(d, __high2bfloat162(spp)));
   std::uint32_t u;
   std::memcpy(&u, &r, 4);
   return u;

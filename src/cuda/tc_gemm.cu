@@ -386,10 +386,8 @@ __device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, cons
   }
   load_group_header<T>(ring, d, B, s0, header, gc);
   const int wo = chunk_lane_word(d, B, s0);
-  if constexpr (kGroupSums<T>)
-    tc_chunk_row1<B, T>(ring, wo, transposed_x<kGather, kXRow>(xit, xs, q), gc, grp1);
-  else
-    tc_chunk_row1<B, T>(ring, wo, transposed_x<kGather, kXRow>(xit, xs, q), gc, acc1);
+  float (&sums)[2][4] = kGroupSums<T> ? grp1 : acc1;  // what the mma adds to
+  tc_chunk_row1<B, T>(ring, wo, transposed_x<kGather, kXRow>(xit, xs, q), gc, sums);
 }
 
 /// T: the activation / output type (__half or __nv_bfloat16); `xp` holds its bits.
