@@ -329,12 +329,12 @@ def _group_indicator_layer(bits: int):
     return layer, g_idx, lambda groups: (g_idx[None, :] == np.asarray(groups)[:, None]).astype(np.float32)
 
 
-def _bf16_weight_sums(layer, bits: int, x: np.ndarray) -> np.ndarray:
+def _bf16_weight_sums(layer, x: np.ndarray) -> np.ndarray:
     """bf16(x @ dequantize(bfloat16)) for 0/1 rows x of one group each: exact in fp32 in any order
     (a group's weights share one scale, so their sum spans fewer than 24 bits)."""
-    w_bf16 = R.dequantize_gptq(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits=bits,
-                               dtype="bfloat16")
-    return R.bf16_bits(x.astype(np.float64) @ w_bf16.astype(np.float64))
+    from test_bf16 import bf16_weight
+
+    return R.bf16_bits(x.astype(np.float64) @ bf16_weight(layer).astype(np.float64))
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
@@ -353,7 +353,7 @@ def test_tc_bfloat16_group_sums_bit_exact(bits: int, m: int) -> None:
     x = group_x(groups)
     sums = np.stack([d[g_idx == g].sum(axis=0) for g in groups]).astype(np.float32)  # exact integers
     group_sums = R.bf16_bits(sums * s[groups])
-    bf16_sums = _bf16_weight_sums(layer, bits, x)
+    bf16_sums = _bf16_weight_sums(layer, x)
     assert not np.array_equal(group_sums, bf16_sums)
     with build(layer, "cuda", bias=False) as q:
         y = q.matmul(torch.from_numpy(x).to(torch.bfloat16).cuda())
@@ -374,7 +374,7 @@ def test_tc_bfloat16_sliced_call_keeps_one_contract() -> None:
     with build(layer, "cuda", bias=False) as q:
         out = torch.empty((rows, 160), dtype=torch.bfloat16, device="cuda")
         q._native.gemm(native_view(xl), native_view(out), stream_handle(xl.device))
-    per_group = _bf16_weight_sums(layer, 4, group_x(np.arange(G)))
+    per_group = _bf16_weight_sums(layer, group_x(np.arange(G)))
     np.testing.assert_array_equal(out.cpu().view(torch.int16).numpy().view(np.uint16), per_group[np.arange(rows) % G])
 
 
