@@ -600,6 +600,28 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
 #endif
 }
 
+/// push_reduce_store's mbarrier, for split x kRows x share floats (before the loop).
+template <int kRows>
+__device__ __forceinline__ void push_reduce_init(unsigned bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  push_row_init(bar, kRows * tc::kTileCols * sizeof(float));  // split x (kRows x share) floats
+#else
+  (void)bar;
+#endif
+}
+
+/// push_reduce_init for a receive buffer of its own (!kRingRecv), every thread at the kernel's
+/// start: the mbarrier (thread 0), then a relaxed cluster arrival (push_reduce_store waits).
+template <int kRows>
+__device__ __forceinline__ void push_reduce_init_early(unsigned bar, int tid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (tid == 0) push_reduce_init<kRows>(bar);
+  cluster_arrive_relaxed();
+#else
+  (void)bar, (void)tid;
+#endif
+}
+
 /// Push-based split-K over a thread-block cluster (compute capability 9.0+) for a kRows x 128
 /// partial tile (tc_gemm_kernel's kT8 and 16- / 32-row tiles): rank r owns columns r * share ..
 /// (share = 128 / split, a power of two of at least 8), and every block sends each of its partial
@@ -623,27 +645,6 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
 /// column: kT8), else at row * share + c (pairs of columns 2i, 2i + 1). `for_pairs(f)` calls
 /// f(row, col, v0, v1) for every pair the thread holds (col in the tile; v1 at row + 1 or col + 1),
 /// or f(row, col, v) for single values (kGather: one value of row 0 per thread).
-template <int kRows>
-__device__ __forceinline__ void push_reduce_init(unsigned bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  push_row_init(bar, kRows * tc::kTileCols * sizeof(float));  // split x (kRows x share) floats
-#else
-  (void)bar;
-#endif
-}
-
-/// push_reduce_init for a receive buffer of its own (!kRingRecv), every thread at the kernel's
-/// start: the mbarrier (thread 0), then a relaxed cluster arrival (push_reduce_store waits).
-template <int kRows>
-__device__ __forceinline__ void push_reduce_init_early(unsigned bar, int tid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (tid == 0) push_reduce_init<kRows>(bar);
-  cluster_arrive_relaxed();
-#else
-  (void)bar, (void)tid;
-#endif
-}
-
 template <int kRows, bool kPairRows, bool kRingRecv = true, class T, class ForPairs>
 __device__ __forceinline__ void push_reduce_store(float* recv, unsigned bar, int rank, int split, int tid,
                                                   std::int64_t m0, std::int64_t M, std::int64_t tile,
