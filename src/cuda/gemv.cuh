@@ -63,32 +63,43 @@ int blocks_per_sm_with_smem(std::initializer_list<const void*> kernels, int thre
 
 /// Launch `kernel` on grid/block with `smem_bytes` of dynamic shared memory and a cluster of
 /// `split` blocks along `split_dim` (0 = x, 1 = y, 2 = z; a plain launch when split == 1).
+/// `programmatic`: a programmatic dependent launch (compute capability 9.0+; pdl_wait in
+/// tc_device.cuh says what the kernel must then do): its blocks may start once every block of
+/// the stream's previous kernel has called pdl_trigger or exited, instead of after that kernel's
+/// end.
 template <typename... KArgs, typename... Args>
 void launch_clustered_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem_bytes, int split,
-                           int split_dim, cudaStream_t stream, const char* name, Args... args) {
+                           int split_dim, bool programmatic, cudaStream_t stream, const char* name, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem_bytes;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
   if (split > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = split_dim == 0 ? split : 1;
-    attr[0].val.clusterDim.y = split_dim == 1 ? split : 1;
-    attr[0].val.clusterDim.z = split_dim == 2 ? split : 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = split_dim == 0 ? split : 1;
+    attr[n].val.clusterDim.y = split_dim == 1 ? split : 1;
+    attr[n].val.clusterDim.z = split_dim == 2 ? split : 1;
+    ++n;
   }
+  if (programmatic) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  cfg.attrs = n > 0 ? attr : nullptr;
+  cfg.numAttrs = n;
   const cudaError_t st = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
   if (st != cudaSuccess) throw_cuda_error(st, name, __FILE__, __LINE__);
 }
 
-/// launch_clustered_smem without dynamic shared memory.
+/// launch_clustered_smem without dynamic shared memory, in stream order.
 template <typename... KArgs, typename... Args>
 void launch_clustered(void (*kernel)(KArgs...), dim3 grid, dim3 block, int split, int split_dim,
                       cudaStream_t stream, const char* name, Args... args) {
-  launch_clustered_smem(kernel, grid, block, 0, split, split_dim, stream, name, args...);
+  launch_clustered_smem(kernel, grid, block, 0, split, split_dim, false, stream, name, args...);
 }
 
 }  // namespace exl2::detail::cuda

@@ -529,10 +529,14 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     };
     if (warp == 0 && lane < Q) dring[0][lane] = load_desc(cb);
     int4 dnext = load_desc(cb + Q);
-    if constexpr (kGather)
+    if constexpr (kGather) {
+      // (a programmatic dependent launch: the layer's own data above may be read before the
+      // previous kernel ends, x only after it)
+      pdl_wait();
       gather_seg(cb);
-    else
+    } else {
       load_x(cb);
+    }
     __syncthreads();  // dring[0] (kGather: and the first segment)
 
 #pragma unroll 1
@@ -603,8 +607,9 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     cp_async_wait<0>();  // (copies past the stream's end were never issued; this is for form)
     if constexpr (kTrans && kGroupSums<T>) fold_group(acc1, grp1, gc);  // the block's last group
   }
-
   if constexpr (kGather) {
+    pdl_wait();     // (again for a block without chunks, which stores too; a second wait is free)
+    pdl_trigger();  // the next call's kGather may start its blocks (tc_device.cuh)
     // acc1[i][0] / [2] hold columns 16i + g / 16i + g + 8 of the warp's block (in all 8 columns
     // of the transposed tile, the same value in each); lane t keeps one of the four.
     const int hi = t & 1;
@@ -757,13 +762,15 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
   if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
   const int split = tc_rows_split<MT>(L, mtiles);
-  launch_clustered(tc_gemm_kernel<MT, T, kGather, kT8>,
-                   dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split), static_cast<unsigned>(mtiles)),
-                   dim3(kTcThreads), split, 1, stream, "tc_gemm_kernel launch", xp, m, ldxp,
-                   static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
-                   static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
-                   static_cast<const __half*>(L.bias.get()), out, L.N, split,
-                   kGather ? static_cast<const int*>(L.tc_xsrc.get()) : static_cast<const int*>(nullptr));
+  // kGather is the whole call: a programmatic dependent launch (tc_device.cuh).
+  launch_clustered_smem(tc_gemm_kernel<MT, T, kGather, kT8>,
+                        dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
+                             static_cast<unsigned>(mtiles)),
+                        dim3(kTcThreads), 0, split, 1, kGather && L.tc_pdl, stream, "tc_gemm_kernel launch", xp, m,
+                        ldxp, static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
+                        static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
+                        static_cast<const __half*>(L.bias.get()), out, L.N, split,
+                        kGather ? static_cast<const int*>(L.tc_xsrc.get()) : static_cast<const int*>(nullptr));
 }
 
 }  // namespace
@@ -776,6 +783,13 @@ static int tc_wgmma_min_rows() {
   const int r = v != nullptr ? std::atoi(v) : 0;
   if (r >= 17 && r <= kTcMaxRows + 1) return r;
   return kTcWgmmaMinRows;
+}
+
+/// Whether kGather is a programmatic dependent launch (tc_device.cuh): compute capability 9.0+,
+/// unless EXL2_CUDA_PDL=0 at construction (to measure it and to test both ways).
+static bool tc_pdl_from_env(const DeviceLayer& L) {
+  const char* v = std::getenv("EXL2_CUDA_PDL");
+  return L.cc_major >= 9 && !(v != nullptr && std::strcmp(v, "0") == 0);
 }
 
 /// Whether m = 1 may gather inside the tc kernel (kGather): false with EXL2_CUDA_TC_GATHER=0 at
@@ -853,6 +867,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
   L.tc_gather = tc_gather_from_env();
+  L.tc_pdl = tc_pdl_from_env(L);
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope; and the pack kernels read the canonical codes, scales and
   // zeros, which the tc stream replaces from here on (one copy of the codes per layer).

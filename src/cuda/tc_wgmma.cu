@@ -371,7 +371,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
   launch_clustered_smem(tc_wgmma_kernel<R, WG, T>,
                         dim3(static_cast<unsigned>(mtiles), static_cast<unsigned>(split),
                              static_cast<unsigned>(groups)),
-                        dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, split, 1, stream,
+                        dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, split, 1, false, stream,
                         "tc_wgmma_kernel launch", xp, m, ldxp, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
                         L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                         static_cast<const __half*>(L.bias.get()), out, L.N, split);

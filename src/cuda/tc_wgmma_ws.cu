@@ -343,7 +343,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
   if (L.tc_tiles > 65535) throw Unsupported("gemm: N is too large for the wgmma kernel");
   if (mtiles > 0x7fffffffLL) throw Unsupported("gemm: m = " + std::to_string(m) + " is too large");
   launch_clustered_smem(tc_wgmma_ws_kernel<R, T>, dim3(static_cast<unsigned>(mtiles), static_cast<unsigned>(L.tc_tiles)),
-                        dim3(WsShape<R>::kThreads), WsShape<R>::kSmemBytes, 1, 1, stream, "tc_wgmma_ws_kernel launch",
+                        dim3(WsShape<R>::kThreads), WsShape<R>::kSmemBytes, 1, 1, false, stream, "tc_wgmma_ws_kernel launch",
                         m, static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
                         static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                         static_cast<const __half*>(L.bias.get()), out, L.N, L.tc_ring_ahead,
