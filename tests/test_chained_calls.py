@@ -29,9 +29,11 @@ STEPS = 12
 
 
 @pytest.fixture(autouse=True)
-def _tc_layout() -> None:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("the tensor-core layout needs compute capability 8.0+")
+def _cuda() -> None:
+    # (below compute capability 9.0 the layers take the canonical layout: the same chains, in
+    # plain stream order)
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
 
 
 def _damped(layer):
