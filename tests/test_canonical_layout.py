@@ -12,6 +12,8 @@ tests/test_bf16.py against the bfloat16 weight), run to run identical, and in a 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
@@ -50,11 +52,13 @@ def _layers():
 LAYERS = _layers()
 
 
-def _native_gemm(q, x: torch.Tensor) -> torch.Tensor:
-    """The C++ API's QMatrix::matmul (no dense route), on the current stream."""
+def _native_gemm(q, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The C++ API's QMatrix::matmul (no dense route), on the current stream, into `out` (a new
+    tensor when None)."""
     from exl2._convert import native_view, stream_handle
 
-    out = torch.empty((x.shape[0], N), dtype=x.dtype, device="cuda")
+    if out is None:
+        out = torch.empty((x.shape[0], N), dtype=x.dtype, device="cuda")
     q._native.gemm(native_view(x), native_view(out), stream_handle(x.device))
     return out
 
@@ -114,12 +118,10 @@ def test_canonical_graph_capture(m: int) -> None:
         with torch.cuda.stream(s):
             _native_gemm(q, x)  # warm-up outside the capture
         torch.cuda.current_stream().wait_stream(s)
-        from exl2._convert import native_view, stream_handle
-
         graph = torch.cuda.CUDAGraph()
         out.fill_(float("nan"))
         with torch.cuda.graph(graph):
-            q._native.gemm(native_view(x), native_view(out), stream_handle(x.device))
+            _native_gemm(q, x, out)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, first)
