@@ -1,19 +1,21 @@
 """Calls that follow each other on one stream without a synchronisation between them.
 
-On compute capability 9.0+ the m = 1 kernel that gathers its own activations (a whole call in one
-launch, on layers whose blocks fit one wave) is a programmatic dependent launch
-(src/cuda/tc_device.cuh, pdl_wait): its blocks may start while the stream's previous kernel is
-still running, and copy the layer's own data meanwhile. They must not read x, nor write the
-output, before that kernel has completed. These tests chain calls whose input is the previous
-call's output and whose output overwrites the previous call's input, eagerly and in a CUDA graph,
-on that kernel and on the two-kernel calls (the activation gather into a stream-ordered scratch,
-then the tensor-core kernel), and compare them bit for bit with the same calls synchronised one by
-one, and with EXL2_CUDA_PDL=0 (plain stream order).
+On compute capability 9.0+ some tensor-core kernels are programmatic dependent launches
+(src/cuda/tc_device.cuh, pdl_wait): the m = 1 kernel that gathers its own activations (a whole call
+in one launch, on layers whose blocks fit one wave) of the stream's previous kernel, and the
+mma.sync kernel of the activation gather launched just before it, where its grid spans two waves
+or more (on these small layers only with EXL2_CUDA_PDL=1, which makes every such launch
+programmatic). Their blocks may start while that kernel is still running, and copy the layer's
+own data meanwhile; they must not read x (or the gathered activations), nor write the output,
+before it has completed. These tests chain calls whose input is the previous call's output and
+whose output overwrites the previous call's input, eagerly and in a CUDA graph, on every route, and
+compare them bit for bit with the same calls synchronised one by one, with the default launches,
+with EXL2_CUDA_PDL=1 and with EXL2_CUDA_PDL=0 (plain stream order).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import numpy as np
 import pytest
@@ -94,24 +96,35 @@ def _chain_results(q, x0: torch.Tensor) -> List[torch.Tensor]:
     return results
 
 
-# (rows, EXL2_CUDA_TC_GATHER): m = 1 runs the kernel that gathers its own row where its blocks fit
-# one wave (these layers), or with EXL2_CUDA_TC_GATHER=0 the gather launch and the transposed
-# 8-row kernel; m = 3 and 8 the gather launch, whose scratch the allocator hands out again to the
-# next call.
-ROUTES = {"m1": (1, None), "m1_gather_launch": (1, "0"), "m3": (3, None), "m8": (8, None)}
+# (rows, environment at construction): m = 1 runs the kernel that gathers its own row where its
+# blocks fit one wave (these layers), or with EXL2_CUDA_TC_GATHER=0 the gather launch and the
+# transposed 8-row kernel; every other m the gather launch (whose scratch the allocator hands out
+# again to the next call) and then: m = 3 and 8 the transposed 8-row kernel, m = 16 the 16-row
+# and m = 32 the 32-row mma.sync tiles, m = 48 on Hopper the wgmma kernel's 64-row tiles, or with
+# EXL2_CUDA_WGMMA_CFG=4 the warp-specialised kernel (elsewhere the 64-row mma.sync tiles).
+ROUTES = {
+    "m1": (1, {}),
+    "m1_gather_launch": (1, {"EXL2_CUDA_TC_GATHER": "0"}),
+    "m3": (3, {}),
+    "m8": (8, {}),
+    "m16": (16, {}),
+    "m32": (32, {}),
+    "m48": (48, {}),
+    "m48_ws": (48, {"EXL2_CUDA_WGMMA_CFG": "4"}),
+}
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 @pytest.mark.parametrize("route", sorted(ROUTES))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("pdl", [True, False], ids=["pdl_default", "pdl_off"])
+@pytest.mark.parametrize("pdl", [None, "1", "0"], ids=["pdl_default", "pdl_all", "pdl_off"])
 def test_chained_calls_match_synchronised_calls(monkeypatch: pytest.MonkeyPatch, name: str, route: str,
-                                                dtype: torch.dtype, pdl: bool) -> None:
-    m, gather = ROUTES[route]
-    if not pdl:
-        monkeypatch.setenv("EXL2_CUDA_PDL", "0")
-    if gather is not None:
-        monkeypatch.setenv("EXL2_CUDA_TC_GATHER", gather)
+                                                dtype: torch.dtype, pdl: Optional[str]) -> None:
+    m, env = ROUTES[route]
+    if pdl is not None:
+        monkeypatch.setenv("EXL2_CUDA_PDL", pdl)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     layer = LAYERS[name]
     rng = np.random.default_rng(m)
     x0 = torch.from_numpy(random_x(rng, (m, K))).to(dtype).cuda()
@@ -123,17 +136,18 @@ def test_chained_calls_match_synchronised_calls(monkeypatch: pytest.MonkeyPatch,
     assert torch.equal(graphed, synced), "the graph's calls differ from synchronised ones"
 
 
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 16, 32])
 def test_programmatic_launch_changes_no_bits(monkeypatch: pytest.MonkeyPatch, m: int) -> None:
     """A chain with a torch kernel between calls (the usual case in a model: the programmatic launch
-    then follows a kernel that does not trigger it early) gives the same bits with and without the
-    programmatic launch (EXL2_CUDA_PDL=0)."""
+    of m = 1 then follows a kernel that does not trigger it early) gives the same bits with the
+    default launches, with every launch after the gather programmatic (EXL2_CUDA_PDL=1) and with
+    none (EXL2_CUDA_PDL=0)."""
     layer = LAYERS["gptq"]
     x0 = torch.from_numpy(random_x(np.random.default_rng(7), (m, K))).cuda()
     outs = []
-    for pdl in ("default", "0"):
-        if pdl == "0":
-            monkeypatch.setenv("EXL2_CUDA_PDL", "0")
+    for pdl in (None, "1", "0"):
+        if pdl is not None:
+            monkeypatch.setenv("EXL2_CUDA_PDL", pdl)
         with build(layer, "cuda") as q:
             x = x0.clone()
             for _ in range(STEPS):
@@ -141,4 +155,4 @@ def test_programmatic_launch_changes_no_bits(monkeypatch: pytest.MonkeyPatch, m:
             torch.cuda.synchronize()
             outs.append(x)
     assert torch.isfinite(outs[0]).all()
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

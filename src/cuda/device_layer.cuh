@@ -239,9 +239,12 @@ struct DeviceLayer {
   // m = 1 gathers inside the tc kernel where its blocks fit one wave (kGather); false with
   // EXL2_CUDA_TC_GATHER=0 at construction (the gather launch + kT8 instead: to measure and test it).
   bool tc_gather = true;
-  // kGather is a programmatic dependent launch (tc_device.cuh): compute capability 9.0+, false
-  // with EXL2_CUDA_PDL=0 at construction.
+  // Programmatic dependent launches of the tc kernels (tc_device.cuh): compute capability 9.0+,
+  // false with EXL2_CUDA_PDL=0 at construction. kGather always; the mma.sync kernel after the
+  // activation gather where its grid spans two waves or more, or always with EXL2_CUDA_PDL=1
+  // (tc_pdl_all: to measure and test it on any layer).
   bool tc_pdl = false;
+  bool tc_pdl_all = false;
   int tc_wgmma_forced = -1;   // its shape for every m (EXL2_CUDA_WGMMA_CFG at construction), or -1
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.

@@ -200,6 +200,10 @@ __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, cons
 /// reading the chunk descriptor and perm: one dependent load fewer, a quarter of the loads.
 __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int64_t M, std::int64_t K,
                                    const int* __restrict__ xsrc, int num_chunks, std::uint16_t* __restrict__ xp) {
+  // Where the tc kernel after this one is a programmatic dependent launch (launch_tc_rows), its
+  // blocks may start now and fill their weight rings while this kernel runs; they read xp only
+  // after pdl_wait, which waits for this whole kernel.
+  pdl_trigger();
   const std::int64_t ld8 = static_cast<std::int64_t>(num_chunks) * 4;  // 8-element pieces per row
   const std::int64_t total8 = M * ld8;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -529,14 +533,14 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     };
     if (warp == 0 && lane < Q) dring[0][lane] = load_desc(cb);
     int4 dnext = load_desc(cb + Q);
-    if constexpr (kGather) {
-      // (a programmatic dependent launch: the layer's own data above may be read before the
-      // previous kernel ends, x only after it)
-      pdl_wait();
+    // (a programmatic dependent launch: the layer's own data above may be read before the
+    // previous kernel ends (kGather: the previous call's; else the activation gather), x only
+    // after it)
+    pdl_wait();
+    if constexpr (kGather)
       gather_seg(cb);
-    } else {
+    else
       load_x(cb);
-    }
     __syncthreads();  // dring[0] (kGather: and the first segment)
 
 #pragma unroll 1
@@ -607,8 +611,8 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     cp_async_wait<0>();  // (copies past the stream's end were never issued; this is for form)
     if constexpr (kTrans && kGroupSums<T>) fold_group(acc1, grp1, gc);  // the block's last group
   }
+  pdl_wait();  // (again for a block without chunks, which stores too; a second wait is free)
   if constexpr (kGather) {
-    pdl_wait();     // (again for a block without chunks, which stores too; a second wait is free)
     pdl_trigger();  // the next call's kGather may start its blocks (tc_device.cuh)
     // acc1[i][0] / [2] hold columns 16i + g / 16i + g + 8 of the warp's block (in all 8 columns
     // of the transposed tile, the same value in each); lane t keeps one of the four.
@@ -734,6 +738,22 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
+/// Whether a tc_gemm_kernel grid of `blocks` blocks (`blocks_per_sm` of them fit a
+/// multiprocessor) that follows the activation gather is a programmatic dependent launch of it
+/// (tc_device.cuh): its first wave's blocks then fill their weight rings while the gather runs
+/// and read its output after pdl_wait. H100, GPTQ-4, the same build with every such launch
+/// programmatic (EXL2_CUDA_PDL=1) and with none (=0), two calls of two runs each: grids of two
+/// waves or more gained, 8192 x 28672 (2.3 waves at m <= 16, 3.4 at m = 17..32) 0.96-0.99x at
+/// m = 1 to 8 and 0.96-1.00x at m = 16 to 32 (m = 8: 57.0 -> 54.7 us); smaller grids mostly
+/// lost, for a reason not established: 14336 x 4096 (under one wave) 1.07-1.20x at m = 2 to 32,
+/// 4096 x 14336 at m = 16 (1.1 waves) 1.10-1.27x, 4096 x 4096 at m = 17..32 1.08-1.12x. The
+/// wgmma kernels, launched the same way in the first call (one wave of large blocks at m = 33 to
+/// 128), took 1.14-1.19x at m = 48 / 64 on 8192 x 28672 and 4096 x 14336, so they keep plain
+/// stream order.
+bool tc_pdl_programmatic_after_gather(const DeviceLayer& L, std::int64_t blocks, int blocks_per_sm) {
+  return L.tc_pdl && (L.tc_pdl_all || blocks >= 2 * resident_blocks(L, blocks_per_sm));
+}
+
 /// The split-K factor (blocks per cluster) of launch_tc_rows<MT> with `mtiles` row tiles.
 template <int MT>
 int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles) {
@@ -762,11 +782,15 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
   if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
   const int split = tc_rows_split<MT>(L, mtiles);
-  // kGather is the whole call: a programmatic dependent launch (tc_device.cuh).
+  // A programmatic dependent launch (tc_device.cuh): kGather of the stream's previous kernel
+  // (it is the whole call); the others of the activation gather just before them, where their grid
+  // spans two waves or more (tc_pdl_programmatic_after_gather).
+  const bool programmatic =
+      kGather ? L.tc_pdl : tc_pdl_programmatic_after_gather(L, L.tc_tiles * split * mtiles, L.tc_blocks_per_sm[MT]);
   launch_clustered_smem(tc_gemm_kernel<MT, T, kGather, kT8>,
                         dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
                              static_cast<unsigned>(mtiles)),
-                        dim3(kTcThreads), 0, split, 1, kGather && L.tc_pdl, stream, "tc_gemm_kernel launch", xp, m,
+                        dim3(kTcThreads), 0, split, 1, programmatic, stream, "tc_gemm_kernel launch", xp, m,
                         ldxp, static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
                         static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                         static_cast<const __half*>(L.bias.get()), out, L.N, split,
@@ -785,11 +809,14 @@ static int tc_wgmma_min_rows() {
   return kTcWgmmaMinRows;
 }
 
-/// Whether kGather is a programmatic dependent launch (tc_device.cuh): compute capability 9.0+,
-/// unless EXL2_CUDA_PDL=0 at construction (to measure it and to test both ways).
-static bool tc_pdl_from_env(const DeviceLayer& L) {
+/// Whether the tc kernels may be programmatic dependent launches (tc_device.cuh): compute
+/// capability 9.0+, unless EXL2_CUDA_PDL=0 at construction (to measure them and to test both
+/// ways); and whether every mma.sync kernel after the activation gather is one (EXL2_CUDA_PDL=1),
+/// not only grids of two waves or more (tc_pdl_programmatic_after_gather).
+static void tc_pdl_from_env(DeviceLayer& L) {
   const char* v = std::getenv("EXL2_CUDA_PDL");
-  return L.cc_major >= 9 && !(v != nullptr && std::strcmp(v, "0") == 0);
+  L.tc_pdl = L.cc_major >= 9 && !(v != nullptr && std::strcmp(v, "0") == 0);
+  L.tc_pdl_all = L.tc_pdl && v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 /// Whether m = 1 may gather inside the tc kernel (kGather): false with EXL2_CUDA_TC_GATHER=0 at
@@ -867,7 +894,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
   L.tc_gather = tc_gather_from_env();
-  L.tc_pdl = tc_pdl_from_env(L);
+  tc_pdl_from_env(L);
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope; and the pack kernels read the canonical codes, scales and
   // zeros, which the tc stream replaces from here on (one copy of the codes per layer).
