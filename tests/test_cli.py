@@ -191,6 +191,43 @@ def test_bench_shapes_and_layers() -> None:
     assert [s.name for s in bench.layer_specs(256, 64, "awq")] == ["awq4 g128 256x64"]
 
 
+def test_bench_measures_every_layer_at_one_m_before_the_next(capsys: pytest.CaptureFixture) -> None:
+    """bench_shape times all layers at one m before the next m (so that the large GEMMs of large m,
+    which hold a GPU at its power limit, do not precede the next layer's small-m rows), and returns
+    and prints the rows layer by layer."""
+    import torch
+
+    from exl2 import bench
+
+    timed = []
+
+    class FakeLayer:
+        bits_per_weight = 4.0
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros((128, 64), dtype=dtype)
+
+        def matmul(self, x: torch.Tensor, out: torch.Tensor) -> None:
+            timed.append((self.name, x.shape[0]))
+
+        def close(self) -> None:
+            timed.append((self.name, "closed"))
+
+    specs = [bench.LayerSpec(name, lambda g, name=name: FakeLayer(name)) for name in ("a", "b")]
+    setup = bench.BenchSetup(device=torch.device("cpu"), device_name="cpu", dtype="float16", dense_dtype="float32",
+                             timer=lambda fn: (fn(), 2.0)[1], timing="", bandwidth=1e9,
+                             generator=torch.Generator().manual_seed(0))
+    rows = bench.bench_shape(128, 64, specs, [1, 4], setup)
+    assert timed == [("a", 1), ("b", 1), ("a", 4), ("b", 4), ("a", "closed"), ("b", "closed")]
+    assert [(r["layer"], r["m"]) for r in rows] == [("a", 1), ("a", 4), ("b", 1), ("b", 4)]
+    assert all(r["exl2_us"] == 2.0 and r["dense_us"] == 2.0 for r in rows)
+    printed = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert printed == [["a", "1"], ["a", "4"], ["b", "1"], ["b", "4"]]
+
+
 def _check_rows(data: Dict[str, Any], n_rows: int) -> None:
     assert data["device_type"] == "cpu" and data["dense_dtype"] == "float32" and data["copy_bandwidth"] > 0
     assert len(data["rows"]) == n_rows

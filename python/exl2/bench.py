@@ -381,18 +381,13 @@ def _on_device(device: torch.device) -> ContextManager[Any]:
 
 
 # ---------------------------------------------------------------------- measuring
-def _dense_times(w: torch.Tensor, xs: Dict[int, torch.Tensor], setup: BenchSetup) -> Dict[int, float]:
-    """Time dense torch.matmul with weight ``w`` for every m: in the activation dtype on
-    CUDA, in float32 on the CPU (``x.float() @ W32``, W converted before timing)."""
-    w = w.to(_DENSE_DTYPES[setup.dense_dtype])
-    times = {}
-    for m, x in xs.items():
-        out = torch.empty((m, w.shape[1]), dtype=w.dtype, device=setup.device)
-        if setup.device.type == "cuda":
-            times[m] = setup.timer(lambda: torch.matmul(x, w, out=out))
-        else:
-            times[m] = setup.timer(lambda: torch.matmul(x.float(), w, out=out))
-    return times
+def _dense_time(w: torch.Tensor, x: torch.Tensor, setup: BenchSetup) -> float:
+    """Time dense torch.matmul of ``x`` with the weight ``w`` (already in the dense dtype): in
+    the activation dtype on CUDA, in float32 on the CPU (``x.float() @ W32``)."""
+    out = torch.empty((x.shape[0], w.shape[1]), dtype=w.dtype, device=setup.device)
+    if setup.device.type == "cuda":
+        return setup.timer(lambda: torch.matmul(x, w, out=out))
+    return setup.timer(lambda: torch.matmul(x.float(), w, out=out))
 
 
 def make_row(name: str, K: int, N: int, m: int, bpw: float, exl2_us: float, dense_us: float, floor_us: float,
@@ -407,32 +402,45 @@ def make_row(name: str, K: int, N: int, m: int, bpw: float, exl2_us: float, dens
 
 def bench_shape(K: int, N: int, specs: Sequence[LayerSpec], ms: Sequence[int], setup: BenchSetup
                 ) -> List[Dict[str, Any]]:
-    """Measure every layer of one shape at every m (printing each row as it is measured).
-    The dense baseline is timed once per m, with the first layer's dequantized weight."""
+    """Measure every layer of one shape at every m; returns (and prints, once the shape is done)
+    the rows layer by layer. The dense baseline is timed once per m, with the first layer's
+    dequantized weight.
+
+    The rows are measured in increasing m, every layer at one m before the next m. The large
+    GEMMs (m >= 512: the dense baseline, and the dense route) hold an H100 at its power limit,
+    which lowers the SM clock for a while after them. Measured layer by layer, each layer's decode
+    rows followed the previous layer's m = 2048 rows: the SM clock was 1260-1700 MHz during a full
+    run against 1980 MHz in a short one, and the kernels whose time follows the SM clock (the
+    tensor-core kernel at m = 16 / 32, issue-bound) measured up to 10% slower than in runs of those
+    rows alone (8192 x 28672 GPTQ-4 m = 16: 69-70 us in four of five full runs, 63-67 us alone)."""
     dev, g, tdtype = setup.device, setup.generator, _DTYPES[setup.dtype]
     xs = {m: torch.randn((m, K), dtype=torch.float32, device=dev, generator=g).to(tdtype) for m in ms}
-    dense_us: Optional[Dict[int, float]] = None
-    rows: List[Dict[str, Any]] = []
-    for spec in specs:
-        q = spec.build(g)
-        try:
-            if dense_us is None:
-                dense_us = _dense_times(q.dequantize(tdtype), xs, setup)
-            bpw = q.bits_per_weight
-            # The floor: the layer's weight bytes as stored (codes, scales, zeros; bits_per_weight),
-            # which is what a kernel must read at least once. (q.nbytes, what the QMatrix holds on
-            # the device, counts the tensor-core stream's 512-byte group headers and its columns padded
-            # to tiles of 128, or in the canonical layout the fp16 scales expanded per column.)
-            floor_us = bpw * K * N / 8 / setup.bandwidth * 1e6
-            for m, x in xs.items():
-                out = torch.empty((m, N), dtype=tdtype, device=dev)
+    layers = []
+    rows: List[List[Dict[str, Any]]] = [[] for _ in specs]
+    try:
+        for spec in specs:
+            layers.append(spec.build(g))
+        dense_w = layers[0].dequantize(tdtype).to(_DENSE_DTYPES[setup.dense_dtype])
+        # The floor: the layer's weight bytes as stored (codes, scales, zeros; bits_per_weight),
+        # which is what a kernel must read at least once. (q.nbytes, what the QMatrix holds on
+        # the device, counts the tensor-core stream's 512-byte group headers and its columns padded
+        # to tiles of 128, or in the canonical layout the fp16 scales expanded per column.)
+        bpws = [q.bits_per_weight for q in layers]
+        for m, x in xs.items():
+            dense_us = _dense_time(dense_w, x, setup)
+            out = torch.empty((m, N), dtype=tdtype, device=dev)
+            for i, (spec, q) in enumerate(zip(specs, layers)):
                 t_q = setup.timer(lambda: q.matmul(x, out=out))
-                row = make_row(spec.name, K, N, m, bpw, t_q, dense_us[m], floor_us, setup)
-                rows.append(row)
-                print(format_row(row), flush=True)
-        finally:
+                floor_us = bpws[i] * K * N / 8 / setup.bandwidth * 1e6
+                rows[i].append(make_row(spec.name, K, N, m, bpws[i], t_q, dense_us, floor_us, setup))
+        del dense_w
+    finally:
+        for q in layers:
             q.close()
-    return rows
+    flat = [row for layer_rows in rows for row in layer_rows]
+    for row in flat:
+        print(format_row(row), flush=True)
+    return flat
 
 
 # ------------------------------------------------------------------------- output
