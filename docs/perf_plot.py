@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -123,8 +124,11 @@ def bits_table(data: Dict[str, Any], shape: str, ms: tuple = (1, 8, 512)) -> str
 def markdown_tables(data: Dict[str, Any]) -> str:
     """The tables of the performance page, as Markdown."""
     bw = data["copy_bandwidth"] / 1e12
+    # scripts/bench_median.py records how many runs it merged in `timing`
+    runs = re.search(r"the median of (\d+) runs", data.get("timing", ""))
+    how = f", per row the median of {runs.group(1)} runs" if runs else ""
     parts = [f"Measured on {data['device']} (copy bandwidth {bw:.2f} TB/s), exl2 {data['version']}, "
-             f"with `{data['command']}`. Times in µs per call; \"–\": not recorded."]
+             f"with `{data['command']}`{how}. Times in µs per call; \"–\": not recorded."]
     multi = [name for name in _layers(data) if len(_rows(data, name)) > 3 and name.startswith(MAIN_LAYER_PREFIXES)]
     for name in multi:
         parts.append(layer_table(data, name))
