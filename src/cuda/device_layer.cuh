@@ -241,7 +241,8 @@ struct DeviceLayer {
   bool tc_gather = true;
   // Programmatic dependent launches of the tc kernels (tc_device.cuh): compute capability 9.0+,
   // false with EXL2_CUDA_PDL=0 at construction. kGather always; the mma.sync kernel after the
-  // activation gather where its grid spans two waves or more, or always with EXL2_CUDA_PDL=1
+  // activation gather where its blocks fill some multiprocessor to its limit
+  // (tc_pdl_programmatic_after_gather), or always with EXL2_CUDA_PDL=1
   // (tc_pdl_all: to measure and test it on any layer).
   bool tc_pdl = false;
   bool tc_pdl_all = false;

@@ -513,9 +513,9 @@ __device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_
 // -> 16.3, 4096 x 14336 15.7 -> 15.3. The same launch for the activation gather of m >= 2 (the
 // first of its call's two kernels) measured level (0.99-1.02x), so that gather keeps plain
 // stream order; but the mma.sync kernel after it is a programmatic dependent of the gather
-// (which triggers at its start) where the kernel's grid spans two waves or more
-// (tc_pdl_programmatic_after_gather, tc_gemm.cu): its first wave fills the weight rings while the
-// gather runs.
+// (which triggers at its start) where the kernel's blocks fill some multiprocessor to its limit
+// (tc_pdl_programmatic_after_gather, tc_gemm.cu): its first blocks fill their weight rings while
+// the gather runs.
 // ---------------------------------------------------------------------------------
 /// Blocks until the stream's previous kernel has completed and its memory operations are
 /// visible; returns at once in a kernel launched in plain stream order. Since every block waits

@@ -740,18 +740,26 @@ class StreamScratch {
 
 /// Whether a tc_gemm_kernel grid of `blocks` blocks (`blocks_per_sm` of them fit a
 /// multiprocessor) that follows the activation gather is a programmatic dependent launch of it
-/// (tc_device.cuh): its first wave's blocks then fill their weight rings while the gather runs
-/// and read its output after pdl_wait. H100, GPTQ-4, the same build with every such launch
-/// programmatic (EXL2_CUDA_PDL=1) and with none (=0), two calls of two runs each: grids of two
-/// waves or more gained, 8192 x 28672 (2.3 waves at m <= 16, 3.4 at m = 17..32) 0.96-0.99x at
-/// m = 1 to 8 and 0.96-1.00x at m = 16 to 32 (m = 8: 57.0 -> 54.7 us); smaller grids mostly
-/// lost, for a reason not established: 14336 x 4096 (under one wave) 1.07-1.20x at m = 2 to 32,
-/// 4096 x 14336 at m = 16 (1.1 waves) 1.10-1.27x, 4096 x 4096 at m = 17..32 1.08-1.12x. The
-/// wgmma kernels, launched the same way in the first call (one wave of large blocks at m = 33 to
-/// 128), took 1.14-1.19x at m = 48 / 64 on 8192 x 28672 and 4096 x 14336, so they keep plain
-/// stream order.
+/// (tc_device.cuh): its first blocks then fill their weight rings while the gather runs and read
+/// its output after pdl_wait. Only where an even spread of the blocks would already fill some
+/// multiprocessor to its limit (more than (blocks_per_sm - 1) x multiprocessors; every grid of
+/// two waves or more): blocks launched while the gather's blocks still hold registers on some
+/// multiprocessors may be spread less evenly, and a grid that leaves room on every
+/// multiprocessor then runs its most loaded one with more blocks than plain stream order would
+/// (a hypothesis that fits the measurements below, not observed directly).
+/// H100, GPTQ-4, the same build with every such launch programmatic (EXL2_CUDA_PDL=1) and with
+/// none (=0), two calls of two runs each (docs/performance.md has the table): the grids this rule
+/// takes gained, 8192 x 28672 at m <= 16 (split 8: 1792 blocks for 6 x 132 slots) 0.96-0.99x at
+/// m = 1 to 8 (m = 8: 57.0 -> 54.7 us) and 0.99-1.00x at m = 16, its 32-row tiles (split 2: 448
+/// blocks for 4 x 132) 0.96-0.99x, those of 4096 x 14336 (448 blocks) 0.97-0.99x; the grids it
+/// leaves out mostly lost: 14336 x 4096 (512 blocks of 6 a multiprocessor, clusters of 16; 256
+/// of 4) 1.07-1.20x at m = 2 to 32, 4096 x 14336 at m = 9..16 (448 of 6) 1.10-1.27x, 4096 x 4096
+/// at m = 17..32 (256 of 4) 1.08-1.12x. The wgmma kernels, launched the same way in the first
+/// call, took 1.14-1.19x at m = 48 / 64 on 8192 x 28672 and 4096 x 14336 (224 blocks of 2 a
+/// multiprocessor: this rule would take them), so they keep plain stream order.
 bool tc_pdl_programmatic_after_gather(const DeviceLayer& L, std::int64_t blocks, int blocks_per_sm) {
-  return L.tc_pdl && (L.tc_pdl_all || blocks >= 2 * resident_blocks(L, blocks_per_sm));
+  const std::int64_t per_sm = blocks_per_sm > 0 ? blocks_per_sm : 1;
+  return L.tc_pdl && (L.tc_pdl_all || blocks > (per_sm - 1) * L.sm_count);
 }
 
 /// The split-K factor (blocks per cluster) of launch_tc_rows<MT> with `mtiles` row tiles.
@@ -783,8 +791,8 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
   const int split = tc_rows_split<MT>(L, mtiles);
   // A programmatic dependent launch (tc_device.cuh): kGather of the stream's previous kernel
-  // (it is the whole call); the others of the activation gather just before them, where their grid
-  // spans two waves or more (tc_pdl_programmatic_after_gather).
+  // (it is the whole call); the others of the activation gather just before them, where their
+  // blocks fill some multiprocessor to its limit (tc_pdl_programmatic_after_gather).
   const bool programmatic =
       kGather ? L.tc_pdl : tc_pdl_programmatic_after_gather(L, L.tc_tiles * split * mtiles, L.tc_blocks_per_sm[MT]);
   launch_clustered_smem(tc_gemm_kernel<MT, T, kGather, kT8>,
@@ -812,7 +820,7 @@ static int tc_wgmma_min_rows() {
 /// Whether the tc kernels may be programmatic dependent launches (tc_device.cuh): compute
 /// capability 9.0+, unless EXL2_CUDA_PDL=0 at construction (to measure them and to test both
 /// ways); and whether every mma.sync kernel after the activation gather is one (EXL2_CUDA_PDL=1),
-/// not only grids of two waves or more (tc_pdl_programmatic_after_gather).
+/// not only the grids that tc_pdl_programmatic_after_gather takes.
 static void tc_pdl_from_env(DeviceLayer& L) {
   const char* v = std::getenv("EXL2_CUDA_PDL");
   L.tc_pdl = L.cc_major >= 9 && !(v != nullptr && std::strcmp(v, "0") == 0);
