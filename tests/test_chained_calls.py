@@ -5,9 +5,9 @@ On compute capability 9.0+ some tensor-core kernels are programmatic dependent l
 in one launch, on layers whose blocks fit one wave) of the stream's previous kernel, and the
 mma.sync kernel of the activation gather launched just before it, where its blocks fill some
 multiprocessor to its limit (on these small layers only with EXL2_CUDA_PDL=1, which makes every
-such launch programmatic). Their blocks may start while that kernel is still running, and copy the layer's
-own data meanwhile; they must not read x (or the gathered activations), nor write the output,
-before it has completed. These tests chain calls whose input is the previous call's output and
+such launch programmatic). Their blocks may start while that kernel is still running, and copy
+the layer's own data meanwhile; they must not read x (or the gathered activations), nor write the
+output, before it has completed. These tests chain calls whose input is the previous call's output and
 whose output overwrites the previous call's input, eagerly and in a CUDA graph, on every route, and
 compare them bit for bit with the same calls synchronised one by one, with the default launches,
 with EXL2_CUDA_PDL=1 and with EXL2_CUDA_PDL=0 (plain stream order).
