@@ -426,13 +426,13 @@ def bench_shape(K: int, N: int, specs: Sequence[LayerSpec], ms: Sequence[int], s
         # the device, counts the tensor-core stream's 512-byte group headers and its columns padded
         # to tiles of 128, or in the canonical layout the fp16 scales expanded per column.)
         bpws = [q.bits_per_weight for q in layers]
+        floors_us = [bpw * K * N / 8 / setup.bandwidth * 1e6 for bpw in bpws]
         for m, x in xs.items():
             dense_us = _dense_time(dense_w, x, setup)
             out = torch.empty((m, N), dtype=tdtype, device=dev)
             for i, (spec, q) in enumerate(zip(specs, layers)):
                 t_q = setup.timer(lambda: q.matmul(x, out=out))
-                floor_us = bpws[i] * K * N / 8 / setup.bandwidth * 1e6
-                rows[i].append(make_row(spec.name, K, N, m, bpws[i], t_q, dense_us, floor_us, setup))
+                rows[i].append(make_row(spec.name, K, N, m, bpws[i], t_q, dense_us, floors_us[i], setup))
         del dense_w
     finally:
         for q in layers:
