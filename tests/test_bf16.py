@@ -11,13 +11,15 @@ float32 and require bit equality; they also check the float64 error bound
 
 (the output's one bfloat16 rounding, at most 2^-9 relative, with a factor 2 margin, plus
 the fp32 accumulation error, at most (K + 1) 2^-24 times the sum of magnitudes, also
-with a factor 2 margin). The CUDA tensor-core kernel's transposed tiles (m <= 8) apply each
-group's scale in fp32 to the group's sums instead (cuda_bf16_weight): the same bound holds
-there with the exact weight (q - z) * s in place of W_bf16.
+with a factor 2 margin). The CUDA tensor-core kernel's transposed tiles (m <= 16; m <= 8 with
+EXL2_CUDA_T16=0) apply each group's scale in fp32 to the group's sums instead
+(cuda_bf16_weight): the same bound holds there with the exact weight (q - z) * s in place of
+W_bf16.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict
 
 import numpy as np
@@ -58,12 +60,19 @@ def exact_weight(layer: Dict[str, Any], zero_format: str = "v1") -> np.ndarray:
     return reference_weight(layer, "float32", zero_format)
 
 
+def group_sum_rows() -> int:
+    """The largest m that the CUDA tensor-core layout runs on its transposed tiles, which sum each
+    group in fp32 and apply its scale after the mma (kGroupSums, src/cuda/tc_gemm.cu): 16, or 8
+    where the layers were built with EXL2_CUDA_T16=0 (the usual 16-row tiles for m = 9..16)."""
+    return 8 if os.environ.get("EXL2_CUDA_T16") == "0" else 16
+
+
 def cuda_bf16_weight(q: Any, layer: Dict[str, Any], m: int, zero_format: str = "v1") -> np.ndarray:
     """The weight that a bfloat16 matmul of `m` rows of the layer `q` is bounded against: on CUDA
-    in the tensor-core layout up to m = 8 (the mma.sync kernel's transposed tiles, which apply
-    each group's scale in fp32 after the mma: kGroupSums, src/cuda/tc_gemm.cu), the exact weight;
-    every other path multiplies by dequantize(bfloat16)'s weight."""
-    if q.device.type == "cuda" and q.tensor_core_layout and m <= 8:
+    in the tensor-core layout up to m = group_sum_rows() (the mma.sync kernel's transposed tiles,
+    which apply each group's scale in fp32 after the mma), the exact weight; every other path
+    multiplies by dequantize(bfloat16)'s weight."""
+    if q.device.type == "cuda" and q.tensor_core_layout and m <= group_sum_rows():
         return exact_weight(layer, zero_format)
     return bf16_weight(layer, zero_format)
 

@@ -99,15 +99,17 @@ def _chain_results(q, x0: torch.Tensor) -> List[torch.Tensor]:
 # (rows, environment at construction): m = 1 runs the kernel that gathers its own row where its
 # blocks fit one wave (these layers), or with EXL2_CUDA_TC_GATHER=0 the gather launch and the
 # transposed 8-row kernel; every other m the gather launch (whose scratch the allocator hands out
-# again to the next call) and then: m = 3 and 8 the transposed 8-row kernel, m = 16 the 16-row
-# and m = 32 the 32-row mma.sync tiles, m = 48 on Hopper the wgmma kernel's 64-row tiles, or with
-# EXL2_CUDA_WGMMA_CFG=4 the warp-specialised kernel (elsewhere the 64-row mma.sync tiles).
+# again to the next call) and then: m = 3 and 8 the transposed 8-row kernel, m = 16 the
+# transposed 16-row kernel (with EXL2_CUDA_T16=0 the usual 16-row mma.sync tiles), m = 32 the
+# 32-row tiles, m = 48 on Hopper the wgmma kernel's 64-row tiles, or with EXL2_CUDA_WGMMA_CFG=4
+# the warp-specialised kernel (elsewhere the 64-row mma.sync tiles).
 ROUTES = {
     "m1": (1, {}),
     "m1_gather_launch": (1, {"EXL2_CUDA_TC_GATHER": "0"}),
     "m3": (3, {}),
     "m8": (8, {}),
     "m16": (16, {}),
+    "m16_usual_tiles": (16, {"EXL2_CUDA_T16": "0"}),
     "m32": (32, {}),
     "m48": (48, {}),
     "m48_ws": (48, {"EXL2_CUDA_WGMMA_CFG": "4"}),

@@ -1,6 +1,6 @@
 """bfloat16 on the CUDA backend: dequantize bit-exact with the CPU backend and the
 reference, matmul within the bound of tests/test_bf16.py for every kernel path (the
-tensor-core layout's kernels, bounded against the exact weight up to m = 8 where they sum
+tensor-core layout's kernels, bounded against the exact weight up to m = 16 where they sum
 groups in fp32, else against the bfloat16 weight: cuda_bf16_weight; the canonical layout's
 GEMV, fused tensor-core kernel or its GEMV-slice fallback below compute capability 8.0, and
 the Python dense path), determinism, graph capture."""

@@ -137,7 +137,7 @@ def check_one_hot_rows(layer, dtype: torch.dtype, tile_rows, min_rows: int = 1) 
 
 def check_bf16_within_bound(q, layer, ms) -> None:
     """bfloat16 matmul at each m of `ms`: bfloat16 output within the bfloat16 bound (test_bf16) of
-    the weight its kernel multiplies by (cuda_bf16_weight: the exact weight up to m = 8, else
+    the weight its kernel multiplies by (cuda_bf16_weight: the exact weight up to m = 16, else
     bfloat16's), and the same bits on a second call."""
     from test_bf16 import assert_within_bound, cuda_bf16_weight, random_bf16_x
 
@@ -306,7 +306,7 @@ def test_tc_large_m_in_cpp_runs_row_tiles_and_slices(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("name", ["exl2_mixed", "exl2_n40_short_groups", "gptq_act_order", "gptq3_act_order",
                                   "gptq8", "awq"])
 def test_tc_bfloat16_within_bound(name: str) -> None:
-    """bfloat16 through the tc kernel: up to m = 8 the exact weights (q - z) * s (group sums
+    """bfloat16 through the tc kernel: up to m = 16 the exact weights (q - z) * s (group sums
     scaled in fp32), on the 16-, 32- and 64-row tiles bf16((q - z) * s) as dequantize(bfloat16)
     gives them; fp32 accumulation (tensor cores: twice the accumulation term, as for the fused
     bfloat16 kernel in test_cuda_bf16), the same bound as every other bfloat16 path; and
@@ -337,28 +337,74 @@ def _bf16_weight_sums(layer, x: np.ndarray) -> np.ndarray:
     return R.bf16_bits(x.astype(np.float64) @ bf16_weight(layer).astype(np.float64))
 
 
+def _f16_weight_sums(layer, x: np.ndarray) -> np.ndarray:
+    """f16(x @ dequantize()) for 0/1 rows x of one group each, as bits: exact in fp32 in any
+    order (a group's float16 weights share one scale: their sum spans at most 24 bits)."""
+    return (x.astype(np.float64) @ np.asarray(layer["weight"]).astype(np.float64)).astype(np.float16).view(np.uint16)
+
+
+@pytest.mark.parametrize("t16", ["1", "0"], ids=["t16", "usual16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("bits", [3, 4, 8])
-@pytest.mark.parametrize("m", [1, 3, 8, 12, 24])
-def test_tc_bfloat16_group_sums_bit_exact(bits: int, m: int) -> None:
-    """bfloat16 up to m = 8 (the transposed tiles, kGroupSums): each group's x (q - z) summed in
-    fp32, times the scale once. With x = 1 on the rows of one group (row r of x: group r % G,
-    act-order), output row r is exactly bf16(s[g, n] * sum of (q - z) over the group) (groups of
-    32: the sums and the products are exact in fp32, however split-K divides the group). The 16-
-    and 32-row tiles (m = 12, 24) sum the bfloat16 weights instead, also exactly here:
-    bf16(sum of bf16(s (q - z))). The two contracts differ (checked)."""
+@pytest.mark.parametrize("m", [1, 3, 8, 12, 16, 24])
+def test_tc_group_sums_bit_exact(bits: int, m: int, dtype: torch.dtype, t16: str,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to m = 16 (the transposed tiles; m <= 8 with EXL2_CUDA_T16=0), both dtypes: each group's
+    x (q - z) summed in fp32, times the scale once. With x = 1 on the rows of one group (row r of
+    x: group r % G, act-order), output row r is exactly T(s[g, n] * sum of (q - z) over the
+    group) (groups of 32: the sums and the products are exact in fp32, however split-K divides
+    the group). The usual 16-row tiles (m = 12 / 16 with EXL2_CUDA_T16=0) and the 32-row tiles
+    (m = 24) sum the T weights instead, also exactly here: T(sum of T(s (q - z))). The two
+    contracts differ (checked)."""
+    monkeypatch.setenv("EXL2_CUDA_T16", t16)
     layer, g_idx, group_x = _group_indicator_layer(bits)
     d = R.unpack_gptq_codes(layer["qweight"], bits) - R.unpack_gptq_zeros(layer["qzeros"], "v1", bits)[g_idx]
-    s = np.asarray(layer["scales"]).astype(np.float32)
+    s = np.asarray(layer["scales"]).astype(np.float64)
     groups = np.arange(m) % s.shape[0]
     x = group_x(groups)
-    sums = np.stack([d[g_idx == g].sum(axis=0) for g in groups]).astype(np.float32)  # exact integers
-    group_sums = R.bf16_bits(sums * s[groups])
-    bf16_sums = _bf16_weight_sums(layer, x)
-    assert not np.array_equal(group_sums, bf16_sums)
+    sums = np.stack([d[g_idx == g].sum(axis=0) for g in groups]).astype(np.float64)  # exact integers
+    if dtype is torch.bfloat16:
+        group_sums, weight_sums = R.bf16_bits(sums * s[groups]), _bf16_weight_sums(layer, x)
+    else:
+        group_sums, weight_sums = (sums * s[groups]).astype(np.float16).view(np.uint16), _f16_weight_sums(layer, x)
+    assert not np.array_equal(group_sums, weight_sums)
     with build(layer, "cuda", bias=False) as q:
-        y = q.matmul(torch.from_numpy(x).to(torch.bfloat16).cuda())
+        y = q.matmul(torch.from_numpy(x).to(dtype).cuda())
     np.testing.assert_array_equal(y.cpu().view(torch.int16).numpy().view(np.uint16),
-                                  group_sums if m <= 8 else bf16_sums)
+                                  group_sums if m <= (16 if t16 == "1" else 8) else weight_sums)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act", "gptq3_act", "awq"])
+def test_tc_usual_16_row_tiles_one_hot_rows(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With EXL2_CUDA_T16=0 at construction m = 9..16 run the usual 16-row tiles (the default runs
+    the transposed ones, which test_tc_one_hot_rows_give_the_weights_bit_for_bit covers at 16):
+    their decode, bit for bit, on full and partial tiles."""
+    monkeypatch.setenv("EXL2_CUDA_T16", "0")
+    check_one_hot_rows(LAYERS[name], dtype, (16, 11), min_rows=9)
+
+
+@pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act", "awq"])
+@pytest.mark.parametrize("m", [9, 13, 16])
+def test_tc_transposed_16_row_tiles_match_the_usual_ones(name: str, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16 at m = 9..16: the transposed 16-row tiles (group sums, the exact weight) and the
+    usual 16-row tiles (EXL2_CUDA_T16=0, the float16 weight) both within the float16 bound of the
+    float64 result (that of the float16 weights, plus their rounding for the exact ones)."""
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    x = random_x(np.random.default_rng(m), (m, K))
+    ys = []
+    for t16 in ("1", "0"):
+        monkeypatch.setenv("EXL2_CUDA_T16", t16)
+        with build(layer, "cuda") as q:
+            ys.append(q.matmul(torch.from_numpy(x).cuda()).float().cpu().numpy())
+    ref = expected(layer, x)
+    b = np.abs(np.asarray(layer["bias"]).astype(np.float64)) if layer.get("bias") is not None else 0.0
+    mag = np.abs(x.astype(np.float64)) @ np.abs(np.asarray(layer["weight"]).astype(np.float64)) + b
+    # one float16 rounding of the output, fp32 accumulation on tensor cores, the weights' rounding
+    bound = 2.0**-10 * np.abs(ref) + ((K + 2) * 2.0**-22 + 2.0**-11) * mag
+    for y in ys:
+        assert np.all(np.abs(y - ref) <= bound), f"max excess {(np.abs(y - ref) - bound).max()}"
 
 
 def test_tc_bfloat16_sliced_call_keeps_one_contract() -> None:

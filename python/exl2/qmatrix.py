@@ -375,11 +375,12 @@ class QMatrix:
 
         ``x`` is float16 or bfloat16; with dtype ``T`` the result is
         ``round_T(sum_k x[k] * W_T[k, n] + bias[n])`` with ``W_T = dequantize(T)`` (the
-        weight rounded once to ``T``) and one final rounding. Except: bfloat16 with at most
-        8 rows on CUDA in the tensor-core layout (:attr:`tensor_core_layout`) applies the
-        scales in float32 to each group's float32 sums of ``x[k] * (q - z)``, i.e. it
-        multiplies by the exact weight ``(q - z) * s`` rather than its bfloat16 rounding
-        (the same error bound, against the exact weight). numpy has no bfloat16:
+        weight rounded once to ``T``) and one final rounding. Except: at most 16 rows on
+        CUDA in the tensor-core layout (:attr:`tensor_core_layout`), either dtype, apply the
+        scales in float32 to each group's float32 sums of ``x[k] * (q - z)``, i.e. they
+        multiply by the exact weight ``(q - z) * s`` rather than its rounding to ``T``
+        (the same error bound, against the exact weight; bfloat16 ``x`` beyond about 1e36
+        can overflow a group's float32 sum). numpy has no bfloat16:
         bfloat16 input must be a torch tensor (numpy / DLPack arrays are float16).
 
         Args:

@@ -65,9 +65,10 @@ gives the 16-bit patterns).
 
 ``dtype="float32"`` returns the exact, unrounded weight ``(q - z) * s`` (exact
 in float32: at most 8 bits times the 11 of a float16 scale). It is what the
-CUDA tensor-core kernel's bfloat16 path up to 8 rows multiplies by (it applies
-each group's scale in float32 to the group's sums of ``x * (q - z)``), so its
-results are bounded against this weight rather than the bfloat16 one.
+CUDA tensor-core kernel up to 16 rows multiplies by, in float16 and bfloat16
+(it applies each group's scale in float32 to the group's sums of
+``x * (q - z)``), so its results are bounded against this weight rather than
+the rounded one.
 """
 
 from __future__ import annotations

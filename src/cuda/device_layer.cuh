@@ -239,6 +239,10 @@ struct DeviceLayer {
   // m = 1 gathers inside the tc kernel where its blocks fit one wave (kGather); false with
   // EXL2_CUDA_TC_GATHER=0 at construction (the gather launch + kT8 instead: to measure and test it).
   bool tc_gather = true;
+  // m = 9..16 run the transposed 16-row tiles (kT8 with kNB = 2); false with EXL2_CUDA_T16=0 at
+  // construction (the usual 16-row tiles: to measure and test both).
+  bool tc_t16 = true;
+  int tc_t16_blocks_per_sm = 0;
   // Programmatic dependent launches of the tc kernels (tc_device.cuh): compute capability 9.0+,
   // false with EXL2_CUDA_PDL=0 at construction. kGather always; the mma.sync kernel after the
   // activation gather where its blocks fill some multiprocessor to its limit

@@ -257,7 +257,17 @@ __device__ __forceinline__ std::uint32_t decode_pair_f16(std::uint32_t qm, std::
     return decode_pair<__half>(qm, z2, s2);
 }
 
-/// bfloat16, group sums (tc_gemm.cu, kGroupSums): the exact integers q - z of a pair as bfloat16
+/// float16, group sums (tc_gemm.cu, fold_group): the exact integer q - z of each code of pair P
+/// (decode_pair_f16 without the scale): one subtraction, or one fma for the pairs held as 2^b q.
+template <int B, int P>
+__device__ __forceinline__ std::uint32_t int_pair_f16(std::uint32_t qm, std::uint32_t z2, std::uint32_t zx) {
+  if constexpr (tc::pair_times_k(B, P))
+    return h2_as_u32(__hfma2(u32_as_h2(qm), __float2half2_rn(1.0f / (1 << B)), __hneg2(u32_as_h2(zx))));
+  else
+    return h2_as_u32(__hsub2(u32_as_h2(qm), u32_as_h2(z2)));
+}
+
+/// bfloat16, group sums (tc_gemm.cu, fold_group): the exact integers q - z of a pair as bfloat16
 /// (|q - z| <= 255, exact in bfloat16's 8 significant bits), the scale left for later. b <= 6:
 /// `qm` is bf16x2 128 + q and zb = bf16x2 128 + z, one subtraction; 8-bit codes: `qm` is fp16x2
 /// 1024 + q and zb fp16x2 1024 + z, the fp16 difference converted (exactly) to bfloat16.
@@ -330,11 +340,11 @@ struct GroupConsts {
 /// One chunk's 16 B-fragment registers of a lane, decoded from its words `w` with the group's
 /// constants: b[jj][s][h] holds rows 16 s + 2 t (+ 8 h), + 1 of column 8 jj + g of the warp's
 /// 32-column block (mma.m16n8k16 B operand of n8 tile jj, k16 step s; lane = 4 g + t).
-/// kIntBf16 (bfloat16 only): the exact q - z, unscaled (int_pair_bf16).
-template <int B, class T, bool kIntBf16 = false>
+/// kInt: the exact q - z, unscaled (int_pair_bf16, int_pair_f16).
+template <int B, class T, bool kInt = false>
 __device__ __forceinline__ void decode_chunk(const std::uint32_t (&w)[8], const GroupConsts& gc,
                                              std::uint32_t (&b)[4][2][2]) {
-  static_assert(!kIntBf16 || kIsBf16<T>, "the unscaled decode is bfloat16's");
+  constexpr bool kIntBf16 = kInt && kIsBf16<T>;
   std::uint32_t s32[4];  // bfloat16, 8-bit codes: the fp32 scale s_hi + s_lo (exact)
   if constexpr (kIsBf16<T> && !kBf16Decode<B, T> && !kIntBf16) {
 #pragma unroll
@@ -346,6 +356,8 @@ __device__ __forceinline__ void decode_chunk(const std::uint32_t (&w)[8], const 
     const std::uint32_t qm = pair_with_magic<B, 4 * (JJ) + 2 * (S) + (H), T>(w);                      \
     if constexpr (kIntBf16)                                                                           \
       b[JJ][S][H] = int_pair_bf16<B>(qm, kBf16Decode<B, T> ? gc.zx[JJ] : gc.z2[JJ]);                  \
+    else if constexpr (kInt)                                                                          \
+      b[JJ][S][H] = int_pair_f16<B, 4 * (JJ) + 2 * (S) + (H)>(qm, gc.z2[JJ], gc.zx[JJ]);              \
     else if constexpr (kBf16Decode<B, T>)                                                             \
       b[JJ][S][H] = decode_pair_bf16(qm, gc.zx[JJ], gc.s2[JJ]);                                        \
     else if constexpr (kIsBf16<T>)                                                                    \
@@ -378,6 +390,7 @@ __device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts&
       gc.zx[jj] = gc.z2[jj] - 0x21002100u;  // fp16 bits 0x6400 + z -> bf16 bits 0x4300 + z (128 + z)
     } else {
       gc.s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
+      gc.sf[jj] = __half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu)));
       // 1024 / 2^b + z = (1024 + z) - (1024 - 1024 / 2^b), exact (b <= 5; unused above)
       gc.zx[jj] = h2_as_u32(__hsub2(u32_as_h2(gc.z2[jj]), __float2half2_rn(1024.0f - static_cast<float>(1024 >> b))));
     }

@@ -32,12 +32,13 @@
 // Per chunk a warp reads its lane's b words from the ring, decodes 16 half2 B-fragment
 // registers (magic 1024: (1024 + q) - (1024 + z) is the exact q - z, or (1024 + 2^b q) / 2^b -
 // (1024 / 2^b + z) for the pairs kept 2^b times their code; one __hmul2 by the scale rounds like
-// the reference: f16((q - z) * s); bfloat16: decode_pair_bf16, or up to m = 8 the exact q - z,
-// scaled per group after the mma, kGroupSums below), loads its A fragments with ldmatrix and
-// issues 8 * MT mma.m16n8k16 with fp32 accumulation; for m <= 8 the mma runs transposed (the
-// decoded weights as the A operand, 4 mma per chunk; kT8 and kGather below). Every output
-// element is summed in a fixed order (chunks in order inside the fragments, then cluster ranks
-// 0..S-1) and written once: deterministic and graph-capture safe.
+// the reference: f16((q - z) * s); bfloat16: decode_pair_bf16), loads its A fragments with
+// ldmatrix and issues 8 * MT mma.m16n8k16 with fp32 accumulation. For m <= 16 the mma runs
+// transposed (the decoded weights as the A operand, 4 mma per chunk and 8-row group of x; kT8,
+// kNB and kGather below) on the exact integers q - z, and each group's fp32 sums are scaled after
+// the mma (group sums, below). Every output element is summed in a fixed order (chunks in order
+// inside the fragments, then cluster ranks 0..S-1) and written once: deterministic and
+// graph-capture safe.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -316,83 +317,100 @@ __device__ __forceinline__ int row1_pos(int r) {
   return 2 * (4 * ((rr & 7) >> 1) + 2 * s + (rr >> 3)) + (rr & 1);
 }
 
-/// bfloat16 in the transposed kernels (kT8, kGather: m <= 8): group sums. The mma multiplies x
-/// by the exact integers q - z (decode_chunk<..., true>: two operations per pair instead of four
-/// for bf16((q - z) * s)) into `grp1`, the group's fp32 sums; at each group change and after the
-/// block's last chunk (fold_group) they are multiplied by the group's scale in fp32 (the exact
-/// fp16 scale) and added to acc1. So y = sum over groups of s * fp32(sum of x (q - z)): the
-/// weights are never rounded to bfloat16, and the result is within the bfloat16 bound of the
-/// exact weights (q - z) * s rather than of dequantize(bfloat16) (one-hot rows still give
-/// dequantize(bfloat16)'s bits, bf16(s (q - z))). H100, same call (bfloat16, ab/s9_ab1.sh):
-/// 8192 x 28672 GPTQ-4 59.5 -> 53.4 us at m = 1, 60.9 -> 56.5 at m = 8, the smaller layers 7-17%
-/// faster. float16 keeps the reference's f16((q - z) * s) weights. The 16- and 32-row tiles keep
-/// bf16((q - z) * s): there a second accumulator set with its fold (scales of other lanes'
-/// columns through shuffles) measured 8-35% slower (8192 x 28672 m = 16: 70.7 -> 94.7 us).
-template <class T>
-inline constexpr bool kGroupSums = kIsBf16<T>;
+/// Group sums, in the transposed kernels (kT8 with kNB = 1 or 2, kGather: m <= 16), both types.
+/// The mma multiplies x by the exact integers q - z (decode_chunk<..., true>: two operations per
+/// pair instead of three for f16((q - z) * s) and four for bf16((q - z) * s)) into `grp1`, the
+/// group's fp32 sums; at each group change and after the block's last chunk (fold_group) they are
+/// multiplied by the group's scale in fp32 (the exact fp16 scale) and added to acc1. So y = sum
+/// over groups of s * fp32(sum of x (q - z)): the weights are never rounded to T, and the result
+/// is within T's bound of the exact weights (q - z) * s rather than of dequantize(T) (one-hot rows
+/// still give dequantize(T)'s bits, T(s (q - z)), an exact fp32 product rounded once). No fp32
+/// overflow for float16 x (|x (q - z)| <= 65504 * 255 per product); bfloat16 x beyond about
+/// 1e36 can overflow a group's sum where the exact result is finite (docs/quickstart.md).
+/// H100, same calls: bfloat16 (ab/s9_ab1.sh) 8192 x 28672 GPTQ-4 59.5 -> 53.4 us at m = 1, 60.9
+/// -> 56.5 at m = 8, the smaller layers 7-17% faster; float16 (ab/s12_c3.sh) 0.91-0.97x on
+/// 4096 x 4096, 4096 x 14336 and 14336 x 4096 at m = 1..8, 8192 x 28672 GPTQ-2 0.92x and 4-bit
+/// 0.97-0.98x at m = 8, but 4-bit 1.04x at m = 1 / 2 there (52.1 -> 54.1 us). The usual 16- and
+/// 32-row tiles keep T((q - z) * s): there a second accumulator set with its fold (scales of
+/// other lanes' columns through shuffles) measured 8-35% slower (8192 x 28672 bfloat16 m = 16:
+/// 70.7 -> 94.7 us); the transposed 16-row tiles (kNB = 2) replace them at m = 9..16.
 
 /// acc1 += s * grp1 and grp1 = 0, with the scales of the group just finished (gc): acc1[i][e] holds
 /// column 16 i + g + 8 (e >> 1), the lane's own column 8 jj + g for jj = 2i + (e >> 1).
-__device__ __forceinline__ void fold_group(float (&acc1)[2][4], float (&grp1)[2][4], const GroupConsts& gc) {
+template <int NB>
+__device__ __forceinline__ void fold_group(float (&acc1)[NB][2][4], float (&grp1)[NB][2][4], const GroupConsts& gc) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      acc1[i][e] = fmaf(grp1[i][e], gc.sf[2 * i + (e >> 1)], acc1[i][e]);
-      grp1[i][e] = 0.0f;
-    }
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc1[nb][i][e] = fmaf(grp1[nb][i][e], gc.sf[2 * i + (e >> 1)], acc1[nb][i][e]);
+        grp1[nb][i][e] = 0.0f;
+      }
 }
 
-/// kGather: one chunk, decoded from the lane's words at ring word `wo`, times the activation
-/// words `xa` (row1_pos), into acc1[i] = the 16 x 8 transposed tile of columns 16i .. 16i + 15
-/// (kGroupSums: into the group sums).
-template <int B, class T>
-__device__ __forceinline__ void tc_chunk_row1(const std::uint32_t* ring, int wo, const uint4 xa,
-                                              const GroupConsts& gc, float (&acc1)[2][4]) {
+/// The transposed kernels: one chunk, decoded from the lane's words at ring word `wo`, times the
+/// activation words xa[nb] of each 8-row group nb (row1_pos, transposed_x), into acc1[nb][i] = the
+/// 16 x 8 transposed tile of columns 16i .. 16i + 15 and batch rows 8 nb .. 8 nb + 7 (the group
+/// sums). The decoded A fragments serve all NB groups.
+template <int B, class T, int NB>
+__device__ __forceinline__ void tc_chunk_row1(const std::uint32_t* ring, int wo, const uint4 (&xa)[NB],
+                                              const GroupConsts& gc, float (&acc1)[NB][2][4]) {
   std::uint32_t w[8];
   ring_lane_words<B>(ring, wo, w);
   std::uint32_t b[4][2][2];
-  decode_chunk<B, T, kGroupSums<T>>(w, gc, b);
-  const std::uint32_t xb[2][2] = {{xa.x, xa.y}, {xa.z, xa.w}};
+  decode_chunk<B, T, true>(w, gc, b);
 #pragma unroll
   for (int s = 0; s < 2; ++s)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const std::uint32_t a[4] = {b[2 * i][s][0], b[2 * i + 1][s][0], b[2 * i][s][1], b[2 * i + 1][s][1]};
-      mma_16816<T>(acc1[i], a, xb[s][0], xb[s][1]);
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+        mma_16816<T>(acc1[nb][i], a, s ? xa[nb].z : xa[nb].x, s ? xa[nb].w : xa[nb].y);
     }
 }
 
 /// The transposed kernels' activation words of chunk q of an iteration (the B fragments of both
 /// k16 steps, as tc_chunk_row1 takes them): kGather from the segment (`xit`: the iteration's
-/// first chunk in it, row1_pos order); kT8 from the 8-row activation tile `xs` with one ldmatrix
-/// (matrix j: rows 0..7, columns 8j.. of the chunk, so register j of lane 4g + t holds row g,
-/// columns 8j + 2t, + 1: b_{j & 1} of k16 step j / 2 for batch row g).
+/// first chunk in it, row1_pos order); kT8 from rows 8 nb .. 8 nb + 7 of the activation tile `xs`
+/// with one ldmatrix (matrix j: those rows, columns 8j.. of the chunk, so register j of lane
+/// 4g + t holds row 8 nb + g, columns 8j + 2t, + 1: b_{j & 1} of k16 step j / 2 for batch row
+/// 8 nb + g).
 template <bool kGather, int kXRow>
-__device__ __forceinline__ uint4 transposed_x(const __half* xit, const __half* xs, int q) {
+__device__ __forceinline__ uint4 transposed_x(const __half* xit, const __half* xs, int q, int nb) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   if constexpr (kGather) {
     return *reinterpret_cast<const uint4*>(xit + q * 32 + (lane & 3) * 8);
   } else {
     std::uint32_t r[4];
-    ldmatrix_x4(r, xs + (lane & 7) * kXRow + 32 * q + (lane >> 3) * 8);
+    ldmatrix_x4(r, xs + (8 * nb + (lane & 7)) * kXRow + 32 * q + (lane >> 3) * 8);
     return make_uint4(r[0], r[1], r[2], r[3]);
   }
 }
 
 /// The transposed kernels: chunk q of an iteration (descriptor d, b bits).
-template <int B, class T, bool kGather, int kXRow>
+template <int B, class T, bool kGather, int kXRow, int NB>
 __device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, const __half* xit, const __half* xs,
                                                  const int4& d, int q, std::int64_t s0, int& header, GroupConsts& gc,
-                                                 float (&acc1)[2][4], float (&grp1)[2][4]) {
-  if constexpr (kGroupSums<T>) {
-    if (d.w != header) fold_group(acc1, grp1, gc);  // (before load_group_header replaces gc)
-  }
+                                                 float (&acc1)[NB][2][4], float (&grp1)[NB][2][4]) {
+  if (d.w != header) fold_group(acc1, grp1, gc);  // (before load_group_header replaces gc)
   load_group_header<T>(ring, d, B, s0, header, gc);
   const int wo = chunk_lane_word(d, B, s0);
-  float (&sums)[2][4] = kGroupSums<T> ? grp1 : acc1;  // what the mma adds to
-  tc_chunk_row1<B, T>(ring, wo, transposed_x<kGather, kXRow>(xit, xs, q), gc, sums);
+  uint4 xa[NB];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) xa[nb] = transposed_x<kGather, kXRow>(xit, xs, q, nb);
+  tc_chunk_row1<B, T, NB>(ring, wo, xa, gc, grp1);
 }
+
+/// Blocks per multiprocessor of the transposed 16-row tiles (kT8, kNB = 2): their 16 group sums
+/// besides 16 accumulators take 96 registers; at 6 blocks (80 registers) ptxas spills 116 bytes
+/// inside the loop, which measured 1.20-1.48x slower than 5 blocks (H100, bfloat16 GPTQ-4 at
+/// m = 9..16, ab/s12_c2.sh). With 5 blocks against the usual 16-row tiles (6 blocks), same call
+/// (ab/s12_c3.sh, GPTQ-4): float16 0.91-0.98x, 8192 x 28672 m = 16 62.9 -> 60.5 us (EXL2 4.0 bpw
+/// 64.2 -> 60.8); bfloat16 (ab/s12_c2.sh) 0.84-0.93x, 8192 x 28672 m = 16 73.1 -> 61.6 us.
+constexpr int kT16MinBlocks = 5;
 
 /// T: the activation / output type (__half or __nv_bfloat16); `xp` holds its bits.
 /// kGather (MT = 1, M = 1 only): `xp` is the caller's single activation row itself, in checkpoint
@@ -403,16 +421,19 @@ __device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, cons
 /// kT8 (MT = 1, M <= 8): the transposed mma on an 8-row activation tile of the gathered `xp`:
 /// against the 16-row tiles, H100, same session (GPTQ-4, m = 2 / 8): 8192x28672 61.6 / 62.6 ->
 /// 54.8 / 55.8 us, 14336x4096 21.4 / 22.0 -> 19.1 / 19.6, 4096x4096 11.4 / 11.7 -> 10.3 / 10.6.
-template <int MT, class T, bool kGather = false, bool kT8 = false>
-__global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kMinBlocks)
+/// kT8 with kNB = 2 (M = 9..16): the same on a 16-row tile, two 8-row groups of x, each decoded
+/// A fragment used by two mma (kT16MinBlocks).
+template <int MT, class T, bool kGather = false, bool kT8 = false, int kNB = 1>
+__global__ void __launch_bounds__(kTcThreads, kNB == 2 ? kT16MinBlocks : TcShape<MT, kT8 ? 8 * kNB : 16 * MT>::kMinBlocks)
     tc_gemm_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
                    const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
                    const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
                    T* __restrict__ out, std::int64_t N, int split, const int* __restrict__ xsrc) {
-  using S = TcShape<MT, kT8 ? 8 : 16 * MT>;
+  using S = TcShape<MT, kT8 ? 8 * kNB : 16 * MT>;
   constexpr bool kTrans = kGather || kT8;  // the transposed mma (acc1)
   static_assert(!kGather || MT == 1, "kGather: one row");
-  static_assert(!kT8 || (MT == 1 && !kGather), "kT8: up to 8 rows, from the gathered activations");
+  static_assert(!kT8 || (MT == 1 && !kGather), "kT8: up to 8 kNB rows, from the gathered activations");
+  static_assert(kNB == 1 || (kT8 && kNB == 2), "kNB: 8-row groups of the transposed tiles (kT8: 1 or 2)");
   static_assert(!kGather || (kSegChunks % S::Q == 0 && kSegChunks * 32 <= S::R * S::kXRow),
                 "kGather: the segment is whole iterations and fits xs");
   constexpr int R = S::R, Q = S::Q;
@@ -422,7 +443,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // kGather with split-K, and kT8 with M <= kT8OwnRows: push_reduce_store's receive buffer of its
   // own ([sender rank][its share of 1 or kT8OwnRows rows]).
-  __shared__ float rrow[kGather ? tc::kTileCols : kT8 ? kT8OwnRows * tc::kTileCols : 1];
+  __shared__ float rrow[kGather ? tc::kTileCols : kT8 && kNB == 1 ? kT8OwnRows * tc::kTileCols : 1];
   __shared__ __align__(8) std::uint64_t rbar;  // push_reduce_store's mbarrier
 #endif
 
@@ -436,7 +457,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
   const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
   // kT8 at M <= kT8OwnRows: split-K partials into a receive buffer of its own (rrow), published at
   // the start (push_reduce_init_early) instead of by a barrier after the loop.
-  [[maybe_unused]] const bool own_recv = kT8 && M <= kT8OwnRows;
+  [[maybe_unused]] const bool own_recv = kT8 && kNB == 1 && M <= kT8OwnRows;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (kGather) {
@@ -463,8 +484,14 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][jj][e] = 0.0f;
-  float acc1[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // kGather, kT8 (transposed tiles)
-  float grp1[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // kGroupSums (transposed tiles)
+  float acc1[kNB][2][4];  // kGather, kT8 (transposed tiles)
+  float grp1[kNB][2][4];  // the current group's sums (transposed tiles)
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc1[nb][i][e] = grp1[nb][i][e] = 0.0f;
 
   if (cb < ce) {
     // The block's stream (chunk_range); its first chunk's header is read directly below when
@@ -580,7 +607,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
           with_code_width(bits0, [&](auto b) {
 #pragma unroll
             for (int q = 0; q < Q; ++q)
-              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow>(ring, xit, xs, dcur[q], q, s0, header, gc,
+              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow, kNB>(ring, xit, xs, dcur[q], q, s0, header, gc,
                                                                         acc1, grp1);
           });
         } else {
@@ -588,7 +615,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
           for (int q = 0; q < nq; ++q) {
             const int4 d = dcur[q];
             with_code_width(d.z & 0xff, [&](auto b) {
-              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow>(ring, xit, xs, d, q, s0, header, gc, acc1,
+              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow, kNB>(ring, xit, xs, d, q, s0, header, gc, acc1,
                                                                         grp1);
             });
           }
@@ -609,7 +636,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
       __syncthreads();  // A. for the next iteration
     }
     cp_async_wait<0>();  // (copies past the stream's end were never issued; this is for form)
-    if constexpr (kTrans && kGroupSums<T>) fold_group(acc1, grp1, gc);  // the block's last group
+    if constexpr (kTrans) fold_group(acc1, grp1, gc);  // the block's last group
   }
   pdl_wait();  // (again for a block without chunks, which stores too; a second wait is free)
   if constexpr (kGather) {
@@ -617,7 +644,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     // acc1[i][0] / [2] hold columns 16i + g / 16i + g + 8 of the warp's block (in all 8 columns
     // of the transposed tile, the same value in each); lane t keeps one of the four.
     const int hi = t & 1;
-    const float v = (t >> 1) ? (hi ? acc1[1][2] : acc1[1][0]) : (hi ? acc1[0][2] : acc1[0][0]);
+    const float v = (t >> 1) ? (hi ? acc1[0][1][2] : acc1[0][1][0]) : (hi ? acc1[0][0][2] : acc1[0][0][0]);
     const int col = warp * tc::kBlockCols + 16 * (t >> 1) + 8 * hi + g;  // in the tile
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (split > 1) {
@@ -632,7 +659,7 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
     if (n < N) store_output(out, 0, N, n, v, bias);
     return;
   } else if constexpr (kT8) {
-    // acc1[i][e]: column 16i + g + 8 (e >> 1) of the warp's block, batch row 2t + (e & 1).
+    // acc1[nb][i][e]: column 16i + g + 8 (e >> 1) of the warp's block, batch row 8 nb + 2t + (e & 1).
     auto col = [&](int i, int e) { return warp * tc::kBlockCols + 16 * i + g + 8 * (e >> 1); };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (split > 1 && own_recv) {
@@ -645,32 +672,37 @@ __global__ void __launch_bounds__(kTcThreads, TcShape<MT, kT8 ? 8 : 16 * MT>::kM
                                                      for (int i = 0; i < 2; ++i)
 #pragma unroll
                                                        for (int e = 0; e < 4; e += 2)
-                                                         f(0, col(i, e), acc1[i][e], acc1[i][e + 1]);
+                                                         f(0, col(i, e), acc1[0][i][e], acc1[0][i][e + 1]);
                                                    }
                                                  });
       return;
     }
     if (split > 1) {
-      static_assert(8 * tc::kTileCols <= kRingWords, "the receive buffer must fit the ring");
-      // pairs: batch rows 2t, 2t + 1 of column col(i, e)
-      push_reduce_store<8, true>(reinterpret_cast<float*>(ring), smem_u32(&rbar), rank, split, tid, 0, M, tile, N,
+      static_assert(R * tc::kTileCols <= kRingWords, "the receive buffer must fit the ring");
+      // pairs: batch rows 8 nb + 2t, + 1 of column col(i, e)
+      push_reduce_store<R, true>(reinterpret_cast<float*>(ring), smem_u32(&rbar), rank, split, tid, 0, M, tile, N,
                                  bias, out, [&](auto&& f) {
 #pragma unroll
-                                   for (int i = 0; i < 2; ++i)
+                                   for (int nb = 0; nb < kNB; ++nb)
 #pragma unroll
-                                     for (int e = 0; e < 4; e += 2) f(2 * t, col(i, e), acc1[i][e], acc1[i][e + 1]);
+                                     for (int i = 0; i < 2; ++i)
+#pragma unroll
+                                       for (int e = 0; e < 4; e += 2)
+                                         f(8 * nb + 2 * t, col(i, e), acc1[nb][i][e], acc1[nb][i][e + 1]);
                                  });
       return;
     }
 #endif
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int nb = 0; nb < kNB; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const std::int64_t row = 2 * t + (e & 1);
-        const std::int64_t n = tile * tc::kTileCols + col(i, e);
-        if (row < M && n < N) store_output(out, row, N, n, acc1[i][e], bias);
-      }
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const std::int64_t row = 8 * nb + 2 * t + (e & 1);
+          const std::int64_t n = tile * tc::kTileCols + col(i, e);
+          if (row < M && n < N) store_output(out, row, N, n, acc1[nb][i][e], bias);
+        }
     return;
   }
   // Output: lane holds rows g / g + 8 and columns 2t, 2t + 1 of each n8 tile.
@@ -764,7 +796,7 @@ bool tc_pdl_programmatic_after_gather(const DeviceLayer& L, std::int64_t blocks,
 
 /// The split-K factor (blocks per cluster) of launch_tc_rows<MT> with `mtiles` row tiles.
 template <int MT>
-int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles) {
+int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles, int per_sm) {
   // Up to 8 blocks per cluster: measured on the H100 (EXL2_CUDA_MAX_SPLIT sweep, GPTQ-4, m = 4):
   // 4096x4096 13.3 us with 8 against 17.3 with 4, 14336x4096 30.3 against 43.7, 8192x28672
   // 73.3 against 78.0, 4096x14336 level.
@@ -778,24 +810,24 @@ int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles) {
   // split 1 against 150.1 / 148.4 at cluster_split's 8; 4096x14336 46.7 / 47.2 at 2 against
   // 53.1 / 53.8 at 8; 4096x4096 and 14336x4096 unchanged (8 either way).
   const std::int64_t tiles = L.tc_tiles * mtiles;
-  const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, L.tc_blocks_per_sm[MT]);
-  return MT == 4 ? single_wave_split(L, tiles, 16, L.tc_blocks_per_sm[MT], 8)
-                 : cluster_split(L, tiles, c16 ? 8 : 16, L.tc_blocks_per_sm[MT], c16 ? 16 : 8);
+  const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, per_sm);
+  return MT == 4 ? single_wave_split(L, tiles, 16, per_sm, 8) : cluster_split(L, tiles, c16 ? 8 : 16, per_sm, c16 ? 16 : 8);
 }
 
-/// kGather: m = 1, `xp` the caller's row itself; kT8: m <= 8 (tc_gemm_kernel's).
-template <int MT, class T, bool kGather = false, bool kT8 = false>
+/// kGather: m = 1, `xp` the caller's row itself; kT8: m <= 8 kNB (tc_gemm_kernel's).
+template <int MT, class T, bool kGather = false, bool kT8 = false, int kNB = 1>
 void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
                     cudaStream_t stream) {
   const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
   if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
-  const int split = tc_rows_split<MT>(L, mtiles);
+  const int per_sm = kNB == 2 ? L.tc_t16_blocks_per_sm : L.tc_blocks_per_sm[MT];
+  const int split = tc_rows_split<MT>(L, mtiles, per_sm);
   // A programmatic dependent launch (tc_device.cuh): kGather of the stream's previous kernel
   // (it is the whole call); the others of the activation gather just before them, where their
   // blocks fill some multiprocessor to its limit (tc_pdl_programmatic_after_gather).
   const bool programmatic =
-      kGather ? L.tc_pdl : tc_pdl_programmatic_after_gather(L, L.tc_tiles * split * mtiles, L.tc_blocks_per_sm[MT]);
-  launch_clustered_smem(tc_gemm_kernel<MT, T, kGather, kT8>,
+      kGather ? L.tc_pdl : tc_pdl_programmatic_after_gather(L, L.tc_tiles * split * mtiles, per_sm);
+  launch_clustered_smem(tc_gemm_kernel<MT, T, kGather, kT8, kNB>,
                         dim3(static_cast<unsigned>(L.tc_tiles), static_cast<unsigned>(split),
                              static_cast<unsigned>(mtiles)),
                         dim3(kTcThreads), 0, split, 1, programmatic, stream, "tc_gemm_kernel launch", xp, m,
@@ -831,6 +863,14 @@ static void tc_pdl_from_env(DeviceLayer& L) {
 /// construction, to measure and test the gather launch + kT8 on any layer.
 static bool tc_gather_from_env() {
   const char* v = std::getenv("EXL2_CUDA_TC_GATHER");
+  return !(v != nullptr && std::strcmp(v, "0") == 0);
+}
+
+/// Whether m = 9..16 run the transposed 16-row tiles (kT8 with kNB = 2): false with
+/// EXL2_CUDA_T16=0 at construction (the 16-row tiles of the usual form instead: to measure and
+/// test both).
+static bool tc_t16_from_env() {
+  const char* v = std::getenv("EXL2_CUDA_T16");
   return !(v != nullptr && std::strcmp(v, "0") == 0);
 }
 
@@ -882,13 +922,17 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
                                                                 kTcThreads, 0));
   EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&L.tc_blocks_per_sm[4], tc_gemm_kernel<4, __half>,
                                                                 kTcThreads, 0));
+  EXL2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &L.tc_t16_blocks_per_sm, tc_gemm_kernel<1, __half, false, true, 2>, kTcThreads, 0));
   if (L.clusters) {  // clusters of 16 for the MT = 1 kernels (launch_tc_rows), where they fit
     const void* mt1[] = {reinterpret_cast<const void*>(tc_gemm_kernel<1, __half>),
                          reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16>),
                          reinterpret_cast<const void*>(tc_gemm_kernel<1, __half, true>),
                          reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16, true>),
                          reinterpret_cast<const void*>(tc_gemm_kernel<1, __half, false, true>),
-                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16, false, true>)};
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16, false, true>),
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __half, false, true, 2>),
+                         reinterpret_cast<const void*>(tc_gemm_kernel<1, __nv_bfloat16, false, true, 2>)};
     L.cluster16 = true;
     for (const void* k : mt1) {
       allow_cluster16(k);
@@ -902,6 +946,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
   L.tc_gather = tc_gather_from_env();
+  L.tc_t16 = tc_t16_from_env();
   tc_pdl_from_env(L);
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope; and the pack kernels read the canonical codes, scales and
@@ -921,15 +966,14 @@ namespace {
 /// 4096 rows.
 constexpr std::int64_t kTcSliceRows = 4096;
 
-/// `sliced`: the call has more than kTcSliceRows rows. bfloat16 then runs no slice on the
-/// transposed tiles, so that all rows of one call have the same contract (those tiles sum groups
-/// in fp32, kGroupSums).
+/// `sliced`: the call has more than kTcSliceRows rows. It then runs no slice on the transposed
+/// tiles, so that all rows of one call have the same contract (those tiles sum groups in fp32).
 template <class T>
 void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, bool sliced, cudaStream_t stream) {
-  const bool transposed_ok = !(kGroupSums<T> && sliced);
+  const bool transposed_ok = !sliced;
   // Decode where the blocks fit one wave: the kernel gathers the row itself (the rule: tc_gemm.cuh).
   if (m == 1 && transposed_ok && L.tc_gather &&
-      L.tc_tiles * tc_rows_split<1>(L, 1) <= resident_blocks(L, L.tc_blocks_per_sm[1])) {
+      L.tc_tiles * tc_rows_split<1>(L, 1, L.tc_blocks_per_sm[1]) <= resident_blocks(L, L.tc_blocks_per_sm[1])) {
     launch_tc_rows<1, T, true>(L, reinterpret_cast<const __half*>(x), 1, L.K, out, stream);
     return;
   }
@@ -945,6 +989,8 @@ void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, b
     launch_tc_wgmma(L, xph, m, ldxp, out, stream);
   else if (m <= 8 && transposed_ok)
     launch_tc_rows<1, T, false, true>(L, xph, m, ldxp, out, stream);
+  else if (m <= 16 && transposed_ok && L.tc_t16)
+    launch_tc_rows<1, T, false, true, 2>(L, xph, m, ldxp, out, stream);
   else if (m <= 16)
     launch_tc_rows<1>(L, xph, m, ldxp, out, stream);
   else if (m <= 32)

@@ -76,9 +76,11 @@ class QMatrix {
   /// out[M, N] = x[M, K] @ W (+ bias) with float32 accumulation. x and out are contiguous,
   /// on device(), and have the same dtype T, Float16 or BFloat16:
   ///   out = round_T(sum_k x[k] * W_T[k, n] (+ float(bias[n]))), one rounding at the end;
-  /// W_T is the weight dequantize() returns in T. Except: BFloat16 with M <= 8 in the
-  /// tensor-core layout (tensor_core_layout()) applies the scales in float32 to each group's
-  /// float32 sums of x[k] * (q - z) and so multiplies by the exact weight (q - z) * s, unrounded:
+  /// W_T is the weight dequantize() returns in T. Except: M <= 16 in the tensor-core layout
+  /// (tensor_core_layout(); M <= 8 with EXL2_CUDA_T16=0 at construction) applies the scales in
+  /// float32 to each group's float32 sums of x[k] * (q - z) and so multiplies by the exact
+  /// weight (q - z) * s, unrounded (either dtype; for BFloat16 x beyond about 1e36 a group's
+  /// sum can overflow float32 where the exact result is finite):
   ///   out = round_T(sum_groups s[g, n] * sum_{k in g} x[k] * (q - z)[k, n] (+ float(bias[n]))).
   /// out is fully written.
   void gemm(const TensorView& x, const MutableTensorView& out, cudaStream_t stream = nullptr) const;
