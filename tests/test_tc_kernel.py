@@ -158,9 +158,10 @@ def test_tc_one_hot_rows_give_the_weights_bit_for_bit(name: str, dtype: torch.dt
     """x = rows of the identity: output row i is 1.0 * W[k_i, :] accumulated in fp32 with zeros,
     so it must equal dequantize(dtype)[k_i, :] exactly. This checks the kernel's own decode (every
     width, pair position, zero, scale and the padding of short chunks) bit for bit, for the
-    tile heights of m = 16, 32 and 64 (MT = 1, 2, 4) and clusters of several blocks; one row at a
-    time, where the kernel gathers the row through perm itself (m = 1, kGather); and up to 8 rows,
-    the transposed 8-row tiles (m = 2..8, kT8; the last slice of a layer can be shorter)."""
+    tile heights of m = 32 and 64 (MT = 2, 4) and clusters of several blocks; one row at a
+    time, where the kernel gathers the row through perm itself (m = 1, kGather); and up to 16
+    rows, the transposed 8- and 16-row tiles (m = 2..8, kT8; m = 16, kNB = 2; the last slice of a
+    layer can be shorter). The usual 16-row tiles: test_tc_usual_16_row_tiles_one_hot_rows."""
     check_one_hot_rows(LAYERS[name], dtype, (1, 3, 8, 16, 32, 64))
 
 
@@ -307,7 +308,7 @@ def test_tc_large_m_in_cpp_runs_row_tiles_and_slices(monkeypatch: pytest.MonkeyP
                                   "gptq8", "awq"])
 def test_tc_bfloat16_within_bound(name: str) -> None:
     """bfloat16 through the tc kernel: up to m = 16 the exact weights (q - z) * s (group sums
-    scaled in fp32), on the 16-, 32- and 64-row tiles bf16((q - z) * s) as dequantize(bfloat16)
+    scaled in fp32), on the 32- and 64-row tiles bf16((q - z) * s) as dequantize(bfloat16)
     gives them; fp32 accumulation (tensor cores: twice the accumulation term, as for the fused
     bfloat16 kernel in test_cuda_bf16), the same bound as every other bfloat16 path; and
     deterministic."""
@@ -375,7 +376,8 @@ def test_tc_group_sums_bit_exact(bits: int, m: int, dtype: torch.dtype, t16: str
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act", "gptq3_act", "awq"])
+@pytest.mark.parametrize("name", ["exl2_mixed", "exl2_n40_short_groups", "gptq_act_order", "gptq3_act_order",
+                                  "awq"])
 def test_tc_usual_16_row_tiles_one_hot_rows(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """With EXL2_CUDA_T16=0 at construction m = 9..16 run the usual 16-row tiles (the default runs
     the transposed ones, which test_tc_one_hot_rows_give_the_weights_bit_for_bit covers at 16):
@@ -384,7 +386,7 @@ def test_tc_usual_16_row_tiles_one_hot_rows(name: str, dtype: torch.dtype, monke
     check_one_hot_rows(LAYERS[name], dtype, (16, 11), min_rows=9)
 
 
-@pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act", "awq"])
+@pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act_order", "awq"])
 @pytest.mark.parametrize("m", [9, 13, 16])
 def test_tc_transposed_16_row_tiles_match_the_usual_ones(name: str, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """float16 at m = 9..16: the transposed 16-row tiles (group sums, the exact weight) and the

@@ -424,7 +424,8 @@ constexpr int kT16MinBlocks = 5;
 /// kT8 with kNB = 2 (M = 9..16): the same on a 16-row tile, two 8-row groups of x, each decoded
 /// A fragment used by two mma (kT16MinBlocks).
 template <int MT, class T, bool kGather = false, bool kT8 = false, int kNB = 1>
-__global__ void __launch_bounds__(kTcThreads, kNB == 2 ? kT16MinBlocks : TcShape<MT, kT8 ? 8 * kNB : 16 * MT>::kMinBlocks)
+__global__ void __launch_bounds__(kTcThreads,
+                                  kNB == 2 ? kT16MinBlocks : TcShape<MT, kT8 ? 8 * kNB : 16 * MT>::kMinBlocks)
     tc_gemm_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
                    const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
                    const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
@@ -811,7 +812,8 @@ int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles, int per_sm) {
   // 53.1 / 53.8 at 8; 4096x4096 and 14336x4096 unchanged (8 either way).
   const std::int64_t tiles = L.tc_tiles * mtiles;
   const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, per_sm);
-  return MT == 4 ? single_wave_split(L, tiles, 16, per_sm, 8) : cluster_split(L, tiles, c16 ? 8 : 16, per_sm, c16 ? 16 : 8);
+  return MT == 4 ? single_wave_split(L, tiles, 16, per_sm, 8)
+                 : cluster_split(L, tiles, c16 ? 8 : 16, per_sm, c16 ? 16 : 8);
 }
 
 /// kGather: m = 1, `xp` the caller's row itself; kT8: m <= 8 kNB (tc_gemm_kernel's).
