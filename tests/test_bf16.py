@@ -62,7 +62,7 @@ def exact_weight(layer: Dict[str, Any], zero_format: str = "v1") -> np.ndarray:
 
 def group_sum_rows() -> int:
     """The largest m that the CUDA tensor-core layout runs on its transposed tiles, which sum each
-    group in fp32 and apply its scale after the mma (kGroupSums, src/cuda/tc_gemm.cu): 16, or 8
+    group in fp32 and apply its scale after the mma (fold_group, src/cuda/tc_gemm.cu): 16, or 8
     where the layers were built with EXL2_CUDA_T16=0 (the usual 16-row tiles for m = 9..16)."""
     return 8 if os.environ.get("EXL2_CUDA_T16") == "0" else 16
 
