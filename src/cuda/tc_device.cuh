@@ -244,27 +244,24 @@ __device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t qm, std::uint
   return scale_pair<T>(__hsub2(u32_as_h2(qm), u32_as_h2(z2)), s2);
 }
 
-/// float16, pair P of b bits: as decode_pair, except that the pairs held as 2^b q
-/// (tc::pair_times_k) give q - z as (1024 + 2^b q) / 2^b - (1024 / 2^b + z) in one fma (exact:
-/// every step is an integer below 2048 or a power-of-two division of one); zx = fp16x2
-/// 1024 / 2^b + z (GroupConsts::zx).
-template <int B, int P>
-__device__ __forceinline__ std::uint32_t decode_pair_f16(std::uint32_t qm, std::uint32_t z2, std::uint32_t zx,
-                                                         std::uint32_t s2) {
-  if constexpr (tc::pair_times_k(B, P))
-    return scale_pair<__half>(__hfma2(u32_as_h2(qm), __float2half2_rn(1.0f / (1 << B)), __hneg2(u32_as_h2(zx))), s2);
-  else
-    return decode_pair<__half>(qm, z2, s2);
-}
-
-/// float16, group sums (tc_gemm.cu, fold_group): the exact integer q - z of each code of pair P
-/// (decode_pair_f16 without the scale): one subtraction, or one fma for the pairs held as 2^b q.
+/// float16, pair P of b bits: the exact integers q - z of its two codes, (1024 + q) - (1024 + z),
+/// except that the pairs held as 2^b q (tc::pair_times_k) give q - z as (1024 + 2^b q) / 2^b -
+/// (1024 / 2^b + z) in one fma (exact: every step is an integer below 2048 or a power-of-two
+/// division of one); zx = fp16x2 1024 / 2^b + z (GroupConsts::zx). Unscaled, for the group sums
+/// (tc_gemm.cu, fold_group); decode_pair_f16 scales them.
 template <int B, int P>
 __device__ __forceinline__ std::uint32_t int_pair_f16(std::uint32_t qm, std::uint32_t z2, std::uint32_t zx) {
   if constexpr (tc::pair_times_k(B, P))
     return h2_as_u32(__hfma2(u32_as_h2(qm), __float2half2_rn(1.0f / (1 << B)), __hneg2(u32_as_h2(zx))));
   else
     return h2_as_u32(__hsub2(u32_as_h2(qm), u32_as_h2(z2)));
+}
+
+/// float16, pair P of b bits: int_pair_f16 times the scale, f16((q - z) * s) (decode_pair).
+template <int B, int P>
+__device__ __forceinline__ std::uint32_t decode_pair_f16(std::uint32_t qm, std::uint32_t z2, std::uint32_t zx,
+                                                         std::uint32_t s2) {
+  return scale_pair<__half>(u32_as_h2(int_pair_f16<B, P>(qm, z2, zx)), s2);
 }
 
 /// bfloat16, group sums (tc_gemm.cu, fold_group): the exact integers q - z of a pair as bfloat16
@@ -328,8 +325,8 @@ __device__ __forceinline__ std::uint32_t decode_pair_bf16(std::uint32_t qm, std:
 ///   float16:  s2 = the scale twice, z2 = fp16x2 1024 + zero, zx = fp16x2 1024 / 2^b + zero (for
 ///             the pairs held as 2^b q, b <= 5; b = the group's width);
 ///   bfloat16: s2 = s_hi | s_lo << 16 (decode_pair_bf16), z2 = fp16x2 1024 + zero (8-bit codes,
-///             decoded in float16), zx = bf16x2 128 + zero (b <= 6), sf = the scale in fp32
-///             (exact; the group sums of tc_gemm.cu apply it after the mma).
+///             decoded in float16), zx = bf16x2 128 + zero (b <= 6);
+///   both:     sf = the scale in fp32 (exact; the group sums of tc_gemm.cu apply it after the mma).
 struct GroupConsts {
   std::uint32_t s2[4] = {0, 0, 0, 0};
   std::uint32_t z2[4] = {0, 0, 0, 0};
@@ -380,9 +377,9 @@ __device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts&
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj) {
     gc.z2[jj] = __byte_perm(hv[jj], 0, 0x3232);
+    gc.sf[jj] = __half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu)));
     if constexpr (kIsBf16<T>) {
-      const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu)));
-      gc.sf[jj] = s;
+      const float s = gc.sf[jj];
       const __nv_bfloat16 hi = __float2bfloat16_rn(s);
       const __nv_bfloat16 lo = __float2bfloat16_rn(s - __bfloat162float(hi));  // exact (<= 3 bits)
       gc.s2[jj] = static_cast<std::uint32_t>(__bfloat16_as_ushort(hi)) |
@@ -390,7 +387,6 @@ __device__ __forceinline__ void unpack_header(const uint4 h, int b, GroupConsts&
       gc.zx[jj] = gc.z2[jj] - 0x21002100u;  // fp16 bits 0x6400 + z -> bf16 bits 0x4300 + z (128 + z)
     } else {
       gc.s2[jj] = __byte_perm(hv[jj], 0, 0x1010);
-      gc.sf[jj] = __half2float(__ushort_as_half(static_cast<unsigned short>(hv[jj] & 0xffffu)));
       // 1024 / 2^b + z = (1024 + z) - (1024 - 1024 / 2^b), exact (b <= 5; unused above)
       gc.zx[jj] = h2_as_u32(__hsub2(u32_as_h2(gc.z2[jj]), __float2half2_rn(1024.0f - static_cast<float>(1024 >> b))));
     }

@@ -851,35 +851,25 @@ static int tc_wgmma_min_rows() {
   return kTcWgmmaMinRows;
 }
 
+/// Whether the environment variable `name` is set to exactly `value` (the tc launch knobs below,
+/// read at construction).
+static bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 /// Whether the tc kernels may be programmatic dependent launches (tc_device.cuh): compute
 /// capability 9.0+, unless EXL2_CUDA_PDL=0 at construction (to measure them and to test both
 /// ways); and whether every mma.sync kernel after the activation gather is one (EXL2_CUDA_PDL=1),
 /// not only the grids that tc_pdl_programmatic_after_gather takes.
 static void tc_pdl_from_env(DeviceLayer& L) {
-  const char* v = std::getenv("EXL2_CUDA_PDL");
-  L.tc_pdl = L.cc_major >= 9 && !(v != nullptr && std::strcmp(v, "0") == 0);
-  L.tc_pdl_all = L.tc_pdl && v != nullptr && std::strcmp(v, "1") == 0;
-}
-
-/// Whether m = 1 may gather inside the tc kernel (kGather): false with EXL2_CUDA_TC_GATHER=0 at
-/// construction, to measure and test the gather launch + kT8 on any layer.
-static bool tc_gather_from_env() {
-  const char* v = std::getenv("EXL2_CUDA_TC_GATHER");
-  return !(v != nullptr && std::strcmp(v, "0") == 0);
-}
-
-/// Whether m = 9..16 run the transposed 16-row tiles (kT8 with kNB = 2): false with
-/// EXL2_CUDA_T16=0 at construction (the 16-row tiles of the usual form instead: to measure and
-/// test both).
-static bool tc_t16_from_env() {
-  const char* v = std::getenv("EXL2_CUDA_T16");
-  return !(v != nullptr && std::strcmp(v, "0") == 0);
+  L.tc_pdl = L.cc_major >= 9 && !env_is("EXL2_CUDA_PDL", "0");
+  L.tc_pdl_all = L.tc_pdl && env_is("EXL2_CUDA_PDL", "1");
 }
 
 bool tc_layout_wanted(const DeviceLayer& L) noexcept {
-  const char* v = std::getenv("EXL2_CUDA_TC");
-  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
-  if (v != nullptr && std::strcmp(v, "1") == 0) return true;
+  if (env_is("EXL2_CUDA_TC", "0")) return false;
+  if (env_is("EXL2_CUDA_TC", "1")) return true;
   return L.clusters;
 }
 
@@ -947,8 +937,11 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   EXL2_CUDA_CHECK_LAUNCH("tc_xsrc_kernel");
   query_tc_wgmma(L);
   L.tc_wgmma_min_rows = tc_wgmma_min_rows();
-  L.tc_gather = tc_gather_from_env();
-  L.tc_t16 = tc_t16_from_env();
+  // m = 1 may gather inside the tc kernel (kGather) unless EXL2_CUDA_TC_GATHER=0 (to measure and
+  // test the gather launch + kT8 on any layer); m = 9..16 run the transposed 16-row tiles (kT8
+  // with kNB = 2) unless EXL2_CUDA_T16=0 (the usual 16-row tiles: to measure and test both).
+  L.tc_gather = !env_is("EXL2_CUDA_TC_GATHER", "0");
+  L.tc_t16 = !env_is("EXL2_CUDA_T16", "0");
   tc_pdl_from_env(L);
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope; and the pack kernels read the canonical codes, scales and
