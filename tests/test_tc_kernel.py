@@ -344,6 +344,19 @@ def _f16_weight_sums(layer, x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float64) @ np.asarray(layer["weight"]).astype(np.float64)).astype(np.float16).view(np.uint16)
 
 
+def _contract_bits(layer, g_idx, groups: np.ndarray, dtype: torch.dtype, bits: int):
+    """(group sums, weight sums) as 16-bit patterns for 0/1 rows x of one group each (row r: group
+    groups[r]): T(s[g, n] * sum of (q - z) over the group), the transposed tiles' contract, and
+    T(sum of T(s (q - z))), the weights' contract. Both exact in fp32 in any order (groups of 32)."""
+    d = R.unpack_gptq_codes(layer["qweight"], bits) - R.unpack_gptq_zeros(layer["qzeros"], "v1", bits)[g_idx]
+    s = np.asarray(layer["scales"]).astype(np.float64)
+    x = (g_idx[None, :] == np.asarray(groups)[:, None]).astype(np.float32)
+    sums = np.stack([d[g_idx == g].sum(axis=0) for g in groups]).astype(np.float64)  # exact integers
+    if dtype is torch.bfloat16:
+        return R.bf16_bits(sums * s[groups]), _bf16_weight_sums(layer, x)
+    return (sums * s[groups]).astype(np.float16).view(np.uint16), _f16_weight_sums(layer, x)
+
+
 @pytest.mark.parametrize("t16", ["1", "0"], ids=["t16", "usual16"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("bits", [3, 4, 8])
@@ -359,15 +372,9 @@ def test_tc_group_sums_bit_exact(bits: int, m: int, dtype: torch.dtype, t16: str
     contracts differ (checked)."""
     monkeypatch.setenv("EXL2_CUDA_T16", t16)
     layer, g_idx, group_x = _group_indicator_layer(bits)
-    d = R.unpack_gptq_codes(layer["qweight"], bits) - R.unpack_gptq_zeros(layer["qzeros"], "v1", bits)[g_idx]
-    s = np.asarray(layer["scales"]).astype(np.float64)
-    groups = np.arange(m) % s.shape[0]
+    groups = np.arange(m) % (int(g_idx.max()) + 1)
     x = group_x(groups)
-    sums = np.stack([d[g_idx == g].sum(axis=0) for g in groups]).astype(np.float64)  # exact integers
-    if dtype is torch.bfloat16:
-        group_sums, weight_sums = R.bf16_bits(sums * s[groups]), _bf16_weight_sums(layer, x)
-    else:
-        group_sums, weight_sums = (sums * s[groups]).astype(np.float16).view(np.uint16), _f16_weight_sums(layer, x)
+    group_sums, weight_sums = _contract_bits(layer, g_idx, groups, dtype, bits)
     assert not np.array_equal(group_sums, weight_sums)
     with build(layer, "cuda", bias=False) as q:
         y = q.matmul(torch.from_numpy(x).to(dtype).cuda())
@@ -409,21 +416,24 @@ def test_tc_transposed_16_row_tiles_match_the_usual_ones(name: str, m: int, monk
         assert np.all(np.abs(y - ref) <= bound), f"max excess {(np.abs(y - ref) - bound).max()}"
 
 
-def test_tc_bfloat16_sliced_call_keeps_one_contract() -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_tc_sliced_call_keeps_one_contract(dtype: torch.dtype) -> None:
     """A native call of more than 4096 rows runs in slices of 4096 rows (launch_tc_for). Its last
     slice (rows 4096..4098, which alone would take the transposed tiles' group sums) keeps the
-    other rows' contract, the bfloat16 weights: every row gives bf16(sum of bf16(s (q - z)))."""
+    other rows' contract, the weights of x's dtype: every row gives T(sum of T(s (q - z)))."""
     from exl2._convert import native_view, stream_handle
 
     layer, g_idx, group_x = _group_indicator_layer(4)
     G = int(g_idx.max()) + 1
     rows = 4096 + 3
-    xl = torch.from_numpy(group_x(np.arange(rows) % G)).to(torch.bfloat16).cuda()
+    group_sums, weight_sums = _contract_bits(layer, g_idx, np.arange(G), dtype, 4)
+    tail = np.arange(4096, rows) % G
+    assert not np.array_equal(group_sums[tail], weight_sums[tail])  # the last slice can tell them apart
+    xl = torch.from_numpy(group_x(np.arange(rows) % G)).to(dtype).cuda()
     with build(layer, "cuda", bias=False) as q:
-        out = torch.empty((rows, 160), dtype=torch.bfloat16, device="cuda")
+        out = torch.empty((rows, 160), dtype=dtype, device="cuda")
         q._native.gemm(native_view(xl), native_view(out), stream_handle(xl.device))
-    per_group = _bf16_weight_sums(layer, group_x(np.arange(G)))
-    np.testing.assert_array_equal(out.cpu().view(torch.int16).numpy().view(np.uint16), per_group[np.arange(rows) % G])
+    np.testing.assert_array_equal(out.cpu().view(torch.int16).numpy().view(np.uint16), weight_sums[np.arange(rows) % G])
 
 
 def test_tc_bfloat16_runs_the_tc_kernel() -> None:
