@@ -244,6 +244,54 @@ def test_tc_m1_gathers_inside_the_kernel_where_the_blocks_fit_one_wave() -> None
             assert rel_err(q.matmul(x), expected(layer, x.cpu().numpy())) < TOL
 
 
+def _tc_grid_y(fn) -> int:
+    """grid.y (the split-K factor) of the one tc_gemm_kernel launch of fn(), from the profiler's
+    trace; 0 where the profiler records no kernels (compute-sanitizer)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/trace.json"
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    grids = [e["args"]["grid"] for e in events if "tc_gemm_kernel" in e.get("name", "") and "grid" in e.get("args", {})]
+    assert len(grids) <= 1, grids
+    return grids[0][1] if grids else 0
+
+
+@pytest.mark.parametrize("m", [2, 8, 16])
+def test_tc_4bit_layer_of_many_tiles_takes_the_one_wave_split(m: int) -> None:
+    """The transposed tiles at m = 2..16 of a layer of 4-bit codes take the largest split whose
+    blocks fit one wave (tc_rows_split), a mixed-width layer of the same shape cluster_split's
+    fuller waves: 1.7 tiles of 128 columns per multiprocessor (8192 x 28672 on the H100: split 2
+    against 8). Both give dequantize's rows bit for bit for one-hot rows across the split's K
+    ranges."""
+    from exl2.bench import _exl2_groups, _random_exl2, _random_gptq
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    K, N = 4096, 128 * int(1.7 * sms)
+    g = torch.Generator(device="cuda")
+    g.manual_seed(m)
+    splits = []
+    for q in (_random_gptq(K, N, 128, True, g), _random_exl2(K, N, _exl2_groups(K, 4.5), g)):
+        with q:
+            w = q.dequantize()
+            k = torch.arange(m, device="cuda") * (K // m) + m - 1
+            x = torch.zeros((m, K), dtype=torch.float16, device="cuda")
+            x[torch.arange(m, device="cuda"), k] = 1.0
+            splits.append(_tc_grid_y(lambda: q.matmul(x)))
+            assert torch.equal(q.matmul(x), w[k]), f"rows {k.tolist()}"
+    if splits[0] == 0:  # (compute-sanitizer excludes the CUDA profiler)
+        pytest.skip("the CUDA profiler recorded no kernels")
+    assert splits[0] < splits[1], f"split of the 4-bit layer {splits[0]}, of the mixed one {splits[1]}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_tc_m1_segments_give_the_weights_bit_for_bit(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """m = 1 with one block per tile (EXL2_CUDA_MAX_SPLIT=1): a block's 71 chunks span two of

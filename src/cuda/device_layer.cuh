@@ -232,6 +232,7 @@ struct DeviceLayer {
   std::int64_t tc_tiles = 0;          // ceil(N / 128)
   std::int64_t tc_tile_words = 0;     // words of one tile's stream (128 per unit)
   int tc_ring_ahead = 2;              // ring steps a kernel may copy ahead (tc::ring_lookahead, 4-chunk iterations)
+  int tc_uniform_bits = 0;            // the code width of every chunk, or 0 for mixed widths (tc_rows_split)
   // The tc layout may use the wgmma kernel (tc_wgmma.cu) for m > kTcMaxRows: compute capability
   // 9.0 and the build holds its sm_90a code (query_tc_wgmma).
   bool tc_wgmma = false;
