@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pytest
@@ -87,3 +87,28 @@ def check_layer(layer: Dict[str, Any], device: str, rows, *, rng: Optional[np.ra
             y = q.matmul(torch.from_numpy(x).to(device))
             assert rel_err(y, expected(layer, x)) < tol, f"m={m}"
         return q.format, q.bits_per_weight
+
+
+def native_gemm(q: exl2.QMatrix, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The C++ API's QMatrix::matmul through the binding (no dense route, any m), on torch's
+    current stream, into ``out`` (a new tensor when None)."""
+    from exl2._convert import native_view, stream_handle
+
+    if out is None:
+        out = torch.empty((x.shape[0], q.out_features), dtype=x.dtype, device=x.device)
+    q._native.gemm(native_view(x), native_view(out), stream_handle(x.device))
+    return out
+
+
+def capture_graph(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """fn() once on a side stream (the warm-up torch asks for before a capture), then fn()
+    captured into a new CUDA graph (not run: replay it)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

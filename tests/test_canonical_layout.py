@@ -12,14 +12,12 @@ tests/test_bf16.py against the bfloat16 weight), run to run identical, and in a 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import pytest
 import torch
 
 from exl2 import reference as R
-from layers import build, expected, random_x, rel_err
+from layers import build, capture_graph, expected, native_gemm, random_x, rel_err
 from test_bf16 import assert_within_bound, bf16_weight, random_bf16_x
 
 pytestmark = pytest.mark.cuda
@@ -52,17 +50,6 @@ def _layers():
 LAYERS = _layers()
 
 
-def _native_gemm(q, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The C++ API's QMatrix::matmul (no dense route), on the current stream, into `out` (a new
-    tensor when None)."""
-    from exl2._convert import native_view, stream_handle
-
-    if out is None:
-        out = torch.empty((x.shape[0], N), dtype=x.dtype, device="cuda")
-    q._native.gemm(native_view(x), native_view(out), stream_handle(x.device))
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_canonical_dequantize_matches_cpu(name: str) -> None:
     layer = LAYERS[name]
@@ -87,12 +74,12 @@ def test_canonical_native_kernels_every_bucket(name: str, dtype: torch.dtype) ->
             else:
                 x = random_bf16_x(rng, m, K)
                 xt = torch.from_numpy(x).to(dtype).cuda()
-            y = _native_gemm(q, xt)
+            y = native_gemm(q, xt)
             if dtype == torch.float16:
                 assert rel_err(y, expected(layer, x)) < TOL, f"m={m}"
             else:
                 assert_within_bound(y, layer, x, w)
-            assert torch.equal(_native_gemm(q, xt), y), f"m={m}: not deterministic"
+            assert torch.equal(native_gemm(q, xt), y), f"m={m}: not deterministic"
 
 
 @pytest.mark.parametrize("name", ["exl2", "gptq4_act_order"])
@@ -111,17 +98,10 @@ def test_canonical_graph_capture(m: int) -> None:
     layer = LAYERS["exl2"]
     x = torch.from_numpy(random_x(np.random.default_rng(m), (m, K))).cuda()
     with build(layer, "cuda") as q:
-        first = _native_gemm(q, x)
+        first = native_gemm(q, x)
         out = torch.empty_like(first)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            _native_gemm(q, x)  # warm-up outside the capture
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
+        graph = capture_graph(lambda: native_gemm(q, x, out))
         out.fill_(float("nan"))
-        with torch.cuda.graph(graph):
-            _native_gemm(q, x, out)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, first)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from exl2 import reference as R
-from layers import build, random_x
+from layers import build, capture_graph, random_x
 
 pytestmark = pytest.mark.cuda
 
@@ -80,14 +80,7 @@ def _chain_results(q, x0: torch.Tensor) -> List[torch.Tensor]:
         torch.cuda.synchronize()
         results.append((a if STEPS % 2 == 0 else b).clone())
     a, b = x0.clone(), torch.empty_like(x0)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        _ping_pong(q, a, b, 2, False)()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _ping_pong(q, a, b, STEPS, False)()
+    graph = capture_graph(_ping_pong(q, a, b, STEPS, False))
     a.copy_(x0)
     b.fill_(float("nan"))
     graph.replay()

@@ -11,7 +11,7 @@ import torch
 
 import exl2
 from exl2 import reference as R
-from layers import bits_equal, build, expected, random_x, rel_err
+from layers import bits_equal, build, capture_graph, expected, native_gemm, random_x, rel_err
 
 pytestmark = pytest.mark.cuda
 TOL = 2e-3
@@ -84,11 +84,7 @@ def test_graph_capture_and_replay(layers, m: int) -> None:
     with build(layers["exl2"], "cuda") as q:
         x = torch.zeros((m, 1024), dtype=torch.float16, device="cuda")
         out = torch.empty((m, 256), dtype=torch.float16, device="cuda")
-        q.matmul(x, out=out)  # warm-up outside capture
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            q.matmul(x, out=out)
+        g = capture_graph(lambda: q.matmul(x, out=out))
         rng = np.random.default_rng(6)
         for _ in range(3):
             xn = random_x(rng, (m, 1024))
@@ -180,18 +176,13 @@ def test_freeing_memory_returns_to_baseline() -> None:
 def test_native_kernel_large_m(layers, m: int) -> None:
     """The library's own fused kernel (what C++ users get) at sizes where the Python API
     takes the dense path."""
-    from exl2._convert import native_view, stream_handle
-
     layer = layers["exl2"]
     x = random_x(np.random.default_rng(9), (m, 1024))
     with build(layer, "cuda") as q:
         xt = torch.from_numpy(x).cuda()
-        out = torch.empty((m, 256), dtype=torch.float16, device="cuda")
-        q._native.gemm(native_view(xt), native_view(out), stream_handle(xt.device))
+        out = native_gemm(q, xt)
         assert rel_err(out, expected(layer, x)) < TOL
-        again = torch.empty_like(out)
-        q._native.gemm(native_view(xt), native_view(again), stream_handle(xt.device))
-        assert torch.equal(out, again)
+        assert torch.equal(native_gemm(q, xt), out)
 
 
 @pytest.mark.parametrize("max_split", ["1", "2", "4", "8", "bogus"])
@@ -200,8 +191,6 @@ def test_max_split_knob(monkeypatch, max_split: str) -> None:
     gives correct, run-to-run identical results on the layer's kernels (compute capability 9.0:
     the mma.sync tensor-core kernel at m = 1, 5, 12, the wgmma kernel at m = 40; the canonical
     layout's GEMV and fused kernels elsewhere); other values mean the default."""
-    from exl2._convert import native_view, stream_handle
-
     rng = np.random.default_rng(31)
     # 128 chunks; 8 tiles of 128 columns, so that the tensor-core kernels' split rule (H100) takes
     # different splits under different caps (the default: clusters of 16), not 1 for every cap.
@@ -211,11 +200,7 @@ def test_max_split_knob(monkeypatch, max_split: str) -> None:
         for m in (1, 5, 12, 40):
             x = random_x(rng, (m, 4096))
             xt = torch.from_numpy(x).cuda()
-            outs = []
-            for _ in range(2):
-                out = torch.empty((m, 1024), dtype=torch.float16, device="cuda")
-                q._native.gemm(native_view(xt), native_view(out), stream_handle(xt.device))
-                outs.append(out)
+            outs = [native_gemm(q, xt) for _ in range(2)]
             assert rel_err(outs[0], expected(layer, x)) < TOL, m
             assert torch.equal(outs[0], outs[1])
 

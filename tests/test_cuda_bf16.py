@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from exl2 import reference as R
-from layers import build
+from layers import build, capture_graph, native_gemm
 from test_bf16 import assert_within_bound, bf16_weight, bits, cuda_bf16_weight, random_bf16_x
 
 pytestmark = pytest.mark.cuda
@@ -61,8 +61,6 @@ def test_dequantize_matches_cpu_and_reference(layers, fmt: str) -> None:
 def test_matmul_within_bound(layers, fmt: str, m: int) -> None:
     """Python API (m >= 9: dequantize to bfloat16 + torch.addmm, see dense_slack) and the
     native kernels (the tight bound) for every m."""
-    from exl2._convert import native_view, stream_handle
-
     layer = layers[fmt]
     x = random_bf16_x(np.random.default_rng(m), m, 1024)
     xt = torch.from_numpy(x).to(BF16).cuda()
@@ -71,8 +69,7 @@ def test_matmul_within_bound(layers, fmt: str, m: int) -> None:
         y = q.matmul(xt)
         assert y.dtype == BF16 and y.shape == (m, 256)
         assert_within_bound(y, layer, x, w, **dense_slack(m))
-        out = torch.empty((m, 256), dtype=BF16, device="cuda")
-        q._native.gemm(native_view(xt), native_view(out), stream_handle(xt.device))
+        out = native_gemm(q, xt)
         # tensor cores (m > 16) may truncate instead of round in their fp32 accumulation
         # (up to 1 ulp per addition): twice the accumulation term
         assert_within_bound(out, layer, x, w, mag_term=1026 * 2.0**-23 if m > 16 else 0.0)
@@ -93,18 +90,13 @@ def test_large_activations_beyond_fp16_range(layers, m: int) -> None:
 
 @pytest.mark.parametrize("m", [1, 8, 17, 33, 300])
 def test_deterministic(layers, m: int) -> None:
-    from exl2._convert import native_view, stream_handle
-
     x = torch.from_numpy(random_bf16_x(np.random.default_rng(4), m, 1024)).to(BF16).cuda()
     with build(layers["exl2"], "cuda") as q:
         first = q.matmul(x)
-        native = torch.empty_like(first)
-        q._native.gemm(native_view(x), native_view(native), stream_handle(x.device))
+        native = native_gemm(q, x)
         for _ in range(20):
             assert torch.equal(q.matmul(x), first)
-            again = torch.empty_like(native)
-            q._native.gemm(native_view(x), native_view(again), stream_handle(x.device))
-            assert torch.equal(again, native)
+            assert torch.equal(native_gemm(q, x), native)
 
 
 @pytest.mark.parametrize("m", [1, 4, 64])
@@ -114,11 +106,7 @@ def test_graph_capture_and_replay(layers, m: int) -> None:
         w = cuda_bf16_weight(q, layer, m)
         x = torch.zeros((m, 1024), dtype=BF16, device="cuda")
         out = torch.empty((m, 256), dtype=BF16, device="cuda")
-        q.matmul(x, out=out)  # warm-up outside capture
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            q.matmul(x, out=out)
+        g = capture_graph(lambda: q.matmul(x, out=out))
         rng = np.random.default_rng(6)
         for _ in range(3):
             xn = random_bf16_x(rng, m, 1024)
@@ -135,8 +123,6 @@ def test_gemv_slice_fallback(layers, monkeypatch, m: int) -> None:
     """The path of GPUs without bfloat16 tensor cores (compute capability 7.5), forced with
     EXL2_CUDA_BF16_NO_MMA=1 at construction: GEMV on slices of <= 16 rows (of the canonical
     layout, EXL2_CUDA_TC=0: a layer in the tensor-core layout never reaches it)."""
-    from exl2._convert import native_view, stream_handle
-
     layer = layers["exl2"]
     w = bf16_weight(layer)
     x = random_bf16_x(np.random.default_rng(m + 1), m, 1024)
@@ -147,18 +133,13 @@ def test_gemv_slice_fallback(layers, monkeypatch, m: int) -> None:
         monkeypatch.delenv("EXL2_CUDA_BF16_NO_MMA")
         monkeypatch.delenv("EXL2_CUDA_TC")
         assert not q.tensor_core_layout
-        out = torch.empty((m, 256), dtype=BF16, device="cuda")
-        q._native.gemm(native_view(xt), native_view(out), stream_handle(xt.device))
+        out = native_gemm(q, xt)
         assert_within_bound(out, layer, x, w)
         # the slices are GEMV launches of 16 rows (the last one shorter): row i of the
         # result equals the 16-row (or remainder) GEMV of its slice
         r0 = 16 * ((m - 1) // 16)
-        tail = torch.empty((m - r0, 256), dtype=BF16, device="cuda")
-        q._native.gemm(native_view(xt[r0:].contiguous()), native_view(tail), stream_handle(xt.device))
-        assert torch.equal(out[r0:], tail)
-        again = torch.empty_like(out)
-        q._native.gemm(native_view(xt), native_view(again), stream_handle(xt.device))
-        assert torch.equal(out, again)
+        assert torch.equal(out[r0:], native_gemm(q, xt[r0:].contiguous()))
+        assert torch.equal(native_gemm(q, xt), out)
 
 
 def test_dtype_errors(layers) -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import exl2
 from exl2 import reference as R
-from layers import DEVICES, bits_equal, build, check_layer, expected, random_x, rel_err
+from layers import DEVICES, bits_equal, build, check_layer, expected, native_gemm, random_x, rel_err
 
 TOL = 2e-3
 ROWS = [1, 3, 8, 17, 64]
@@ -298,7 +298,5 @@ def test_cuda_native_kernels_every_m(case: str) -> None:
     with build(layer, "cuda", zero_format=zf) as q:
         for m in (1, 3, 8, 17, 64, 300):
             x = torch.from_numpy(random_x(rng, (m, K))).cuda()
-            out = torch.empty((m, q.out_features), dtype=torch.float16, device="cuda")
-            q._native.gemm(exl2.qmatrix.native_view(x), exl2.qmatrix.native_view(out),
-                           torch.cuda.current_stream().cuda_stream)
+            out = native_gemm(q, x)
             assert rel_err(out, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"

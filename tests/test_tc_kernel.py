@@ -17,7 +17,7 @@ import torch
 import exl2
 import exl2.qmatrix as qmatrix_module
 from exl2 import reference as R
-from layers import build, expected, random_x, rel_err
+from layers import build, capture_graph, expected, native_gemm, random_x, rel_err
 
 pytestmark = pytest.mark.cuda
 TOL = 2e-3
@@ -96,15 +96,8 @@ def check_deterministic_and_graph_safe(q, x: torch.Tensor, repeats: int = 20) ->
     for _ in range(repeats):
         assert torch.equal(q.matmul(x), first)
     out = torch.empty_like(first)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        q.matmul(x, out=out)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
+    graph = capture_graph(lambda: q.matmul(x, out=out))
     out.fill_(float("nan"))
-    with torch.cuda.graph(graph):
-        q.matmul(x, out=out)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, first)
@@ -469,8 +462,6 @@ def test_tc_sliced_call_keeps_one_contract(dtype: torch.dtype) -> None:
     """A native call of more than 4096 rows runs in slices of 4096 rows (launch_tc_for). Its last
     slice (rows 4096..4098, which alone would take the transposed tiles' group sums) keeps the
     other rows' contract, the weights of x's dtype: every row gives T(sum of T(s (q - z)))."""
-    from exl2._convert import native_view, stream_handle
-
     layer, g_idx, group_x = _group_indicator_layer(4)
     G = int(g_idx.max()) + 1
     rows = 4096 + 3
@@ -479,8 +470,7 @@ def test_tc_sliced_call_keeps_one_contract(dtype: torch.dtype) -> None:
     assert not np.array_equal(group_sums[tail], weight_sums[tail])  # the last slice can tell them apart
     xl = torch.from_numpy(group_x(np.arange(rows) % G)).to(dtype).cuda()
     with build(layer, "cuda", bias=False) as q:
-        out = torch.empty((rows, 160), dtype=dtype, device="cuda")
-        q._native.gemm(native_view(xl), native_view(out), stream_handle(xl.device))
+        out = native_gemm(q, xl)
     np.testing.assert_array_equal(out.cpu().view(torch.int16).numpy().view(np.uint16), weight_sums[np.arange(rows) % G])
 
 
