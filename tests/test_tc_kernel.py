@@ -262,9 +262,9 @@ def _tc_grid_y(fn) -> int:
 def test_tc_4bit_layer_of_many_tiles_takes_the_one_wave_split(m: int) -> None:
     """The transposed tiles at m = 2..16 of a layer of 4-bit codes take the largest split whose
     blocks fit one wave (tc_rows_split), a mixed-width layer of the same shape cluster_split's
-    fuller waves: 1.7 tiles of 128 columns per multiprocessor (8192 x 28672 on the H100: split 2
-    against 8). Both give dequantize's rows bit for bit for one-hot rows across the split's K
-    ranges."""
+    fuller waves: 1.7 tiles of 128 columns per multiprocessor (on the H100 224 tiles, as 8192 x
+    28672 has: split 2 against 8). Both give dequantize's rows bit for bit for one-hot rows across
+    the split's K ranges."""
     from exl2.bench import _exl2_groups, _random_exl2, _random_gptq
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
