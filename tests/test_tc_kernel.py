@@ -258,13 +258,14 @@ def _tc_grid_y(fn) -> int:
     return grids[0][1] if grids else 0
 
 
-@pytest.mark.parametrize("m", [2, 8, 16])
+@pytest.mark.parametrize("m", [1, 2, 8, 16])
 def test_tc_4bit_layer_of_many_tiles_takes_the_one_wave_split(m: int) -> None:
-    """The transposed tiles at m = 2..16 of a layer of 4-bit codes take the largest split whose
-    blocks fit one wave (tc_rows_split), a mixed-width layer of the same shape cluster_split's
-    fuller waves: 1.7 tiles of 128 columns per multiprocessor (on the H100 224 tiles, as 8192 x
-    28672 has: split 2 against 8). Both give dequantize's rows bit for bit for one-hot rows across
-    the split's K ranges."""
+    """The transposed tiles after the gather launch (m <= 16; m = 1 too on layers whose blocks do
+    not fit one wave at cluster_split's split, like this one) of a layer of 4-bit codes take the
+    largest split whose blocks fit one wave (tc_rows_split), a mixed-width layer of the same shape
+    cluster_split's fuller waves: 1.7 tiles of 128 columns per multiprocessor (on the H100 224
+    tiles, as 8192 x 28672 has: split 2 against 8). Both give dequantize's rows bit for bit for
+    one-hot rows across the split's K ranges."""
     from exl2.bench import _exl2_groups, _random_exl2, _random_gptq
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count

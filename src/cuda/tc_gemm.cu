@@ -796,8 +796,8 @@ bool tc_pdl_programmatic_after_gather(const DeviceLayer& L, std::int64_t blocks,
 }
 
 /// The split-K factor (blocks per cluster) of launch_tc_rows<MT> with `mtiles` row tiles;
-/// `one_wave_ok`: the transposed tiles at m >= 2 (kT8 with kNB = 1 or 2), which take the one-wave
-/// split on layers of one 4- or 8-bit width (below).
+/// `one_wave_ok`: the transposed tiles after the gather launch (kT8 with kNB = 1 or 2), which take
+/// the one-wave split on layers of one 4- or 8-bit width (below).
 template <int MT>
 int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles, int per_sm, bool one_wave_ok = false) {
   // Up to 8 blocks per cluster: measured on the H100 (EXL2_CUDA_MAX_SPLIT sweep, GPTQ-4, m = 4):
@@ -812,19 +812,22 @@ int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles, int per_sm, bool on
   // on the H100 (GPTQ-4, every split forced in turn, m = 33 / 64): 8192x28672 134.7 / 142.8 us at
   // split 1 against 150.1 / 148.4 at cluster_split's 8; 4096x14336 46.7 / 47.2 at 2 against
   // 53.1 / 53.8 at 8; 4096x4096 and 14336x4096 unchanged (8 either way).
-  // The transposed tiles at m = 2..16 on a layer of one width, 4 or 8 bits (GPTQ-4/8, AWQ, EXL2 of
-  // one such width): the largest split whose blocks fit one wave. These layers stream their
-  // bytes faster than the tiles decode them, so fewer, longer blocks (less reduction, no partial
-  // last wave) win over the fuller waves of cluster_split's choice. H100, 8192x28672 (split 2
+  // The transposed tiles after the gather launch (m <= 16) on a layer of one width, 4 or 8 bits
+  // (GPTQ-4/8, AWQ, EXL2 of one such width): the largest split whose blocks fit one wave. These
+  // layers stream their bytes faster than the tiles decode them, so fewer, longer blocks (less
+  // reduction, no partial last wave) win over the fuller waves of cluster_split's choice. H100, 8192x28672 (split 2
   // against 8), same call (ab/s13_c4.sh, fastest of two runs), m = 2 / 4 / 8 / 12 / 16: GPTQ-4
   // 0.94 / 0.95 / 0.98 / 1.01 / 0.97x (54.3 -> 51.2 us at m = 2), EXL2 4.0 bpw 0.94-0.99x, AWQ
   // 0.94-0.98x, bfloat16 GPTQ-4 0.98-1.01x; 8-bit GPTQ (EXL2_CUDA_MAX_SPLIT=4, which gives this
   // split there) 0.96-0.97x. Layers of other widths, whose decode costs more per byte, lost
-  // (ab/s13_c3.sh): EXL2 2.5 / 4.5 bpw (mixed) 1.01-1.10x, 6.0 bpw (6-bit) 0.99-1.02x. m = 1 keeps
-  // cluster_split's split (and so the gather launch on this layer): kGather at split 2 measured
-  // 0.99x in float16 but 1.05x in bfloat16 (52.3 -> 55.0 us). On the other bench shapes both
-  // rules pick the same split; where even split 2 does not fit one wave (more tiles than half
-  // the resident blocks, unmeasured), cluster_split decides.
+  // (ab/s13_c3.sh): EXL2 2.5 / 4.5 bpw (mixed) 1.01-1.10x, 6.0 bpw (6-bit) 0.99-1.02x. m = 1: the
+  // kGather decision keeps cluster_split's split (at split 2 kGather measured 0.99x in float16 but
+  // 1.05x in bfloat16, 52.3 -> 55.0 us: each long block waits for its own gathers), so on this
+  // layer m = 1 runs the gather launch and kT8 at the one-wave split: ab/s13_c8.sh, same call,
+  // float16 GPTQ-4 54.2 -> 51.0-51.2 us, EXL2 4.0 bpw 54.3 -> 51.1, AWQ 54.9 -> 51.2, bfloat16
+  // GPTQ-4 52.3 -> 52.4-52.5. On the other bench shapes both rules pick the same split; where even
+  // split 2 does not fit one wave (more tiles than half the resident blocks, unmeasured),
+  // cluster_split decides.
   const std::int64_t tiles = L.tc_tiles * mtiles;
   const bool c16 = MT == 1 && L.cluster16 && tiles * 8 < resident_blocks(L, per_sm);
   if (MT == 1 && one_wave_ok && (L.tc_uniform_bits == 4 || L.tc_uniform_bits == 8)) {
@@ -842,7 +845,7 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
   const std::int64_t mtiles = (m + 16 * MT - 1) / (16 * MT);
   if (L.tc_tiles > 0x7fffffffLL) throw Unsupported("gemm: N is too large for the tc kernel");
   const int per_sm = kNB == 2 ? L.tc_t16_blocks_per_sm : L.tc_blocks_per_sm[MT];
-  const int split = tc_rows_split<MT>(L, mtiles, per_sm, kT8 && m >= 2);
+  const int split = tc_rows_split<MT>(L, mtiles, per_sm, kT8);
   // A programmatic dependent launch (tc_device.cuh): kGather of the stream's previous kernel
   // (it is the whole call); the others of the activation gather just before them, where their
   // blocks fill some multiprocessor to its limit (tc_pdl_programmatic_after_gather).
