@@ -781,7 +781,7 @@ class StreamScratch {
 /// multiprocessor then runs its most loaded one with more blocks than plain stream order would
 /// (a hypothesis that fits the measurements below, not observed directly).
 /// H100, GPTQ-4, the same build with every such launch programmatic (EXL2_CUDA_PDL=1) and with
-/// none (=0), two calls of two runs each (docs/performance.md has the table): the grids this rule
+/// none (=0), two calls of two runs each (docs/kernels.md has the table): the grids this rule
 /// takes gained, 8192 x 28672 at m <= 16 (split 8: 1792 blocks for 6 x 132 slots) 0.96-0.99x at
 /// m = 1 to 8 (m = 8: 57.0 -> 54.7 us) and 0.99-1.00x at m = 16, its 32-row tiles (split 2: 448
 /// blocks for 4 x 132) 0.96-0.99x, those of 4096 x 14336 (448 blocks) 0.97-0.99x; the grids it

@@ -25,7 +25,7 @@
 // have completed). The activations run 3 stages ahead of the decode. A pair with one chunk (the
 // last of an odd count) runs 2 of the 4 k16 steps.
 //
-// Measured on the H100 (8192 x 28672 GPTQ-4, A/Bs in one session; docs/performance.md): copying the activations with 16-byte cp.asyncs from the producer's
+// Measured on the H100 (8192 x 28672 GPTQ-4, A/Bs in one session; docs/kernels.md): copying the activations with 16-byte cp.asyncs from the producer's
 // threads instead of TMA: 3239 against 2211 us at m = 2048; a cluster of two blocks on adjacent
 // column tiles sharing the activations by TMA multicast (half the L2 traffic, but a cluster-wide
 // release of every stage): 2448 against 2116 us. Without decode and wgmma the kernel's copies
