@@ -168,14 +168,19 @@ def test_tc_large_layer_and_batch_dims() -> None:
         assert rel_err(y.reshape(6, 1024), expected(layer, x.reshape(6, 4096))) < TOL
 
 
-def _kernels_run(fn) -> set:
-    """Names of the CUDA kernels that fn() launches (torch.profiler)."""
+def _profiled(fn):
+    """torch.profiler's record of the CUDA activity of fn() (synchronised before and after)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return prof
+
+
+def _kernels_run(fn) -> set:
+    """Names of the CUDA kernels that fn() launches (torch.profiler)."""
+    return {e.name for e in _profiled(fn).events() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
 def _ran(kernels: set, name: str) -> bool:
@@ -243,11 +248,7 @@ def _tc_grid_y(fn) -> int:
     import json
     import tempfile
 
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    prof = _profiled(fn)
     with tempfile.TemporaryDirectory() as d:
         path = f"{d}/trace.json"
         prof.export_chrome_trace(path)
@@ -363,13 +364,18 @@ def test_tc_bfloat16_within_bound(name: str) -> None:
         check_bf16_within_bound(q, layer, [1, 2, 5, 8, 9, 16, 17, 33, 64])
 
 
+def _group_x(g_idx: np.ndarray, groups) -> np.ndarray:
+    """x whose row r is 1 on the rows of group groups[r] (g_idx: each row's group), 0 elsewhere."""
+    return (g_idx[None, :] == np.asarray(groups)[:, None]).astype(np.float32)
+
+
 def _group_indicator_layer(bits: int):
     """A GPTQ act-order layer of `bits`-bit codes in groups of 32 rows, its g_idx, and
     group_x(groups): x whose row r is 1 on the rows of group groups[r], 0 elsewhere."""
     rng = np.random.default_rng(31 + bits)
     layer = R.random_gptq(rng, 512, 160, group_size=32, act_order=True, bits=bits)
     g_idx = np.asarray(layer["g_idx"]).astype(np.int64)
-    return layer, g_idx, lambda groups: (g_idx[None, :] == np.asarray(groups)[:, None]).astype(np.float32)
+    return layer, g_idx, lambda groups: _group_x(g_idx, groups)
 
 
 def _bf16_weight_sums(layer, x: np.ndarray) -> np.ndarray:
@@ -392,7 +398,7 @@ def _contract_bits(layer, g_idx, groups: np.ndarray, dtype: torch.dtype, bits: i
     T(sum of T(s (q - z))), the weights' contract. Both exact in fp32 in any order (groups of 32)."""
     d = R.unpack_gptq_codes(layer["qweight"], bits) - R.unpack_gptq_zeros(layer["qzeros"], "v1", bits)[g_idx]
     s = np.asarray(layer["scales"]).astype(np.float64)
-    x = (g_idx[None, :] == np.asarray(groups)[:, None]).astype(np.float32)
+    x = _group_x(g_idx, groups)
     sums = np.stack([d[g_idx == g].sum(axis=0) for g in groups]).astype(np.float64)  # exact integers
     if dtype is torch.bfloat16:
         return R.bf16_bits(sums * s[groups]), _bf16_weight_sums(layer, x)
