@@ -815,11 +815,11 @@ int tc_rows_split(const DeviceLayer& L, std::int64_t mtiles, int per_sm, bool on
   // The transposed tiles after the gather launch (m <= 16) on a layer of one width, 4 or 8 bits
   // (GPTQ-4/8, AWQ, EXL2 of one such width): the largest split whose blocks fit one wave. These
   // layers stream their bytes faster than the tiles decode them, so fewer, longer blocks (less
-  // reduction, no partial last wave) win over the fuller waves of cluster_split's choice. H100, 8192x28672 (split 2
-  // against 8), same call (ab/s13_c4.sh, fastest of two runs), m = 2 / 4 / 8 / 12 / 16: GPTQ-4
-  // 0.94 / 0.95 / 0.98 / 1.01 / 0.97x (54.3 -> 51.2 us at m = 2), EXL2 4.0 bpw 0.94-0.99x, AWQ
-  // 0.94-0.98x, bfloat16 GPTQ-4 0.98-1.01x; 8-bit GPTQ (EXL2_CUDA_MAX_SPLIT=4, which gives this
-  // split there) 0.96-0.97x. Layers of other widths, whose decode costs more per byte, lost
+  // reduction, no partial last wave) win over the fuller waves of cluster_split's choice. H100,
+  // 8192x28672 (split 2 against 8), same call (ab/s13_c4.sh, fastest of two runs), m = 2 / 4 / 8 /
+  // 12 / 16: GPTQ-4 0.94 / 0.95 / 0.98 / 1.01 / 0.97x (54.3 -> 51.2 us at m = 2), EXL2 4.0 bpw
+  // 0.94-0.99x, AWQ 0.94-0.98x, bfloat16 GPTQ-4 0.98-1.01x; 8-bit GPTQ (EXL2_CUDA_MAX_SPLIT=4,
+  // which gives this split there) 0.96-0.97x. Layers of other widths, whose decode costs more per byte, lost
   // (ab/s13_c3.sh): EXL2 2.5 / 4.5 bpw (mixed) 1.01-1.10x, 6.0 bpw (6-bit) 0.99-1.02x. m = 1: the
   // kGather decision keeps cluster_split's split (at split 2 kGather measured 0.99x in float16 but
   // 1.05x in bfloat16, 52.3 -> 55.0 us: each long block waits for its own gathers), so on this
