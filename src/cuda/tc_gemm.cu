@@ -514,7 +514,8 @@ __global__ void __launch_bounds__(kTcThreads,
       return (warp == 0 && lane < Q && c < ce) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
     };
     // Activations: the tile [R rows x 32 Q] of xp at chunk c0, as 16-byte pieces (row,
-    // 8 columns); piece k of this thread is at xoff[k] from the block's first row, plus 32 c0.
+    // 8 columns); piece k of this thread is xoff[k] bytes from the block's first row, plus 32 c0
+    // halves.
     // No bounds checks: rows past M read row M - 1 instead (an mma output row depends only on
     // its own A row, and those rows are never stored), and the chunks of a last, partial
     // iteration past ce read the following row or the scratch's tail padding (launch_tc);
@@ -527,12 +528,14 @@ __global__ void __launch_bounds__(kTcThreads,
       const unsigned piece = static_cast<unsigned>(tid + kTcThreads * k);
       const unsigned row = piece / (4 * Q), col8 = piece % (4 * Q);
       const unsigned last = static_cast<unsigned>(M - 1 - m0);
-      xoff[k] = (row < last ? row : last) * static_cast<unsigned>(ldxp) + col8 * 8;
+      xoff[k] = ((row < last ? row : last) * static_cast<unsigned>(ldxp) + col8 * 8) * 2u;
     }
+    // (xoff in bytes from the chunk's block-uniform address: one 64-bit add a piece; the 32-bit
+    // sum xoff + 32 c0 in halves, widened and scaled per piece, took about 9 instructions a piece)
     auto load_x = [&](int c0) {
+      const char* __restrict__ xc = reinterpret_cast<const char*>(xblock + static_cast<std::int64_t>(c0) * 32);
 #pragma unroll
-      for (int k = 0; k < S::kXVecs; ++k)
-        xv[k] = __ldg(reinterpret_cast<const uint4*>(xblock + (xoff[k] + static_cast<unsigned>(c0) * 32)));
+      for (int k = 0; k < S::kXVecs; ++k) xv[k] = __ldg(reinterpret_cast<const uint4*>(xc + xoff[k]));
     };
     // kGather: the activations of chunks cf .. (up to kSegChunks of them, at most ce - 1) into xs
     // (row1_pos order; 0 past a short chunk's rows): xsrc -> x, eight elements per thread in

@@ -236,26 +236,35 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     const unsigned xs_s = smem_s + static_cast<unsigned>(WG * S::kRingBytes);
     if ((xs_s & 1023u) != 0) __trap();  // swizzle atoms must be 1024-byte aligned
     const __half* __restrict__ xblock = xp + m0 * ldxp;
-    // Piece i of this thread: a row and a 16-byte column piece k8 (8 columns), at shared offset
-    // xso[i] in the buffer, global offset xoff[i] from the block's first row and chunk.
-    unsigned xoff[S::kXPieces], xso[S::kXPieces];
-    bool xrow[S::kXPieces];
-#pragma unroll
-    for (int i = 0; i < S::kXPieces; ++i) {
-      const unsigned p = static_cast<unsigned>(tid) + static_cast<unsigned>(S::kThreads) * i;
-      // lanes 8j..8j+7: one row's 8 pieces of an atom (128 contiguous bytes either side).
-      const unsigned c = p & 7u, ra = p >> 3;
-      const unsigned row = ra % R, k8 = (ra / R) * 8 + c;
-      xso[i] = (ra / R) * R * 128u + row * 128u + ((c ^ (row & 7u)) * 16u);
-      xrow[i] = row < rows_here;
-      xoff[i] = row * static_cast<unsigned>(ldxp) + k8 * 8u;
-    }
+    // This thread's pieces: piece (a, j) is 16-byte column piece c = tid % 8 of row
+    // r0 + kRowStride j (r0 = tid / 8) in atom a (columns 64 a .. of the iteration's 32 Q), so
+    // lanes 8j..8j+7 copy one row's 128 contiguous bytes of an atom. kRowStride is a multiple
+    // of 8, so every piece of the thread has the same swizzle (c ^ (r0 & 7)): its shared offset
+    // is the thread's first one plus a constant, and its global address the thread's first plus
+    // j row strides and 128 a bytes. The copies are predicated, not branched (cp_async16_if):
+    // the per-piece offsets held in arrays and the branches around each copy made this about a
+    // third of the kernel's instructions at m = 64 (ptxas recomputed the offsets every
+    // iteration; Nsight Compute source counters, H100).
+    constexpr int kRowStride = S::kThreads / 8;
+    constexpr int kRowGroups = R / kRowStride;
+    constexpr int kAtoms = S::kXPieces / kRowGroups;
+    static_assert(R % kRowStride == 0 && kRowStride % 8 == 0 && kAtoms * kRowGroups == S::kXPieces,
+                  "activation pieces");
+    const int r0 = tid >> 3, xc = tid & 7;
+    const unsigned xso0 = static_cast<unsigned>(r0 * 128 + ((xc ^ (r0 & 7)) * 16));
+    const __half* xthread = xblock + r0 * ldxp + xc * 8;
+    const std::int64_t xrowstep = kRowStride * ldxp;
+    // Row groups j < xrows hold rows below M.
+    const int xrows = rows_here >= R ? kRowGroups : static_cast<int>((rows_here - r0 + kRowStride - 1) / kRowStride);
     auto issue_x = [&](int c0, int buf) {
+      const __half* src = xthread + static_cast<std::int64_t>(c0) * 32;
+      const unsigned dst = xs_s + static_cast<unsigned>(buf * S::kXBytes) + xso0;
 #pragma unroll
-      for (int i = 0; i < S::kXPieces; ++i)
-        if (xrow[i])
-          cp_async16(xs_s + static_cast<unsigned>(buf * S::kXBytes) + xso[i],
-                     xblock + (xoff[i] + static_cast<unsigned>(c0) * 32u));
+      for (int j = 0; j < kRowGroups; ++j)
+#pragma unroll
+        for (int a = 0; a < kAtoms; ++a)
+          cp_async16_if(j < xrows, dst + static_cast<unsigned>(a * R * 128 + j * kRowStride * 128),
+                        src + j * xrowstep + a * 64);
       cp_async_commit();
     };
     // Descriptor of buffer 0 (k16 step 0; buffer b is b kXBytes further): 128-byte swizzle mode
