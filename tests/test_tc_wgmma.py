@@ -87,6 +87,28 @@ def test_wgmma_deterministic_and_graph_safe(m: int, cfg, monkeypatch: pytest.Mon
         check_deterministic_and_graph_safe(q, x, repeats=10)
 
 
+@pytest.mark.parametrize("name", ["gptq_act_order", "gptq3_act_order", "awq"])
+def test_wgmma_results_do_not_depend_on_the_ring_lookahead(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wgmma kernels copy a layer's weights as far ahead as its chunk windows allow (4 ring steps
+    for these layers' 4-bit codes in groups of 64, 5 for 3- and 4-bit codes in groups of 128; 2 for
+    8-bit codes); EXL2_CUDA_RING_AHEAD=2 at construction
+    (a measurement knob) gives the mma.sync kernel's fixed lookahead. The outputs must be the same
+    bits either way, for split-K clusters (m = 33, 64), 128-row tiles and the warp-specialised
+    kernel (m = 200)."""
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "17")
+    layer = LAYERS[name]
+    rng = np.random.default_rng(12)
+    xs = [torch.from_numpy(random_x(rng, (m, layer["weight"].shape[0]))).cuda() for m in (33, 64, 128, 200)]
+    with build(layer, "cuda") as q:
+        deep = [q.matmul(x) for x in xs]
+    monkeypatch.setenv("EXL2_CUDA_RING_AHEAD", "2")
+    with build(layer, "cuda") as q:
+        shallow = [q.matmul(x) for x in xs]
+    for x, a, b in zip(xs, deep, shallow):
+        assert torch.equal(a, b), f"m={x.shape[0]}"
+        assert rel_err(a, expected(layer, x.cpu().numpy())) < TOL, f"m={x.shape[0]}"
+
+
 def _ws_rows(kernels: set) -> Optional[int]:
     """The row count R of the warp-specialised kernel among `kernels` (its first template argument,
     "tc_wgmma_ws_kernel<192, ..." or "<(int)192, ..." depending on the demangler), else None."""

@@ -898,6 +898,16 @@ bool tc_layout_wanted(const DeviceLayer& L) noexcept {
   return L.clusters;
 }
 
+/// The ring lookahead of a layer's wgmma kernels (tc_wgmma.cu, tc_wgmma_ws.cu): `safe`
+/// (tc::ring_lookahead over the layer's 4-chunk windows), or EXL2_CUDA_RING_AHEAD = n in the
+/// environment when the layer is built, for n in kLookahead .. safe (a measurement knob).
+static int ring_ahead_from_env(int safe) {
+  const char* v = std::getenv("EXL2_CUDA_RING_AHEAD");
+  if (v == nullptr) return safe;
+  const int n = std::atoi(v);
+  return n >= kLookahead && n < safe ? n : safe;
+}
+
 void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaStream_t stream) {
   if (L.cc_major < 8 || L.num_chunks == 0 || L.N == 0) return;
   {
@@ -914,7 +924,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   const StreamTables tables = make_stream_tables(chunks_host, L.G);
   L.tc_tiles = (L.N + tc::kTileCols - 1) / tc::kTileCols;
   L.tc_tile_words = tables.units * tc::kUnitWords;
-  L.tc_ring_ahead = tables.ring_ahead;
+  L.tc_ring_ahead = ring_ahead_from_env(tables.ring_ahead);
   L.tc_uniform_bits = chunks_host.empty() ? 0 : chunks_host[0].z & 0xff;
   for (const int4& c : chunks_host)
     if ((c.z & 0xff) != L.tc_uniform_bits) L.tc_uniform_bits = 0;

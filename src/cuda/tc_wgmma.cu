@@ -12,7 +12,10 @@
 // warpgroup issues 2 (halves) x 2 (k16 steps) wgmma.m64nRk16 with fp32 accumulators (acc[h]).
 //
 // Memory: each group's weight stream goes through its own cp.async ring, as in the mma.sync
-// kernel (RingFill, tc_device.cuh); the activation tile of each iteration (R rows x 32 Q columns
+// kernel (RingFill, tc_device.cuh), but `ahead` = the layer's tc_ring_ahead steps ahead (the
+// most its 4-chunk windows allow, tc::ring_lookahead: 5 for 4-bit codes in groups of 128
+// against the mma.sync kernel's fixed 2, which its 6 blocks per multiprocessor can afford and
+// this kernel's 1 to 3 cannot); the activation tile of each iteration (R rows x 32 Q columns
 // of the gathered copy), shared by the block's groups, is copied with cp.async into one of two
 // buffers in the K-major 128-byte-swizzle layout, one iteration ahead. Blocks of one column tile
 // are consecutive (blockIdx.x = row tile), so the m / R blocks that read the same weight stream
@@ -69,10 +72,6 @@ template <int R, int WG>
 struct WgShape {
   static constexpr int Q = 4;                   // chunks per iteration
   static constexpr int kK8 = 4 * Q;             // 16-byte pieces per activation row and iteration
-  // Ring refills are issued after the barrier that ends the previous iteration, so only the
-  // current iteration's Q chunks (up to 9 units each) must survive them: they span at most 6
-  // steps of the 8-step ring (as in tc_gemm_kernel).
-  static constexpr int kAhead = kRingSteps - 6;
   static constexpr int kThreads = kTcThreads * WG;
   static constexpr int kXHalves = R * 32 * Q;   // one activation buffer
   static constexpr int kXPieces = R * 4 * Q / kThreads;  // 16-byte pieces per thread and iteration
@@ -184,7 +183,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     tc_wgmma_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
                     const std::uint32_t* __restrict__ stream, std::int64_t tile_words, std::int64_t tiles,
                     const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
-                    T* __restrict__ out, std::int64_t N, int split) {
+                    T* __restrict__ out, std::int64_t N, int split, int ahead) {
   using S = WgShape<R, WG>;
   constexpr int Q = S::Q;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -274,7 +273,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     issue_x(cb, 0);
     int x_mark = fill.issued;  // ring groups committed before the newest activation group
 #pragma unroll 1
-    for (int p = 0; p < S::kAhead; ++p) fill.issue_step();
+    for (int p = 0; p < ahead; ++p) fill.issue_step();
 
     GroupConsts gc;
     int header = first_group_header<T>(tsrc, cr, g, warp, gc);
@@ -301,7 +300,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       }
       // B. This iteration's ring steps and activations have landed (this thread's copies).
       {
-        fill.issue_through(dcur[nq - 1], s0, S::kAhead);
+        fill.issue_through(dcur[nq - 1], s0, ahead);
         // This iteration's activations: groups committed after theirs are the ring steps issued
         // since, plus the next iteration's activation group.
         cp_async_wait_at_most(fill.issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
@@ -383,7 +382,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
                         dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, split, 1, false, stream,
                         "tc_wgmma_kernel launch", xp, m, ldxp, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
                         L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
-                        static_cast<const __half*>(L.bias.get()), out, L.N, split);
+                        static_cast<const __half*>(L.bias.get()), out, L.N, split, L.tc_ring_ahead);
 }
 
 /// The kernel shapes (R rows, WG 4-warp groups), indexed as DeviceLayer::tc_wgmma_blocks_per_sm;
