@@ -437,6 +437,21 @@ def _gil_progress(call, target_s: float = 0.3) -> tuple:
     return duration / reps, reps, progress, max(gaps)
 
 
+def _released_gil_progress(call, attempts: int = 3) -> tuple:
+    """_gil_progress of the best of up to `attempts` measurements, stopping at the first above
+    0.5: another process busy on the machine's cores can take the spinning thread's core for
+    part of one measurement (a 2-core CI machine read 49% once under such load), while a call
+    that holds the GIL stalls the thread in every attempt (test_gil_measurement_sees_a_held_gil)."""
+    best = None
+    for _ in range(attempts):
+        result = _gil_progress(call)
+        if best is None or result[2] > best[2]:
+            best = result
+        if best[2] > 0.5:
+            break
+    return best
+
+
 def test_gil_is_released_during_native_calls(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("EXL2_CPU_THREADS", "1")  # leave a core to the Python thread
     # A large act-order layer (random words: only the cost matters here), so that every call
@@ -461,7 +476,7 @@ def test_gil_is_released_during_native_calls(monkeypatch: pytest.MonkeyPatch, ca
 
     lines = []
     for name, call in (("from_gptq", construct), ("matmul", matmul), ("dequantize", dequantize)):
-        per_call, reps, progress, stall = _gil_progress(call)
+        per_call, reps, progress, stall = _released_gil_progress(call)
         lines.append(f"{name} {per_call * 1e3:.0f} ms x {reps}: Python thread ran {progress:.0%} of the time, "
                      f"longest stall {stall * 1e3:.1f} ms")
         # With the GIL held the Python thread could not run during the calls at all.
@@ -489,7 +504,7 @@ def test_gil_is_released_during_cuda_construction() -> None:
 
     construct()  # warm-up: CUDA context, module loading, torch's stream objects
     torch.cuda.synchronize()
-    per_call, reps, progress, stall = _gil_progress(construct)
+    per_call, reps, progress, stall = _released_gil_progress(construct)
     assert progress > 0.5, (per_call, reps, progress, stall)
     holder["q"].close()
 

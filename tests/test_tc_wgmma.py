@@ -91,10 +91,9 @@ def test_wgmma_deterministic_and_graph_safe(m: int, cfg, monkeypatch: pytest.Mon
 def test_wgmma_results_do_not_depend_on_the_ring_lookahead(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The wgmma kernels copy a layer's weights as far ahead as its chunk windows allow (4 ring steps
     for these layers' 4-bit codes in groups of 64, 5 for 3- and 4-bit codes in groups of 128; 2 for
-    8-bit codes); EXL2_CUDA_RING_AHEAD=2 at construction
-    (a measurement knob) gives the mma.sync kernel's fixed lookahead. The outputs must be the same
-    bits either way, for split-K clusters (m = 33, 64), 128-row tiles and the warp-specialised
-    kernel (m = 200)."""
+    8-bit codes); EXL2_CUDA_RING_AHEAD=2 at construction (a measurement knob) gives the mma.sync
+    kernel's fixed lookahead. The outputs must be the same bits either way, for split-K clusters
+    (m = 33, 64), 128-row tiles and the warp-specialised kernel (m = 200)."""
     monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "17")
     layer = LAYERS[name]
     rng = np.random.default_rng(12)
