@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_median.py"
+from script_module import SCRIPTS, load_script
+
+SCRIPT = SCRIPTS / "bench_median.py"
 pytestmark = pytest.mark.skipif(not SCRIPT.is_file(), reason="needs a source checkout (scripts/)")
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_median", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_median"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_median")
 
 
 def _run(times, dense, bw=2.0e12, eager=10.0):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "ncu_hotspots.py"
+from script_module import SCRIPTS, load_script
+
+SCRIPT = SCRIPTS / "ncu_hotspots.py"
 pytestmark = pytest.mark.skipif(not SCRIPT.is_file(), reason="needs a source checkout (scripts/)")
 
 HEADER = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)",
@@ -23,11 +23,7 @@ ROWS = [("0x10", "IMAD.MOV.U32 R1, RZ, RZ, R2", "10", "1,000", "6", "0", "4"),
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ncu_hotspots", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ncu_hotspots"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("ncu_hotspots")
 
 
 def _write(path: Path, rows=ROWS, first=("Kernel Name", "void k<64>(int)")) -> Path:
