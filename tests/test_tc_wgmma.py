@@ -108,6 +108,69 @@ def test_wgmma_results_do_not_depend_on_the_ring_lookahead(name: str, monkeypatc
         assert rel_err(a, expected(layer, x.cpu().numpy())) < TOL, f"m={x.shape[0]}"
 
 
+@pytest.mark.parametrize("split", ["3", "5", "7"])
+@pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act_order", "awq"])
+def test_wgmma_any_split_of_the_cluster_reduction(name: str, split: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wgmma kernel's split-K takes any number of cluster blocks (the layer's choice is the
+    largest that fits one wave, 3 on some layers); EXL2_CUDA_WGMMA_SPLIT (a measurement knob)
+    forces one: splits that divide neither the chunks nor the partial tile's 64 x 128 or 128 x 128
+    elements must still sum and store every element, deterministically (64-row tiles at m = 33, 64,
+    128-row ones at m = 100)."""
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_SPLIT", split)
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "17")
+    layer = LAYERS[name]
+    rng = np.random.default_rng(13)
+    with build(layer, "cuda") as q:
+        for m in (33, 64, 100):
+            x = torch.from_numpy(random_x(rng, (m, layer["weight"].shape[0]))).cuda()
+            y = q.matmul(x)
+            assert torch.isfinite(y).all() and rel_err(y, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
+            assert torch.equal(y, q.matmul(x)), f"m={m}: not deterministic"
+
+
+@pytest.mark.parametrize("sk", ["1", "3"])
+@pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act_order", "awq", "gptq8"])
+def test_wgmma_stream_k_matches(name: str, sk: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stream-K (the 64-row tiles on layers with more column tiles than multiprocessors; forced
+    here with EXL2_CUDA_WGMMA_SK = blocks per multiprocessor, a measurement knob): blocks share the
+    tiles' chunks evenly, so on these small layers most tiles are summed from many blocks' partial
+    tiles (one chunk a block where the blocks outnumber the chunks). Every element must be stored,
+    agree with fp64, be deterministic, and survive graph capture."""
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_SK", sk)
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "17")
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    rng = np.random.default_rng(14)
+    with build(layer, "cuda") as q:
+        for m in (17, 33, 64):
+            x = torch.from_numpy(random_x(rng, (m, K))).cuda()
+            kernels = _kernels_run(lambda: q.matmul(x))
+            if kernels:  # (compute-sanitizer excludes the CUDA profiler)
+                assert any(re.search(r"tc_wgmma_kernel<.*(true|\(bool\)1)>", k) for k in kernels), sorted(kernels)
+            y = q.matmul(x)
+            assert torch.isfinite(y).all() and rel_err(y, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
+        check_deterministic_and_graph_safe(q, x, repeats=5)
+
+
+def test_wgmma_stream_k_on_a_layer_of_more_tiles_than_multiprocessors() -> None:
+    """By default, stream-K runs where the 64-row tiles outnumber the multiprocessors and no split
+    of them fits one wave (here 2.3 tiles per multiprocessor): the partial tiles of blocks that
+    cross tile boundaries must add up, for m = 33 and 64, against fp64 and an identical second call."""
+    props = torch.cuda.get_device_properties(0)
+    rng = np.random.default_rng(15)
+    n = 128 * (props.multi_processor_count * 7 // 3)
+    layer = R.random_gptq(rng, 1024, n, group_size=128, act_order=True, bias=True)
+    with build(layer, "cuda") as q:
+        for m in (33, 64):
+            x = torch.from_numpy(random_x(rng, (m, 1024))).cuda()
+            kernels = _kernels_run(lambda: q.matmul(x))
+            if kernels:
+                assert any(re.search(r"tc_wgmma_kernel<.*(true|\(bool\)1)>", k) for k in kernels), sorted(kernels)
+            y = q.matmul(x)
+            assert rel_err(y, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
+            assert torch.equal(y, q.matmul(x)), f"m={m}: not deterministic"
+
+
 def _ws_rows(kernels: set) -> Optional[int]:
     """The row count R of the warp-specialised kernel among `kernels` (its first template argument,
     "tc_wgmma_ws_kernel<192, ..." or "<(int)192, ..." depending on the demangler), else None."""

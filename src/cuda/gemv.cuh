@@ -44,6 +44,11 @@ int cluster_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_p
 int single_wave_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                       int max_split);
 
+/// single_wave_split over every split 1, 2, 3, .. (split_rule::single_wave_any), for kernels whose
+/// cluster reduction takes any split (cluster_reduce_store: the wgmma kernel).
+int single_wave_split_any(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
+                          int max_split);
+
 /// Blocks of a kernel that fit the whole GPU at once (one wave), given how many fit one
 /// multiprocessor (at least 1).
 inline std::int64_t resident_blocks(const DeviceLayer& L, int blocks_per_sm) {

@@ -644,8 +644,11 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
-  const int share = (kRows * tc::kTileCols) / split;
-  for (int i = rank * share + tid; i < (rank + 1) * share; i += kTcThreads) {
+  // Rank r sums and stores elements [total r / split, total (r + 1) / split) of the tile (any
+  // split, not only divisors of the tile's size).
+  const int total = kRows * tc::kTileCols;
+  const int end = total * (rank + 1) / split;
+  for (int i = total * rank / split + tid; i < end; i += kTcThreads) {
     float sum = 0.0f;
     for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(const_cast<float*>(red), q)[i];
     const std::int64_t row = m0 + i / tc::kTileCols;

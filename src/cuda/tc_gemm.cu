@@ -199,8 +199,10 @@ __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, cons
 /// their 8 source columns from the layer's tc_xsrc (two 16-byte loads, -1 past a chunk's rows),
 /// the 8 scattered (act-order) reads of x, one 16-byte store. Against one thread per element
 /// reading the chunk descriptor and perm: one dependent load fewer, a quarter of the loads.
+/// Also zeroes zero[0 .. zero_n) (the wgmma kernel's stream-K counters, in the same scratch).
 __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int64_t M, std::int64_t K,
-                                   const int* __restrict__ xsrc, int num_chunks, std::uint16_t* __restrict__ xp) {
+                                   const int* __restrict__ xsrc, int num_chunks, std::uint16_t* __restrict__ xp,
+                                   int* __restrict__ zero, std::int64_t zero_n) {
   // Where the tc kernel after this one is a programmatic dependent launch (launch_tc_rows), its
   // blocks may start now and fill their weight rings while this kernel runs; they read xp only
   // after pdl_wait, which waits for this whole kernel.
@@ -227,6 +229,7 @@ __global__ void tc_gather_x_kernel(const std::uint16_t* __restrict__ x, std::int
   // nothing reads uninitialised memory.
   const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t < kXTailPad) xp[8 * total8 + t] = 0;
+  for (std::int64_t i = t; i < zero_n; i += stride) zero[i] = 0;
 }
 
 /// The layer's tc_xsrc: per chunk c and row r < 32 the row of x that chunk row multiplies,
@@ -1011,15 +1014,29 @@ void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, b
     return;
   }
   const std::int64_t ldxp = static_cast<std::int64_t>(L.num_chunks) * 32;
-  // + kXTailPad: the kernel's unchecked activation loads of a last, partial iteration.
-  StreamScratch xp(static_cast<std::size_t>(m * ldxp + kXTailPad) * sizeof(std::uint16_t), stream);
+  const bool wgmma = L.tc_wgmma && m >= L.tc_wgmma_min_rows;
+  // One scratch: the gathered activations (+ kXTailPad: the kernel's unchecked activation loads
+  // of a last, partial iteration), then, where the wgmma kernel runs stream-K, its tile counters
+  // (zeroed by the gather) and partial tiles.
+  const int sk_blocks = wgmma ? tc_wgmma_stream_k_blocks(L, m) : 0;
+  auto aligned = [](std::size_t b) { return (b + 255) / 256 * 256; };
+  const std::size_t x_bytes = aligned(static_cast<std::size_t>(m * ldxp + kXTailPad) * sizeof(std::uint16_t));
+  const std::size_t cnt_bytes = sk_blocks > 0 ? aligned(static_cast<std::size_t>(L.tc_tiles) * sizeof(int)) : 0;
+  const std::size_t part_bytes = sk_blocks > 0 ? tc_wgmma_stream_k_floats(sk_blocks) * sizeof(float) : 0;
+  StreamScratch xp(x_bytes + cnt_bytes + part_bytes, stream);
   std::uint16_t* xpb = static_cast<std::uint16_t*>(xp.get());
+  WgmmaStreamK sk;
+  if (sk_blocks > 0) {
+    sk.counters = reinterpret_cast<int*>(static_cast<char*>(xp.get()) + x_bytes);
+    sk.partials = reinterpret_cast<float*>(static_cast<char*>(xp.get()) + x_bytes + cnt_bytes);
+  }
   tc_gather_x_kernel<<<grid_for(m * ldxp / 8, kPackThreads), kPackThreads, 0, stream>>>(
-      reinterpret_cast<const std::uint16_t*>(x), m, L.K, L.tc_xsrc.get(), L.num_chunks, xpb);
+      reinterpret_cast<const std::uint16_t*>(x), m, L.K, L.tc_xsrc.get(), L.num_chunks, xpb, sk.counters,
+      sk_blocks > 0 ? L.tc_tiles : 0);
   EXL2_CUDA_CHECK_LAUNCH("tc_gather_x_kernel");
   const __half* xph = reinterpret_cast<const __half*>(xpb);  // the kernel reads 16-bit values of T
-  if (L.tc_wgmma && m >= L.tc_wgmma_min_rows)
-    launch_tc_wgmma(L, xph, m, ldxp, out, stream);
+  if (wgmma)
+    launch_tc_wgmma(L, xph, m, ldxp, out, sk, stream);
   else if (m <= 8 && transposed_ok)
     launch_tc_rows<1, T, false, true>(L, xph, m, ldxp, out, stream);
   else if (m <= 16 && transposed_ok && L.tc_t16)

@@ -80,7 +80,8 @@ struct WgShape {
   static constexpr std::size_t kXBytes = static_cast<std::size_t>(kXHalves) * 2;
   // Two activation buffers: the next iteration's is filled while the current one's wgmma run.
   static constexpr int kXBuffers = 2;
-  static constexpr std::size_t kSmemBytes = WG * kRingBytes + kXBuffers * kXBytes + 2 * Q * sizeof(int4);
+  // + the descriptors [2][Q] and one int4 (the stream-K last-block flag).
+  static constexpr std::size_t kSmemBytes = WG * kRingBytes + kXBuffers * kXBytes + (2 * Q + 1) * sizeof(int4);
   // Split-K (WG = 1 only): the cluster reduction reuses the ring and the activation buffers for
   // an R x 128 fp32 tile.
   static constexpr bool kCanSplit = WG == 1;
@@ -178,12 +179,13 @@ __device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* d
   keep_until_here(a1);
 }
 
-template <int R, int WG, class T>
+template <int R, int WG, class T, bool kStreamK = false>
 __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMinBlocks)
     tc_wgmma_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
                     const std::uint32_t* __restrict__ stream, std::int64_t tile_words, std::int64_t tiles,
                     const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
-                    T* __restrict__ out, std::int64_t N, int split, int ahead) {
+                    T* __restrict__ out, std::int64_t N, int split, int ahead, float* __restrict__ sk_partials,
+                    int* __restrict__ sk_counters) {
   using S = WgShape<R, WG>;
   constexpr int Q = S::Q;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -196,169 +198,244 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
   const int g = lane >> 2, t = lane & 3;
   const int rank = static_cast<int>(blockIdx.y);  // cluster rank (the cluster spans grid.y)
   const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * R;
-  // The group's tile; a group past the last tile (last block) repeats the last one and stores nothing.
-  const std::int64_t tile_raw = static_cast<std::int64_t>(blockIdx.z) * WG + grp;
-  const bool has_tile = tile_raw < tiles;
-  const std::int64_t tile = has_tile ? tile_raw : tiles - 1;
-  const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
   std::uint32_t* ring = reinterpret_cast<std::uint32_t*>(smem + grp * S::kRingBytes);
   int4* dring = reinterpret_cast<int4*>(smem + WG * S::kRingBytes + S::kXBuffers * S::kXBytes);  // [2][Q]
 
-  const int cb = static_cast<int>(static_cast<std::int64_t>(num_chunks) * rank / split);
-  const int ce = static_cast<int>(static_cast<std::int64_t>(num_chunks) * (rank + 1) / split);
-
-  float acc[2][S::kAcc];
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int e = 0; e < S::kAcc; ++e) acc[h][e] = 0.0f;
-
-  if (cb < ce) {
-    // The group's weight ring, as in tc_gemm_kernel (see there); every group covers the same
-    // chunks (the tiles' streams share one unit layout), so one descriptor table serves all.
-    const ChunkRange cr = chunk_range(tc_chunks, cb, ce);
-    const std::int64_t s0 = cr.s0;
-    RingFill fill(tsrc, s0, cr.s1, gtid, ring);
-
-    // Activations: the tile of an iteration (R rows x 32 Q columns of the gathered copy) in the
-    // K-major 128-byte-swizzle layout wgmma reads, 16 bytes (8 columns) per cp.async: 64-column
-    // atoms of R rows x 128 bytes, piece c of row r at 16 (c ^ (r & 7)). Lanes 8j..8j+7 fill one
-    // row of an atom (no bank conflicts) from 128 contiguous global bytes. The unswizzled
-    // core-matrix layout (8 rows x 16 bytes per 128 contiguous bytes) measured 25-30% slower at
-    // m = 128..2048 (H100): the tensor cores' reads of it conflict in the banks. Rows
-    // past M are not copied (their buffer rows hold stale values; an output row depends only on
-    // its own activation row, and those rows are never stored); the chunks of a last, partial
-    // iteration past ce read the next row or the scratch's tail padding (unused: only its nq
-    // chunks run).
-    const std::int64_t rows_here = M - m0;  // > 0
-    const unsigned smem_s = smem_u32(smem);
-    const unsigned xs_s = smem_s + static_cast<unsigned>(WG * S::kRingBytes);
-    if ((xs_s & 1023u) != 0) __trap();  // swizzle atoms must be 1024-byte aligned
-    const __half* __restrict__ xblock = xp + m0 * ldxp;
-    // This thread's pieces: piece (a, j) is 16-byte column piece c = tid % 8 of row
-    // r0 + kRowStride j (r0 = tid / 8) in atom a (columns 64 a .. of the iteration's 32 Q), so
-    // lanes 8j..8j+7 copy one row's 128 contiguous bytes of an atom. kRowStride is a multiple
-    // of 8, so every piece of the thread has the same swizzle (c ^ (r0 & 7)): its shared offset
-    // is the thread's first one plus a constant, and its global address the thread's first plus
-    // j row strides and 128 a bytes. The copies are predicated, not branched (cp_async16_if):
-    // the per-piece offsets held in arrays and the branches around each copy made this about a
-    // third of the kernel's instructions at m = 64 (ptxas recomputed the offsets every
-    // iteration; Nsight Compute source counters, H100).
-    constexpr int kRowStride = S::kThreads / 8;
-    constexpr int kRowGroups = R / kRowStride;
-    constexpr int kAtoms = S::kXPieces / kRowGroups;
-    static_assert(R % kRowStride == 0 && kRowStride % 8 == 0 && kAtoms * kRowGroups == S::kXPieces,
-                  "activation pieces");
-    const int r0 = tid >> 3, xc = tid & 7;
-    const unsigned xso0 = static_cast<unsigned>(r0 * 128 + ((xc ^ (r0 & 7)) * 16));
-    const __half* xthread = xblock + r0 * ldxp + xc * 8;
-    const std::int64_t xrowstep = kRowStride * ldxp;
-    // Row groups j < xrows hold rows below M.
-    const int xrows = rows_here >= R ? kRowGroups : static_cast<int>((rows_here - r0 + kRowStride - 1) / kRowStride);
-    auto issue_x = [&](int c0, int buf) {
-      const __half* src = xthread + static_cast<std::int64_t>(c0) * 32;
-      const unsigned dst = xs_s + static_cast<unsigned>(buf * S::kXBytes) + xso0;
-#pragma unroll
-      for (int j = 0; j < kRowGroups; ++j)
-#pragma unroll
-        for (int a = 0; a < kAtoms; ++a)
-          cp_async16_if(j < xrows, dst + static_cast<unsigned>(a * R * 128 + j * kRowStride * 128),
-                        src + j * xrowstep + a * 64);
-      cp_async_commit();
-    };
-    // Descriptor of buffer 0 (k16 step 0; buffer b is b kXBytes further): 128-byte swizzle mode
-    // (bit 62), 8-row groups 1024 bytes apart (the leading offset is unused for this layout).
-    const std::uint64_t xdesc0 = smem_desc_sw128(xs_s);
-
-    issue_x(cb, 0);
-    int x_mark = fill.issued;  // ring groups committed before the newest activation group
-#pragma unroll 1
-    for (int p = 0; p < ahead; ++p) fill.issue_step();
-
-    GroupConsts gc;
-    int header = first_group_header<T>(tsrc, cr, g, warp, gc);
-
-    auto load_desc = [&](int c0) -> int4 {
-      const int c = c0 + lane;
-      return (tid < 32 && lane < Q && c < ce) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
-    };
-    if (tid < Q) dring[tid] = load_desc(cb);
-    int4 dnext = load_desc(cb + Q);
-    __syncthreads();  // dring[0]
-
-#pragma unroll 1
-    for (int it = 0, c0 = cb; c0 < ce; ++it, c0 += Q) {
-      const int buf = it & 1;
-      const int nq = ce - c0 < Q ? ce - c0 : Q;
-      const int4* __restrict__ dcur = dring + (it & 1) * Q;
-      // A. (the barrier ending the previous iteration) its wgmma have completed.
-      // The next iteration's activations, into its buffer.
-      const int x_mark_cur = x_mark;
-      if (c0 + Q < ce) {
-        issue_x(c0 + Q, buf ^ 1);
-        x_mark = fill.issued;
-      }
-      // B. This iteration's ring steps and activations have landed (this thread's copies).
-      {
-        fill.issue_through(dcur[nq - 1], s0, ahead);
-        // This iteration's activations: groups committed after theirs are the ring steps issued
-        // since, plus the next iteration's activation group.
-        cp_async_wait_at_most(fill.issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
-      }
-      fence_proxy_async();
-      if (tid < Q) dring[((it + 1) & 1) * Q + tid] = dnext;
-      // D. Everyone's copies and the next descriptors are visible.
-      __syncthreads();
-      dnext = load_desc(c0 + 2 * Q);
-      const std::uint64_t xdesc = xdesc0 + static_cast<std::uint64_t>((buf * S::kXBytes) >> 4);
-      const int z0 = dcur[0].z;
-      const int bits0 = z0 & 0xff;
-      if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
-        with_code_width(bits0, [&](auto b) {
-          wg_iter<R, Q, decltype(b)::value, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp);
-        });
-      } else {
-#pragma unroll 1
-        for (int q = 0; q < nq; ++q) {
-          const int4 d = dcur[q];
-          const int bits = d.z & 0xff;
-          load_group_header<T>(ring, d, bits, s0, header, gc, lane, warp);
-          const int wo = chunk_lane_word(d, bits, s0, lane, warp);
-          with_code_width(bits, [&](auto b) { wg_chunk_sync<R, decltype(b)::value, T>(ring, wo, gc, q, xdesc, acc); });
-        }
-      }
-      __syncthreads();  // A. for the next iteration
-    }
-    wgmma_wait_all();
-    cp_async_wait<0>();
-  }
-
   // acc[h][4 j + e]: column 32 warp + 16 h + g + 8 (e >> 1) of the tile, row 8 j + 2 t + (e & 1).
+  float acc[2][S::kAcc];
   auto col_of = [&](int h, int e) { return warp * tc::kBlockCols + 16 * h + g + 8 * (e >> 1); };
   auto row_of = [&](int j, int e) { return 8 * j + 2 * t + (e & 1); };
+  auto store_tile = [&](std::int64_t tile) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < S::kAcc; ++i) {
+        const std::int64_t row = m0 + row_of(i / 4, i % 4);
+        const std::int64_t n = tile * tc::kTileCols + col_of(h, i % 4);
+        if (row < M && n < N) store_output(out, row, N, n, acc[h][i], bias);
+      }
+  };
+
+  // The block's segments: chunks cb .. ce - 1 of the group's tile `tile` each. One (the tile's
+  // chunks, or the cluster rank's share of them), except in stream-K (below).
+  // (stream-K positions are ints: tc_wgmma_stream_k_blocks keeps tiles x num_chunks below 2^31)
+  const int nc = num_chunks;
+  const int sk_total = kStreamK ? static_cast<int>(tiles) * nc : 0, sk_P = gridDim.z, sk_p = blockIdx.z;
+  const int pos0 = kStreamK ? static_cast<int>(static_cast<std::int64_t>(sk_total) * sk_p / sk_P) : 0;
+  const int pos1 = kStreamK ? static_cast<int>(static_cast<std::int64_t>(sk_total) * (sk_p + 1) / sk_P) : 1;
+#pragma unroll 1
+  for (int pos = pos0; pos < pos1;) {
+    std::int64_t tile;
+    int cb, ce;
+    bool has_tile = true;
+    if constexpr (kStreamK) {
+      tile = pos / nc;
+      cb = pos - static_cast<int>(tile) * nc;
+      ce = pos1 - pos < nc - cb ? cb + (pos1 - pos) : nc;
+    } else {
+      // A group past the last tile (last block) repeats the last one and stores nothing.
+      const std::int64_t tile_raw = static_cast<std::int64_t>(blockIdx.z) * WG + grp;
+      has_tile = tile_raw < tiles;
+      tile = has_tile ? tile_raw : tiles - 1;
+      cb = static_cast<int>(nc * rank / split);
+      ce = static_cast<int>(nc * (rank + 1) / split);
+    }
+    const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < S::kAcc; ++e) acc[h][e] = 0.0f;
+
+    if (cb < ce) {
+      // The group's weight ring, as in tc_gemm_kernel (see there); every group covers the same
+      // chunks (the tiles' streams share one unit layout), so one descriptor table serves all.
+      const ChunkRange cr = chunk_range(tc_chunks, cb, ce);
+      const std::int64_t s0 = cr.s0;
+      RingFill fill(tsrc, s0, cr.s1, gtid, ring);
+
+      // Activations: the tile of an iteration (R rows x 32 Q columns of the gathered copy) in the
+      // K-major 128-byte-swizzle layout wgmma reads, 16 bytes (8 columns) per cp.async: 64-column
+      // atoms of R rows x 128 bytes, piece c of row r at 16 (c ^ (r & 7)). Lanes 8j..8j+7 fill one
+      // row of an atom (no bank conflicts) from 128 contiguous global bytes. The unswizzled
+      // core-matrix layout (8 rows x 16 bytes per 128 contiguous bytes) measured 25-30% slower at
+      // m = 128..2048 (H100): the tensor cores' reads of it conflict in the banks. Rows
+      // past M are not copied (their buffer rows hold stale values; an output row depends only on
+      // its own activation row, and those rows are never stored); the chunks of a last, partial
+      // iteration past ce read the next row or the scratch's tail padding (unused: only its nq
+      // chunks run).
+      const std::int64_t rows_here = M - m0;  // > 0
+      const unsigned smem_s = smem_u32(smem);
+      const unsigned xs_s = smem_s + static_cast<unsigned>(WG * S::kRingBytes);
+      if ((xs_s & 1023u) != 0) __trap();  // swizzle atoms must be 1024-byte aligned
+      const __half* __restrict__ xblock = xp + m0 * ldxp;
+      // This thread's pieces: piece (a, j) is 16-byte column piece c = tid % 8 of row
+      // r0 + kRowStride j (r0 = tid / 8) in atom a (columns 64 a .. of the iteration's 32 Q), so
+      // lanes 8j..8j+7 copy one row's 128 contiguous bytes of an atom. kRowStride is a multiple
+      // of 8, so every piece of the thread has the same swizzle (c ^ (r0 & 7)): its shared offset
+      // is the thread's first one plus a constant, and its global address the thread's first plus
+      // j row strides and 128 a bytes. The copies are predicated, not branched (cp_async16_if):
+      // the per-piece offsets held in arrays and the branches around each copy made this about a
+      // third of the kernel's instructions at m = 64 (ptxas recomputed the offsets every
+      // iteration; Nsight Compute source counters, H100).
+      constexpr int kRowStride = S::kThreads / 8;
+      constexpr int kRowGroups = R / kRowStride;
+      constexpr int kAtoms = S::kXPieces / kRowGroups;
+      static_assert(R % kRowStride == 0 && kRowStride % 8 == 0 && kAtoms * kRowGroups == S::kXPieces,
+                    "activation pieces");
+      const int r0 = tid >> 3, xc = tid & 7;
+      const unsigned xso0 = static_cast<unsigned>(r0 * 128 + ((xc ^ (r0 & 7)) * 16));
+      const __half* xthread = xblock + r0 * ldxp + xc * 8;
+      const std::int64_t xrowstep = kRowStride * ldxp;
+      // Row groups j < xrows hold rows below M.
+      const int xrows = rows_here >= R ? kRowGroups : static_cast<int>((rows_here - r0 + kRowStride - 1) / kRowStride);
+      auto issue_x = [&](int c0, int buf) {
+        const __half* src = xthread + static_cast<std::int64_t>(c0) * 32;
+        const unsigned dst = xs_s + static_cast<unsigned>(buf * S::kXBytes) + xso0;
+#pragma unroll
+        for (int j = 0; j < kRowGroups; ++j)
+#pragma unroll
+          for (int a = 0; a < kAtoms; ++a)
+            cp_async16_if(j < xrows, dst + static_cast<unsigned>(a * R * 128 + j * kRowStride * 128),
+                          src + j * xrowstep + a * 64);
+        cp_async_commit();
+      };
+      // Descriptor of buffer 0 (k16 step 0; buffer b is b kXBytes further): 128-byte swizzle mode
+      // (bit 62), 8-row groups 1024 bytes apart (the leading offset is unused for this layout).
+      const std::uint64_t xdesc0 = smem_desc_sw128(xs_s);
+
+      issue_x(cb, 0);
+      int x_mark = fill.issued;  // ring groups committed before the newest activation group
+#pragma unroll 1
+      for (int p = 0; p < ahead; ++p) fill.issue_step();
+
+      GroupConsts gc;
+      int header = first_group_header<T>(tsrc, cr, g, warp, gc);
+
+      auto load_desc = [&](int c0) -> int4 {
+        const int c = c0 + lane;
+        return (tid < 32 && lane < Q && c < ce) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
+      };
+      if (tid < Q) dring[tid] = load_desc(cb);
+      int4 dnext = load_desc(cb + Q);
+      __syncthreads();  // dring[0]
+
+#pragma unroll 1
+      for (int it = 0, c0 = cb; c0 < ce; ++it, c0 += Q) {
+        const int buf = it & 1;
+        const int nq = ce - c0 < Q ? ce - c0 : Q;
+        const int4* __restrict__ dcur = dring + (it & 1) * Q;
+        // A. (the barrier ending the previous iteration) its wgmma have completed.
+        // The next iteration's activations, into its buffer.
+        const int x_mark_cur = x_mark;
+        if (c0 + Q < ce) {
+          issue_x(c0 + Q, buf ^ 1);
+          x_mark = fill.issued;
+        }
+        // B. This iteration's ring steps and activations have landed (this thread's copies).
+        {
+          fill.issue_through(dcur[nq - 1], s0, ahead);
+          // This iteration's activations: groups committed after theirs are the ring steps issued
+          // since, plus the next iteration's activation group.
+          cp_async_wait_at_most(fill.issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
+        }
+        fence_proxy_async();
+        if (tid < Q) dring[((it + 1) & 1) * Q + tid] = dnext;
+        // D. Everyone's copies and the next descriptors are visible.
+        __syncthreads();
+        dnext = load_desc(c0 + 2 * Q);
+        const std::uint64_t xdesc = xdesc0 + static_cast<std::uint64_t>((buf * S::kXBytes) >> 4);
+        const int z0 = dcur[0].z;
+        const int bits0 = z0 & 0xff;
+        if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
+          with_code_width(bits0, [&](auto b) {
+            wg_iter<R, Q, decltype(b)::value, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp);
+          });
+        } else {
+#pragma unroll 1
+          for (int q = 0; q < nq; ++q) {
+            const int4 d = dcur[q];
+            const int bits = d.z & 0xff;
+            load_group_header<T>(ring, d, bits, s0, header, gc, lane, warp);
+            const int wo = chunk_lane_word(d, bits, s0, lane, warp);
+            with_code_width(bits, [&](auto b) {
+              wg_chunk_sync<R, decltype(b)::value, T>(ring, wo, gc, q, xdesc, acc);
+            });
+          }
+        }
+        __syncthreads();  // A. for the next iteration
+      }
+      wgmma_wait_all();
+      cp_async_wait<0>();
+    }
+
+    if constexpr (kStreamK) {
+      // Stream-K (one row tile, WG = 1, no cluster): the tiles' chunks in order, tile by tile, are
+      // one range of sk_total = tiles x num_chunks positions, and block p of P = gridDim.z runs
+      // [sk_total p / P, sk_total (p + 1) / P), segment by segment (its parts in one tile). A
+      // segment that is a whole tile is stored; else its partial tile goes to the block's slot
+      // (0: its first segment, 1: its last) in sk_partials, and the block that completes the tile's
+      // count in sk_counters (zeroed by the gather kernel) adds the tile's partials in block order,
+      // i.e. in chunk order whichever block arrives last (deterministic), and stores the sum.
+      static_assert(WG == 1, "stream-K: one group per block");
+      constexpr int kPart = 2 * S::kAcc * S::kThreads;  // floats of a partial tile, [h, i][tid]
+      int* last_flag = reinterpret_cast<int*>(dring + 2 * Q);
+      // The block whose range holds position x (the largest q with sk_total q / P <= x).
+      auto block_of = [&](int x) {
+        return static_cast<int>(((static_cast<std::int64_t>(x) + 1) * sk_P + sk_total - 1) / sk_total - 1);
+      };
+      if (cb == 0 && ce == nc) {
+        store_tile(tile);
+      } else {
+        float* mine = sk_partials + (static_cast<std::int64_t>(sk_p) * 2 + (pos == pos0 ? 0 : 1)) * kPart + tid;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int i = 0; i < S::kAcc; ++i) __stcg(mine + (h * S::kAcc + i) * S::kThreads, acc[h][i]);
+        __threadfence();  // the partial before the count (and, for the last block, its reads after)
+        __syncthreads();
+        const int t0 = static_cast<int>(tile) * nc;
+        const int pa = block_of(t0), pb = block_of(t0 + nc - 1);
+        if (tid == 0) *last_flag = atomicAdd(sk_counters + tile, 1) == pb - pa;
+        __syncthreads();
+        if (*last_flag) {
+          __threadfence();
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int i = 0; i < S::kAcc; ++i) acc[h][i] = 0.0f;
+#pragma unroll 1
+          for (int q = pa; q <= pb; ++q) {
+            const bool first = static_cast<int>(static_cast<std::int64_t>(sk_total) * q / sk_P) / nc == tile;
+            const float* part = sk_partials + (static_cast<std::int64_t>(q) * 2 + (first ? 0 : 1)) * kPart + tid;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+              for (int i = 0; i < S::kAcc; ++i) acc[h][i] += __ldcg(part + (h * S::kAcc + i) * S::kThreads);
+          }
+          store_tile(tile);
+        }
+      }
+      pos += ce - cb;
+      __syncthreads();  // last_flag, and the shared memory of this segment, before the next one
+    } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (S::kCanSplit) {
-    if (split > 1) {
-      float* red = reinterpret_cast<float*>(smem);
-      __syncthreads();  // every warp is done with the ring and the activation buffers
+      if constexpr (S::kCanSplit) {
+        if (split > 1) {
+          float* red = reinterpret_cast<float*>(smem);
+          __syncthreads();  // every warp is done with the ring and the activation buffers
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+          for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int i = 0; i < S::kAcc; ++i) red[row_of(i / 4, i % 4) * tc::kTileCols + col_of(h, i % 4)] = acc[h][i];
-      cluster_reduce_store<R>(red, rank, split, tid, m0, M, tile, N, bias, out);
+            for (int i = 0; i < S::kAcc; ++i) red[row_of(i / 4, i % 4) * tc::kTileCols + col_of(h, i % 4)] = acc[h][i];
+          cluster_reduce_store<R>(red, rank, split, tid, m0, M, tile, N, bias, out);
+          return;
+        }
+      }
+#endif
+      if (has_tile) store_tile(tile);
       return;
     }
   }
-#endif
-  if (!has_tile) return;
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int i = 0; i < S::kAcc; ++i) {
-      const std::int64_t row = m0 + row_of(i / 4, i % 4);
-      const std::int64_t n = tile * tc::kTileCols + col_of(h, i % 4);
-      if (row < M && n < N) store_output(out, row, N, n, acc[h][i], bias);
-    }
 }
 
 template <int R, int WG>
@@ -370,19 +447,38 @@ int blocks_per_sm() {
 
 template <int R, int WG, class T>
 void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out, int per_sm,
-                 cudaStream_t stream) {
+                 const WgmmaStreamK& sk, cudaStream_t stream) {
   const std::int64_t mtiles = (m + R - 1) / R;
   const std::int64_t groups = (L.tc_tiles + WG - 1) / WG;
   if (groups > 65535) throw Unsupported("gemm: N is too large for the wgmma kernel");
   if (mtiles > 0x7fffffffLL) throw Unsupported("gemm: m = " + std::to_string(m) + " is too large");
-  const int split = WgShape<R, WG>::kCanSplit ? single_wave_split(L, groups * mtiles, 16, per_sm, 8) : 1;
+  if constexpr (R == 64 && WG == 1) {
+    if (const int blocks = tc_wgmma_stream_k_blocks(L, m); blocks > 0) {
+      if (sk.partials == nullptr || sk.counters == nullptr) internal_error("launch_tc_wgmma: no stream-K scratch");
+      launch_clustered_smem(tc_wgmma_kernel<R, WG, T, true>, dim3(1, 1, static_cast<unsigned>(blocks)),
+                            dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, 1, 1, false, stream,
+                            "tc_wgmma_kernel launch", xp, m, ldxp,
+                            static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words, L.tc_tiles,
+                            static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
+                            static_cast<const __half*>(L.bias.get()), out, L.N, 1, L.tc_ring_ahead, sk.partials,
+                            sk.counters);
+      return;
+    }
+  }
+  // The largest split of the tile's chunks, 1 to 8, whose blocks fit one wave (any split: 4096 x
+  // 14336 at m = 64 runs 3, 336 of 396 blocks, 37.2-37.6 us against 38.4-38.7 at the power of two
+  // 2; H100, GPTQ-4, EXL2_CUDA_WGMMA_SPLIT sweep, ab/s15_c3.sh); or EXL2_CUDA_WGMMA_SPLIT.
+  const int split = !WgShape<R, WG>::kCanSplit ? 1
+                    : L.tc_wgmma_split > 0     ? L.tc_wgmma_split
+                                               : single_wave_split_any(L, groups * mtiles, 16, per_sm, 8);
   launch_clustered_smem(tc_wgmma_kernel<R, WG, T>,
                         dim3(static_cast<unsigned>(mtiles), static_cast<unsigned>(split),
                              static_cast<unsigned>(groups)),
                         dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, split, 1, false, stream,
                         "tc_wgmma_kernel launch", xp, m, ldxp, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
                         L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
-                        static_cast<const __half*>(L.bias.get()), out, L.N, split, L.tc_ring_ahead);
+                        static_cast<const __half*>(L.bias.get()), out, L.N, split, L.tc_ring_ahead,
+                        static_cast<float*>(nullptr), static_cast<int*>(nullptr));
 }
 
 /// The kernel shapes (R rows, WG 4-warp groups), indexed as DeviceLayer::tc_wgmma_blocks_per_sm;
@@ -426,11 +522,11 @@ int forced_config_from_env() {
 
 template <class T>
 void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
-                cudaStream_t stream) {
+                const WgmmaStreamK& sk, cudaStream_t stream) {
   if (!L.tc_wgmma) internal_error("launch_tc_wgmma: the layer has no wgmma path");
   switch (config_for(L, m)) {
 #define EXL2_WG_LAUNCH(I, R, WG) \
-  case I: launch_rows<R, WG>(L, xp, m, ldxp, out, L.tc_wgmma_blocks_per_sm[I], stream); break;
+  case I: launch_rows<R, WG>(L, xp, m, ldxp, out, L.tc_wgmma_blocks_per_sm[I], sk, stream); break;
     EXL2_WG_CONFIGS(EXL2_WG_LAUNCH)
 #undef EXL2_WG_LAUNCH
     case kWsConfig128: launch_tc_wgmma_ws(L, xp, m, ldxp, 128, out, stream); break;
@@ -440,7 +536,37 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
   }
 }
 
+/// EXL2_CUDA_WGMMA_SK=0..3 at construction (a measurement and test knob): stream-K blocks per
+/// multiprocessor for the 64-row tiles at every m <= 64 (0: never stream-K); -1 when unset.
+int stream_k_from_env() {
+  const char* v = std::getenv("EXL2_CUDA_WGMMA_SK");
+  if (v != nullptr && v[0] >= '0' && v[0] <= '3' && v[1] == '\0') return v[0] - '0';
+  return -1;
+}
+
 }  // namespace
+
+/// Stream-K for the 64-row tiles (m <= 64) where the layer has more column tiles than
+/// multiprocessors and no split of them fits one wave (8192 x 28672: 224 tiles on 132
+/// multiprocessors, which ran 2 blocks on 92 of them and 1 on the rest): 3 blocks per
+/// multiprocessor (as many as fit) share the tiles' chunks evenly. H100, 8192 x 28672 GPTQ-4,
+/// same call (ab/s15_c4.sh, two runs each), m = 33 / 48 / 64: 100.2-100.5 / 102.4-104.0 /
+/// 104.6-106.0 us one tile per block, 94.1-98.8 / 98.5-100.3 / 98.7-101.0 with 3 stream-K blocks
+/// per multiprocessor, 102.4-103.5 / 102.4-105.4 / 110.2-112.3 with 2 (each block then restarts
+/// its pipeline for a second segment and writes or adds partial tiles, for the same two warp
+/// groups per multiprocessor).
+int tc_wgmma_stream_k_blocks(const DeviceLayer& L, std::int64_t m) {
+  if (!L.tc_wgmma || m > 64 || config_for(L, m) != 0 || L.tc_wgmma_split > 0 || L.tc_wgmma_sk == 0) return 0;
+  const int per_sm = L.tc_wgmma_sk > 0 ? L.tc_wgmma_sk : 3;
+  if (L.tc_wgmma_sk_per_sm < per_sm || L.tc_tiles * L.num_chunks > 0x7fffffffLL) return 0;
+  if (L.tc_wgmma_sk < 0 && (L.tc_tiles <= L.sm_count ||
+                            single_wave_split_any(L, L.tc_tiles, 16, L.tc_wgmma_blocks_per_sm[0], 8) > 1))
+    return 0;
+  // (at most one block per chunk position: every block's range is then non-empty)
+  const std::int64_t blocks = static_cast<std::int64_t>(per_sm) * L.sm_count;
+  const std::int64_t positions = L.tc_tiles * L.num_chunks;
+  return static_cast<int>(blocks < positions ? blocks : positions);
+}
 
 void query_tc_wgmma(DeviceLayer& L) {
   L.tc_wgmma = false;
@@ -457,17 +583,24 @@ void query_tc_wgmma(DeviceLayer& L) {
   L.tc_wgmma = true;  // (the warp-specialised shapes are optional: config_for checks them)
   for (int i = 0; i < kWsConfig128; ++i) L.tc_wgmma = L.tc_wgmma && L.tc_wgmma_blocks_per_sm[i] > 0;
   L.tc_wgmma_forced = forced_config_from_env();
+  if (const char* v = std::getenv("EXL2_CUDA_WGMMA_SPLIT"); v != nullptr && v[0] >= '1' && v[0] <= '8' && v[1] == '\0')
+    L.tc_wgmma_split = v[0] - '0';
   if (L.tc_wgmma_forced >= 0 && L.tc_wgmma_blocks_per_sm[L.tc_wgmma_forced] == 0) L.tc_wgmma_forced = -1;
+  L.tc_wgmma_sk = stream_k_from_env();
+  L.tc_wgmma_sk_per_sm = blocks_per_sm_with_smem(
+      {reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __half, true>),
+       reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __nv_bfloat16, true>)},
+      WgShape<64, 1>::kThreads, WgShape<64, 1>::kSmemBytes);
 }
 
 void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
-                     cudaStream_t stream) {
-  launch_for(L, xp, m, ldxp, out, stream);
+                     const WgmmaStreamK& sk, cudaStream_t stream) {
+  launch_for(L, xp, m, ldxp, out, sk, stream);
 }
 
 void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp,
-                     __nv_bfloat16* out, cudaStream_t stream) {
-  launch_for(L, xp, m, ldxp, out, stream);
+                     __nv_bfloat16* out, const WgmmaStreamK& sk, cudaStream_t stream) {
+  launch_for(L, xp, m, ldxp, out, sk, stream);
 }
 
 }  // namespace exl2::detail::cuda
