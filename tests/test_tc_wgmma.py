@@ -3,8 +3,9 @@ compute capability 9.0 (from m = 17 with EXL2_CUDA_WGMMA_MIN_ROWS, a
 measurement knob used here to give its 64-row tiles partial tiles too).
 
 Every bit width, act-order, short chunks, column counts that are not multiples of 32, bias,
-both tile heights, split-K clusters and single blocks, bit-exact weights through the kernel,
-determinism, graph capture, bfloat16 and agreement with the fp64 reference.
+both tile heights, split-K clusters of any size and single blocks, stream-K (the 64-row tiles'
+blocks sharing all tiles' chunks), bit-exact weights through the kernel, determinism, graph
+capture, bfloat16 and agreement with the fp64 reference.
 """
 
 from __future__ import annotations
