@@ -1018,21 +1018,21 @@ void launch_tc_slice(const DeviceLayer& L, const T* x, std::int64_t m, T* out, b
   // One scratch: the gathered activations (+ kXTailPad: the kernel's unchecked activation loads
   // of a last, partial iteration), then, where the wgmma kernel runs stream-K, its tile counters
   // (zeroed by the gather) and partial tiles.
-  const int sk_blocks = wgmma ? tc_wgmma_stream_k_blocks(L, m) : 0;
+  WgmmaStreamK sk;
+  sk.blocks = wgmma ? tc_wgmma_stream_k_blocks(L, m) : 0;
   auto aligned = [](std::size_t b) { return (b + 255) / 256 * 256; };
   const std::size_t x_bytes = aligned(static_cast<std::size_t>(m * ldxp + kXTailPad) * sizeof(std::uint16_t));
-  const std::size_t cnt_bytes = sk_blocks > 0 ? aligned(static_cast<std::size_t>(L.tc_tiles) * sizeof(int)) : 0;
-  const std::size_t part_bytes = sk_blocks > 0 ? tc_wgmma_stream_k_floats(sk_blocks) * sizeof(float) : 0;
+  const std::size_t cnt_bytes = sk.blocks > 0 ? aligned(static_cast<std::size_t>(L.tc_tiles) * sizeof(int)) : 0;
+  const std::size_t part_bytes = sk.blocks > 0 ? tc_wgmma_stream_k_floats(sk.blocks) * sizeof(float) : 0;
   StreamScratch xp(x_bytes + cnt_bytes + part_bytes, stream);
   std::uint16_t* xpb = static_cast<std::uint16_t*>(xp.get());
-  WgmmaStreamK sk;
-  if (sk_blocks > 0) {
+  if (sk.blocks > 0) {
     sk.counters = reinterpret_cast<int*>(static_cast<char*>(xp.get()) + x_bytes);
     sk.partials = reinterpret_cast<float*>(static_cast<char*>(xp.get()) + x_bytes + cnt_bytes);
   }
   tc_gather_x_kernel<<<grid_for(m * ldxp / 8, kPackThreads), kPackThreads, 0, stream>>>(
       reinterpret_cast<const std::uint16_t*>(x), m, L.K, L.tc_xsrc.get(), L.num_chunks, xpb, sk.counters,
-      sk_blocks > 0 ? L.tc_tiles : 0);
+      sk.blocks > 0 ? L.tc_tiles : 0);
   EXL2_CUDA_CHECK_LAUNCH("tc_gather_x_kernel");
   const __half* xph = reinterpret_cast<const __half*>(xpb);  // the kernel reads 16-bit values of T
   if (wgmma)

@@ -117,10 +117,9 @@ __device__ __forceinline__ void wg_mma(float (&d)[R / 2], const std::uint32_t (&
 /// the activation buffer whose descriptor (k16 step 0 of chunk 0) is xdesc; committed as one group.
 /// The caller leaves the A registers `a` untouched until it has waited for the group.
 template <int R, int B, class T>
-__device__ __forceinline__ void wg_chunk(const std::uint32_t* ring, int wo, const GroupConsts& gc, int q,
-                                         std::uint64_t xdesc, float (&acc)[2][R / 2], std::uint32_t (&a)[2][2][4]) {
-  std::uint32_t w[8];
-  ring_lane_words<B>(ring, wo, w);
+__device__ __forceinline__ void wg_chunk_words(const std::uint32_t (&w)[8], const GroupConsts& gc, int q,
+                                               std::uint64_t xdesc, float (&acc)[2][R / 2],
+                                               std::uint32_t (&a)[2][2][4]) {
   std::uint32_t b[4][2][2];
   decode_chunk<B, T>(w, gc, b);
 #pragma unroll
@@ -146,6 +145,14 @@ __device__ __forceinline__ void wg_chunk(const std::uint32_t* ring, int wo, cons
   wgmma_commit();
 }
 
+template <int R, int B, class T>
+__device__ __forceinline__ void wg_chunk(const std::uint32_t* ring, int wo, const GroupConsts& gc, int q,
+                                         std::uint64_t xdesc, float (&acc)[2][R / 2], std::uint32_t (&a)[2][2][4]) {
+  std::uint32_t w[8];
+  ring_lane_words<B>(ring, wo, w);
+  wg_chunk_words<R, B, T>(w, gc, q, xdesc, acc, a);
+}
+
 /// One chunk on its own (iterations of mixed widths or a partial last one): no wgmma stays in
 /// flight past the width switch, which lets ptxas keep the wgmma asynchronous elsewhere.
 template <int R, int B, class T>
@@ -159,20 +166,28 @@ __device__ __forceinline__ void wg_chunk_sync(const std::uint32_t* ring, int wo,
 /// One full iteration (Q chunks of width B, Q even): each chunk decodes while the previous
 /// chunk's wgmma run, in the other of two register sets (keep_until_here makes ptxas give them
 /// distinct registers); all groups complete before the iteration's end. (Keeping a group in
-/// flight across iterations made ptxas serialise every wgmma of the kernel.)
+/// flight across iterations made ptxas serialise every wgmma of the kernel.) Chunk q + 1's ring
+/// words are loaded before chunk q decodes (the iteration's ring steps have all landed at its
+/// barrier, and no refill overwrites them before the next one): loaded after the wait for chunk
+/// q - 1's wgmma instead, as the wgmma asm's memory clobber placed them, each chunk's shared
+/// loads and address arithmetic sat between that wait and its decode (H100, GPTQ-4 4096 x 14336,
+/// m = 33 / 64: 35.8-37.6 -> 34.6-34.7 / 37.3-37.9 -> 36.3 us; 8192 x 28672 level, ab/s16_c1.sh).
 template <int R, int Q, int B, class T>
 __device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* dcur, std::int64_t s0, int& header,
                                         GroupConsts& gc, std::uint64_t xdesc, float (&acc)[2][R / 2], int lane,
                                         int warp) {
   std::uint32_t a0[2][2][4], a1[2][2][4];
+  std::uint32_t w[2][8];
+  ring_lane_words<B>(ring, chunk_lane_word(dcur[0], B, s0, lane, warp), w[0]);
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
+    load_group_header<T>(ring, dcur[q], B, s0, header, gc, lane, warp);
+    if (q + 1 < Q) ring_lane_words<B>(ring, chunk_lane_word(dcur[q + 1], B, s0, lane, warp), w[(q + 1) & 1]);
     if (q >= 2) {
       wgmma_wait_one();  // chunk q - 2 has completed: its register set is free
       keep_until_here((q & 1) ? a1 : a0);
     }
-    load_group_header<T>(ring, dcur[q], B, s0, header, gc, lane, warp);
-    wg_chunk<R, B, T>(ring, chunk_lane_word(dcur[q], B, s0, lane, warp), gc, q, xdesc, acc, (q & 1) ? a1 : a0);
+    wg_chunk_words<R, B, T>(w[q & 1], gc, q, xdesc, acc, (q & 1) ? a1 : a0);
   }
   wgmma_wait_all();
   keep_until_here(a0);
@@ -453,9 +468,9 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
   if (groups > 65535) throw Unsupported("gemm: N is too large for the wgmma kernel");
   if (mtiles > 0x7fffffffLL) throw Unsupported("gemm: m = " + std::to_string(m) + " is too large");
   if constexpr (R == 64 && WG == 1) {
-    if (const int blocks = tc_wgmma_stream_k_blocks(L, m); blocks > 0) {
+    if (sk.blocks > 0) {
       if (sk.partials == nullptr || sk.counters == nullptr) internal_error("launch_tc_wgmma: no stream-K scratch");
-      launch_clustered_smem(tc_wgmma_kernel<R, WG, T, true>, dim3(1, 1, static_cast<unsigned>(blocks)),
+      launch_clustered_smem(tc_wgmma_kernel<R, WG, T, true>, dim3(1, 1, static_cast<unsigned>(sk.blocks)),
                             dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, 1, 1, false, stream,
                             "tc_wgmma_kernel launch", xp, m, ldxp,
                             static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words, L.tc_tiles,
@@ -470,7 +485,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
   // 2; H100, GPTQ-4, EXL2_CUDA_WGMMA_SPLIT sweep, ab/s15_c3.sh); or EXL2_CUDA_WGMMA_SPLIT.
   const int split = !WgShape<R, WG>::kCanSplit ? 1
                     : L.tc_wgmma_split > 0     ? L.tc_wgmma_split
-                                               : single_wave_split_any(L, groups * mtiles, 16, per_sm, 8);
+                                               : single_wave_split(L, groups * mtiles, 16, per_sm, 8, true);
   launch_clustered_smem(tc_wgmma_kernel<R, WG, T>,
                         dim3(static_cast<unsigned>(mtiles), static_cast<unsigned>(split),
                              static_cast<unsigned>(groups)),
@@ -560,7 +575,7 @@ int tc_wgmma_stream_k_blocks(const DeviceLayer& L, std::int64_t m) {
   const int per_sm = L.tc_wgmma_sk > 0 ? L.tc_wgmma_sk : 3;
   if (L.tc_wgmma_sk_per_sm < per_sm || L.tc_tiles * L.num_chunks > 0x7fffffffLL) return 0;
   if (L.tc_wgmma_sk < 0 && (L.tc_tiles <= L.sm_count ||
-                            single_wave_split_any(L, L.tc_tiles, 16, L.tc_wgmma_blocks_per_sm[0], 8) > 1))
+                            single_wave_split(L, L.tc_tiles, 16, L.tc_wgmma_blocks_per_sm[0], 8, true) > 1))
     return 0;
   // (at most one block per chunk position: every block's range is then non-empty)
   const std::int64_t blocks = static_cast<std::int64_t>(per_sm) * L.sm_count;

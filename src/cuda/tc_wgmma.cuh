@@ -17,10 +17,12 @@ namespace exl2::detail::cuda {
 /// was built): true on compute capability 9.0 when the build holds the kernel's sm_90a code.
 void query_tc_wgmma(DeviceLayer& layer);
 
-/// Where the kernel runs stream-K (tc_wgmma_stream_k_blocks > 0), the call's scratch for it:
-/// two partial tiles of 64 x 128 floats per block, and one counter per column tile, which must be
-/// zero when the kernel starts (the activation gather zeroes them).
+/// Stream-K for one call: `blocks` = tc_wgmma_stream_k_blocks(layer, m) (0: none), and where it
+/// is > 0 the call's scratch for it: two partial tiles of 64 x 128 floats per block, and one
+/// counter per column tile, which must be zero when the kernel starts (the activation gather
+/// zeroes them).
 struct WgmmaStreamK {
+  int blocks = 0;
   float* partials = nullptr;
   int* counters = nullptr;
 };
@@ -33,7 +35,7 @@ inline std::size_t tc_wgmma_stream_k_floats(int blocks) { return static_cast<std
 
 /// out[m, N] = xp @ W (+ bias) with wgmma, m rows of the gathered activations `xp` (chunk-padded,
 /// row stride ldxp, as tc_gather_x_kernel writes them; values of type T); requires
-/// layer.tc_wgmma, and `sk` where tc_wgmma_stream_k_blocks(layer, m) > 0. Rounds the weights like
+/// layer.tc_wgmma, and `sk` as tc_wgmma_stream_k_blocks(layer, m) gives. Rounds the weights like
 /// dequantize(T) and accumulates in fp32, in a fixed order.
 void launch_tc_wgmma(const DeviceLayer& layer, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
                      const WgmmaStreamK& sk, cudaStream_t stream);
