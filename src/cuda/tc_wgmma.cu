@@ -35,6 +35,7 @@
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
 #include "cuda/gemv.cuh"
+#include "cuda/stream_k_rule.hpp"
 #include "cuda/tc_device.cuh"
 #include "cuda/tc_layout.hpp"
 #include "cuda/tc_wgmma.cuh"
@@ -236,17 +237,18 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
   // (stream-K positions are ints: tc_wgmma_stream_k_blocks keeps tiles x num_chunks below 2^31)
   const int nc = num_chunks;
   const int sk_total = kStreamK ? static_cast<int>(tiles) * nc : 0, sk_P = gridDim.z, sk_p = blockIdx.z;
-  const int pos0 = kStreamK ? static_cast<int>(static_cast<std::int64_t>(sk_total) * sk_p / sk_P) : 0;
-  const int pos1 = kStreamK ? static_cast<int>(static_cast<std::int64_t>(sk_total) * (sk_p + 1) / sk_P) : 1;
+  const int pos0 = kStreamK ? stream_k::begin(sk_total, sk_P, sk_p) : 0;
+  const int pos1 = kStreamK ? stream_k::begin(sk_total, sk_P, sk_p + 1) : 1;
 #pragma unroll 1
   for (int pos = pos0; pos < pos1;) {
     std::int64_t tile;
     int cb, ce;
     bool has_tile = true;
     if constexpr (kStreamK) {
-      tile = pos / nc;
-      cb = pos - static_cast<int>(tile) * nc;
-      ce = pos1 - pos < nc - cb ? cb + (pos1 - pos) : nc;
+      const stream_k::Segment sg = stream_k::segment(pos, pos1, nc);
+      tile = sg.tile;
+      cb = sg.cb;
+      ce = sg.ce;
     } else {
       // A group past the last tile (last block) repeats the last one and stores nothing.
       const std::int64_t tile_raw = static_cast<std::int64_t>(blockIdx.z) * WG + grp;
@@ -384,23 +386,21 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     }
 
     if constexpr (kStreamK) {
-      // Stream-K (one row tile, WG = 1, no cluster): the tiles' chunks in order, tile by tile, are
-      // one range of sk_total = tiles x num_chunks positions, and block p of P = gridDim.z runs
-      // [sk_total p / P, sk_total (p + 1) / P), segment by segment (its parts in one tile). A
-      // segment that is a whole tile is stored; else its partial tile goes to the block's slot
-      // (0: its first segment, 1: its last) in sk_partials, and the block that completes the tile's
-      // count in sk_counters (zeroed by the gather kernel) adds the tile's partials in block order,
-      // i.e. in chunk order whichever block arrives last (deterministic), and stores the sum.
+      // Stream-K (one row tile, WG = 1, no cluster; the partition, slots and counter rule:
+      // stream_k_rule.hpp, tested on the host): the tiles' chunks in order, tile by tile, are one
+      // range of sk_total = tiles x num_chunks positions, and block p of P = gridDim.z runs
+      // [begin(p), begin(p + 1)), segment by segment (its parts in one tile). A segment that is a
+      // whole tile is stored; else its partial tile goes to the block's slot (0: its first
+      // segment, 1: its last) in sk_partials, and the block that completes the tile's count in
+      // sk_counters (zeroed by the gather kernel) adds the tile's partials in block order, i.e. in
+      // chunk order whichever block arrives last (deterministic), and stores the sum.
       static_assert(WG == 1, "stream-K: one group per block");
       constexpr int kPart = 2 * S::kAcc * S::kThreads;  // floats of a partial tile, [h, i][tid]
       int* last_flag = reinterpret_cast<int*>(dring + 2 * Q);
-      // The block whose range holds position x (the largest q with sk_total q / P <= x).
-      auto block_of = [&](int x) {
-        return static_cast<int>(((static_cast<std::int64_t>(x) + 1) * sk_P + sk_total - 1) / sk_total - 1);
-      };
       if (cb == 0 && ce == nc) {
         store_tile(tile);
       } else {
+        // (slot: stream_k::slot(.., sk_p, tile), which is 0 exactly for the block's first segment)
         float* mine = sk_partials + (static_cast<std::int64_t>(sk_p) * 2 + (pos == pos0 ? 0 : 1)) * kPart + tid;
 #pragma unroll
         for (int h = 0; h < 2; ++h)
@@ -408,8 +408,8 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
           for (int i = 0; i < S::kAcc; ++i) __stcg(mine + (h * S::kAcc + i) * S::kThreads, acc[h][i]);
         __threadfence();  // the partial before the count (and, for the last block, its reads after)
         __syncthreads();
-        const int t0 = static_cast<int>(tile) * nc;
-        const int pa = block_of(t0), pb = block_of(t0 + nc - 1);
+        const int t = static_cast<int>(tile);
+        const int pa = stream_k::first_block(sk_total, sk_P, nc, t), pb = stream_k::last_block(sk_total, sk_P, nc, t);
         if (tid == 0) *last_flag = atomicAdd(sk_counters + tile, 1) == pb - pa;
         __syncthreads();
         if (*last_flag) {
@@ -420,8 +420,8 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
             for (int i = 0; i < S::kAcc; ++i) acc[h][i] = 0.0f;
 #pragma unroll 1
           for (int q = pa; q <= pb; ++q) {
-            const bool first = static_cast<int>(static_cast<std::int64_t>(sk_total) * q / sk_P) / nc == tile;
-            const float* part = sk_partials + (static_cast<std::int64_t>(q) * 2 + (first ? 0 : 1)) * kPart + tid;
+            const float* part =
+                sk_partials + (static_cast<std::int64_t>(q) * 2 + stream_k::slot(sk_total, sk_P, nc, q, t)) * kPart + tid;
 #pragma unroll
             for (int h = 0; h < 2; ++h)
 #pragma unroll
