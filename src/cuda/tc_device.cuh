@@ -429,6 +429,17 @@ __device__ __forceinline__ ChunkRange chunk_range(const int4* __restrict__ tc_ch
   return r;
 }
 
+/// The tc kernels' descriptor prefetch: lane q < Q of the loading warp (`loader`) gets the
+/// descriptor of chunk c0 + q, zeros past chunk `end` and in every other thread. The kernels load
+/// an iteration's descriptors two iterations ahead and store them in shared memory (dring) one
+/// iteration before use, so no chunk waits for its descriptor's global load.
+template <int Q>
+__device__ __forceinline__ int4 prefetch_chunk_desc(const int4* __restrict__ tc_chunks, int c0, int end, bool loader,
+                                                    int lane) {
+  const int c = c0 + lane;
+  return (loader && lane < Q && c < end) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
+}
+
 /// The group constants a block starts with: when its first chunk does not start its group (a
 /// split of the chunk range), that group's header read directly from the tile's stream `tsrc`
 /// (the columns 8 jj + g of `warp`'s block); returns the header unit held (-1: none yet, the ring

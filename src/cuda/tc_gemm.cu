@@ -512,10 +512,7 @@ __global__ void __launch_bounds__(kTcThreads,
 
     // Descriptors: lanes q < Q of warp 0 load chunk (first of iteration) + q, two iterations
     // ahead; they reach dring one iteration before use.
-    auto load_desc = [&](int c0) -> int4 {
-      const int c = c0 + lane;
-      return (warp == 0 && lane < Q && c < ce) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
-    };
+    auto load_desc = [&](int c0) { return prefetch_chunk_desc<Q>(tc_chunks, c0, ce, warp == 0, lane); };
     // Activations: the tile [R rows x 32 Q] of xp at chunk c0, as 16-byte pieces (row,
     // 8 columns); piece k of this thread is xoff[k] bytes from the block's first row, plus 32 c0
     // halves.

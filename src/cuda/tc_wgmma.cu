@@ -328,10 +328,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       GroupConsts gc;
       int header = first_group_header<T>(tsrc, cr, g, warp, gc);
 
-      auto load_desc = [&](int c0) -> int4 {
-        const int c = c0 + lane;
-        return (tid < 32 && lane < Q && c < ce) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
-      };
+      auto load_desc = [&](int c0) { return prefetch_chunk_desc<Q>(tc_chunks, c0, ce, tid < 32, lane); };
       if (tid < Q) dring[tid] = load_desc(cb);
       int4 dnext = load_desc(cb + Q);
       __syncthreads();  // dring[0]

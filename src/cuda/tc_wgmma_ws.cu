@@ -191,10 +191,7 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
     }
     GroupConsts gc;
     int header = first_group_header<T>(tsrc, cr, g, warp, gc);
-    auto load_desc = [&](int c0) -> int4 {
-      const int c = c0 + lane;
-      return (tid < 32 && lane < Q && c < num_chunks) ? __ldg(tc_chunks + c) : make_int4(0, 0, 0, 0);
-    };
+    auto load_desc = [&](int c0) { return prefetch_chunk_desc<Q>(tc_chunks, c0, num_chunks, tid < 32, lane); };
     if (tid < Q) dring[tid] = load_desc(0);
     int4 dnext = load_desc(Q);
     named_barrier_sync(1, kPThreads);
