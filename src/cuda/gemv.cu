@@ -341,8 +341,8 @@ int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_b
 int single_wave_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                       int max_split, bool any_size) {
   if (!L.clusters) return 1;
-  return split_rule::largest_single_wave(tiles, resident_blocks(L, blocks_per_sm), L.num_chunks,
-                                         min_chunks_per_block, split_rule::capped(max_split, L.max_split), any_size);
+  return split_rule::single_wave(tiles, resident_blocks(L, blocks_per_sm), L.num_chunks, min_chunks_per_block,
+                                 split_rule::capped(max_split, L.max_split), any_size);
 }
 
 bool cluster16_launchable(const void* kernel, int threads) {

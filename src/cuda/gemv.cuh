@@ -39,10 +39,9 @@ int cluster_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_p
 /// Split-K factor for kernels whose extra waves cost more than the reduction saves (the tc
 /// kernel's 64-row tiles): the largest power of two (at most `max_split` or the layer's
 /// EXL2_CUDA_MAX_SPLIT cap, each block keeping `min_chunks_per_block` chunks) whose blocks all
-/// fit one wave (split_rule::single_wave), or with `any_size` the largest of every split 1, 2,
-/// 3, .. (split_rule::single_wave_any; for kernels whose cluster reduction takes any split,
-/// cluster_reduce_store: the wgmma kernel); 1 when even 2 does not fit, or where cluster_split
-/// returns 1.
+/// fit one wave, or with `any_size` the largest of every split 1, 2, 3, .. (for kernels whose
+/// cluster reduction takes any split, cluster_reduce_store: the wgmma kernel); 1 when even 2
+/// does not fit, or where cluster_split returns 1. The rule: split_rule::single_wave.
 int single_wave_split(const DeviceLayer& layer, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,
                       int max_split, bool any_size = false);
 

@@ -37,31 +37,18 @@ inline int by_waves(std::int64_t tiles, std::int64_t slots, int num_chunks, int 
 }
 
 /// The largest split (at most `max_split` and 16, each block keeping `min_chunks_per_block`
-/// chunks) whose blocks all fit one wave, among the powers of two (`any_size` false) or every
-/// split 1, 2, 3, ..; 1 when even 2 does not fit.
-inline int largest_single_wave(std::int64_t tiles, std::int64_t slots, int num_chunks, int min_chunks_per_block,
-                               int max_split, bool any_size) {
+/// chunks) whose blocks all fit one wave, among the powers of two or, with `any_size`, every
+/// split 1, 2, 3, .. (for kernels whose cluster reduction takes any split: the wgmma kernel's
+/// 64-row tiles, where 4096 x 14336 at m = 64 splits 3 ways, 336 of 396 blocks, instead of 2);
+/// 1 when even 2 does not fit.
+inline int single_wave(std::int64_t tiles, std::int64_t slots, int num_chunks, int min_chunks_per_block,
+                       int max_split, bool any_size = false) {
   int best = 1;
   for (int split = 2; split <= max_split && split <= 16; split = any_size ? split + 1 : split * 2) {
     if (num_chunks / split < min_chunks_per_block || tiles * split > slots) break;
     best = split;
   }
   return best;
-}
-
-/// The largest split (a power of two, at most `max_split` and 16, each block keeping
-/// `min_chunks_per_block` chunks) whose blocks all fit one wave; 1 when even 2 does not.
-inline int single_wave(std::int64_t tiles, std::int64_t slots, int num_chunks, int min_chunks_per_block,
-                       int max_split) {
-  return largest_single_wave(tiles, slots, num_chunks, min_chunks_per_block, max_split, false);
-}
-
-/// single_wave over every split 1, 2, 3, .. (not only powers of two), for kernels whose cluster
-/// reduction takes any split (the wgmma kernel's 64-row tiles: 4096 x 14336 at m = 64 splits 3
-/// ways, 336 of 396 blocks, instead of 2).
-inline int single_wave_any(std::int64_t tiles, std::int64_t slots, int num_chunks, int min_chunks_per_block,
-                           int max_split) {
-  return largest_single_wave(tiles, slots, num_chunks, min_chunks_per_block, max_split, true);
 }
 
 }  // namespace exl2::detail::split_rule

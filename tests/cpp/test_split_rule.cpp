@@ -34,14 +34,14 @@ int main() {
   expect("tc MT=4 14336x4096", sr::single_wave(32, 3 * sms, 448, 16, 8), 8);
   // The wgmma kernel's 64-row tiles take any split: 4096 x 14336 splits 3 ways (336 of 396
   // blocks); the other bench shapes as with powers of two.
-  expect("wgmma R=64 4096x14336", sr::single_wave_any(112, 3 * sms, 128, 16, 8), 3);
-  expect("wgmma R=64 8192x28672", sr::single_wave_any(224, 3 * sms, 256, 16, 8), 1);
-  expect("wgmma R=64 4096x4096", sr::single_wave_any(32, 3 * sms, 128, 16, 8), 8);
-  expect("wgmma R=64 14336x4096", sr::single_wave_any(32, 3 * sms, 448, 16, 8), 8);
-  expect("single_wave_any chunks", sr::single_wave_any(1, 1000, 48, 16, 16), 3);
-  expect("single_wave_any cap", sr::single_wave_any(1, 1000, 4096, 1, 5), 5);
-  expect("single_wave_any 16", sr::single_wave_any(1, 1000, 4096, 1, 64), 16);
-  expect("single_wave_any none", sr::single_wave_any(100, 150, 4096, 1, 8), 1);
+  expect("wgmma R=64 4096x14336", sr::single_wave(112, 3 * sms, 128, 16, 8, true), 3);
+  expect("wgmma R=64 8192x28672", sr::single_wave(224, 3 * sms, 256, 16, 8, true), 1);
+  expect("wgmma R=64 4096x4096", sr::single_wave(32, 3 * sms, 128, 16, 8, true), 8);
+  expect("wgmma R=64 14336x4096", sr::single_wave(32, 3 * sms, 448, 16, 8, true), 8);
+  expect("single_wave any_size chunks", sr::single_wave(1, 1000, 48, 16, 16, true), 3);
+  expect("single_wave any_size cap", sr::single_wave(1, 1000, 4096, 1, 5, true), 5);
+  expect("single_wave any_size 16", sr::single_wave(1, 1000, 4096, 1, 64, true), 16);
+  expect("single_wave any_size none", sr::single_wave(100, 150, 4096, 1, 8, true), 1);
   // Limits: chunks per block (32 chunks, 16 a block: at most 2), the cap, at most 16.
   expect("single_wave chunks", sr::single_wave(1, 1000, 32, 16, 16), 2);
   expect("single_wave cap", sr::single_wave(1, 1000, 4096, 1, 4), 4);
