@@ -167,12 +167,13 @@ __device__ __forceinline__ void wg_chunk_sync(const std::uint32_t* ring, int wo,
 /// One full iteration (Q chunks of width B, Q even): each chunk decodes while the previous
 /// chunk's wgmma run, in the other of two register sets (keep_until_here makes ptxas give them
 /// distinct registers); all groups complete before the iteration's end. (Keeping a group in
-/// flight across iterations made ptxas serialise every wgmma of the kernel.) Chunk q + 1's ring
-/// words are loaded before chunk q decodes (the iteration's ring steps have all landed at its
-/// barrier, and no refill overwrites them before the next one): loaded after the wait for chunk
-/// q - 1's wgmma instead, as the wgmma asm's memory clobber placed them, each chunk's shared
-/// loads and address arithmetic sat between that wait and its decode (H100, GPTQ-4 4096 x 14336,
-/// m = 33 / 64: 35.8-37.6 -> 34.6-34.7 / 37.3-37.9 -> 36.3 us; 8192 x 28672 level, ab/s16_c1.sh).
+/// flight across iterations made ptxas serialise every wgmma of the kernel.) Each chunk's ring
+/// words are loaded one chunk ahead, before the previous chunk's decode (the iteration's ring
+/// steps have all landed at its barrier, and no refill overwrites them before the next one).
+/// Loaded in place, after the wait for the wgmma of two chunks back (the wait asm's memory
+/// clobber keeps loads below it), every chunk began with its shared loads and their address
+/// arithmetic between that wait and its decode (H100, GPTQ-4 4096 x 14336, m = 33 / 64:
+/// 35.8-37.6 -> 34.6-34.7 / 37.3-37.9 -> 36.3 us; 8192 x 28672 level; ab/s16_c1.sh).
 template <int R, int Q, int B, class T>
 __device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* dcur, std::int64_t s0, int& header,
                                         GroupConsts& gc, std::uint64_t xdesc, float (&acc)[2][R / 2], int lane,
