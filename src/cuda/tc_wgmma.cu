@@ -394,6 +394,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       // chunk order whichever block arrives last (deterministic), and stores the sum.
       static_assert(WG == 1, "stream-K: one group per block");
       constexpr int kPart = 2 * S::kAcc * S::kThreads;  // floats of a partial tile, [h, i][tid]
+      static_assert(2 * kPart == tc_wgmma_stream_k_floats(1), "stream-K scratch: two partial tiles a block");
       int* last_flag = reinterpret_cast<int*>(dring + 2 * Q);
       if (cb == 0 && ce == nc) {
         store_tile(tile);
@@ -525,11 +526,11 @@ int config_for(const DeviceLayer& L, std::int64_t m) {
   return ((m + 127) / 128) * ((L.tc_tiles + 1) / 2) >= L.sm_count ? 1 : 2;
 }
 
-/// EXL2_CUDA_WGMMA_CFG=0..5 at construction (a measurement and test knob): the shape for every
-/// m; -1 when unset or anything else.
-int forced_config_from_env() {
-  const char* v = std::getenv("EXL2_CUDA_WGMMA_CFG");
-  if (v != nullptr && v[0] >= '0' && v[0] < '0' + kWgConfigs && v[1] == '\0') return v[0] - '0';
+/// The wgmma kernels' measurement and test knobs, read at construction: one digit lo..hi in the
+/// environment variable `name`; -1 when unset or anything else.
+int digit_from_env(const char* name, int lo, int hi) {
+  const char* v = std::getenv(name);
+  if (v != nullptr && v[0] >= '0' + lo && v[0] <= '0' + hi && v[1] == '\0') return v[0] - '0';
   return -1;
 }
 
@@ -547,14 +548,6 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
     case kWsConfig192: launch_tc_wgmma_ws(L, xp, m, ldxp, 192, out, stream); break;
     default: internal_error("launch_tc_wgmma: no such shape");
   }
-}
-
-/// EXL2_CUDA_WGMMA_SK=0..3 at construction (a measurement and test knob): stream-K blocks per
-/// multiprocessor for the 64-row tiles at every m <= 64 (0: never stream-K); -1 when unset.
-int stream_k_from_env() {
-  const char* v = std::getenv("EXL2_CUDA_WGMMA_SK");
-  if (v != nullptr && v[0] >= '0' && v[0] <= '3' && v[1] == '\0') return v[0] - '0';
-  return -1;
 }
 
 }  // namespace
@@ -595,11 +588,14 @@ void query_tc_wgmma(DeviceLayer& L) {
   L.tc_wgmma_blocks_per_sm[kWsConfig192] = tc_wgmma_ws_blocks_per_sm(192);
   L.tc_wgmma = true;  // (the warp-specialised shapes are optional: config_for checks them)
   for (int i = 0; i < kWsConfig128; ++i) L.tc_wgmma = L.tc_wgmma && L.tc_wgmma_blocks_per_sm[i] > 0;
-  L.tc_wgmma_forced = forced_config_from_env();
-  if (const char* v = std::getenv("EXL2_CUDA_WGMMA_SPLIT"); v != nullptr && v[0] >= '1' && v[0] <= '8' && v[1] == '\0')
-    L.tc_wgmma_split = v[0] - '0';
+  // EXL2_CUDA_WGMMA_CFG=0..5: the shape for every m.
+  L.tc_wgmma_forced = digit_from_env("EXL2_CUDA_WGMMA_CFG", 0, kWgConfigs - 1);
+  // EXL2_CUDA_WGMMA_SPLIT=1..8: the cluster split of every launch that can split.
+  if (const int split = digit_from_env("EXL2_CUDA_WGMMA_SPLIT", 1, 8); split > 0) L.tc_wgmma_split = split;
   if (L.tc_wgmma_forced >= 0 && L.tc_wgmma_blocks_per_sm[L.tc_wgmma_forced] == 0) L.tc_wgmma_forced = -1;
-  L.tc_wgmma_sk = stream_k_from_env();
+  // EXL2_CUDA_WGMMA_SK=0..3: stream-K blocks per multiprocessor for the 64-row tiles at every
+  // m <= 64 (0: never stream-K).
+  L.tc_wgmma_sk = digit_from_env("EXL2_CUDA_WGMMA_SK", 0, 3);
   L.tc_wgmma_sk_per_sm = blocks_per_sm_with_smem(
       {reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __half, true>),
        reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __nv_bfloat16, true>)},

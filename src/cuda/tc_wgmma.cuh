@@ -31,7 +31,7 @@ struct WgmmaStreamK {
 /// tile (or a cluster's share of one) per block.
 int tc_wgmma_stream_k_blocks(const DeviceLayer& layer, std::int64_t m);
 /// Floats of WgmmaStreamK::partials for a launch of `blocks` blocks.
-inline std::size_t tc_wgmma_stream_k_floats(int blocks) { return static_cast<std::size_t>(blocks) * 2 * 64 * 128; }
+constexpr std::size_t tc_wgmma_stream_k_floats(int blocks) { return static_cast<std::size_t>(blocks) * 2 * 64 * 128; }
 
 /// out[m, N] = xp @ W (+ bias) with wgmma, m rows of the gathered activations `xp` (chunk-padded,
 /// row stride ldxp, as tc_gather_x_kernel writes them; values of type T); requires
