@@ -12,7 +12,12 @@ columns) and how often it executed. The report prints:
 - the share of samples and of executed instructions per opcode (``IMAD``, ``LDGSTS``, ...);
 - the ``--top`` instructions by samples, in program order, each with its three largest reasons;
 - with ``--range FIRST LAST``, every instruction of that index range and its execution count
-  (to read a hot loop whole).
+  (to read a hot loop whole);
+- with ``--per N``, the instructions grouped by how often each ran (the code of one loop level
+  runs equally often: a loop body, an iteration's bookkeeping, a prologue), each class with its
+  instructions executed per unit of work (N units, e.g. chunks x warps) and its share of the
+  samples. Session 17 read the wgmma kernel's 138 instructions per chunk and warp this way, 72
+  of them the chunk's own (docs/kernels.md, "Where a 64-row block's time goes").
 
 A hot spot's share of samples is where the time goes; an opcode's share of executed instructions
 is what the kernel spends its issue slots on. Session 14 found this way that a third of the wgmma
@@ -109,12 +114,37 @@ def hotspots(rows: Sequence[Instruction], top: int) -> List[Instruction]:
     return sorted(chosen, key=lambda r: r.index)
 
 
+@dataclass
+class ExecutionClass:
+    """The instructions that ran equally often."""
+
+    executions: float  # how often each of them ran
+    instructions: int
+    executed: float  # their executions together
+    samples: float
+
+
+def execution_classes(rows: Sequence[Instruction]) -> List[ExecutionClass]:
+    """The instructions grouped by execution count, most executed (in total) first; instructions
+    that never ran are left out."""
+    classes: Dict[float, ExecutionClass] = {}
+    for r in rows:
+        if r.executed <= 0:
+            continue
+        c = classes.setdefault(r.executed, ExecutionClass(r.executed, 0, 0.0, 0.0))
+        c.instructions += 1
+        c.executed += r.executed
+        c.samples += r.samples
+    return sorted(classes.values(), key=lambda c: -c.executed)
+
+
 def _shares(d: Dict[str, float], least: float = 0.01, most: int = 20) -> str:
     return ", ".join(f"{k} {v:.1%}" for k, v in list(d.items())[:most] if v >= least)
 
 
-def report(kernel: str, rows: Sequence[Instruction], top: int, span: Optional[Tuple[int, int]] = None) -> str:
-    """The text main() prints."""
+def report(kernel: str, rows: Sequence[Instruction], top: int, span: Optional[Tuple[int, int]] = None,
+           per: Optional[float] = None) -> str:
+    """The text main() prints (``per``: units of work for the execution classes, None: no classes)."""
     total = sum(r.samples for r in rows) or 1.0
     by_samples, by_executed = opcode_shares(rows)
     lines = [f"kernel: {kernel}",
@@ -128,6 +158,14 @@ def report(kernel: str, rows: Sequence[Instruction], top: int, span: Optional[Tu
             reasons = sorted(r.stalls.items(), key=lambda kv: -kv[1])[:3]
             why = " ".join(f"{k} {v / max(r.samples, 1.0):.2f}" for k, v in reasons if v > 0)
             lines.append(f"{r.index:6d} {r.samples / total:6.2%} {r.executed:10.0f}  {r.text[:72]:72s} {why}")
+    if per is not None:
+        lines.append(f"by execution count (executions, instructions, per unit of {per:.0f}, share of samples):")
+        shown = 0.0
+        for c in execution_classes(rows)[:12]:
+            lines.append(f"{c.executions:12.0f} {c.instructions:6d} {c.executed / per:8.1f} {c.samples / total:7.1%}")
+            shown += c.executed
+        lines.append(f"{'all':>12s} {len(rows):6d} {sum(r.executed for r in rows) / per:8.1f}"
+                     f" (the classes above: {shown / per:.1f})")
     if span is not None:
         first, last = span
         lines.append(f"instructions {first}..{last}:")
@@ -141,11 +179,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--top", type=int, default=40, help="hot instructions to list (0: none)")
     parser.add_argument("--range", nargs=2, type=int, metavar=("FIRST", "LAST"),
                         help="also list the instructions of this index range")
+    parser.add_argument("--per", type=float, metavar="N",
+                        help="also group the instructions by execution count, per N units of work")
     args = parser.parse_args(argv)
     if args.top < 0:
         parser.error(f"--top: expected 0 or more, got {args.top}")
+    if args.per is not None and not args.per > 0:
+        parser.error(f"--per: expected a positive number of units, got {args.per}")
     kernel, rows = load(args.csv)
-    print(report(kernel, rows, args.top, tuple(args.range) if args.range else None))
+    print(report(kernel, rows, args.top, tuple(args.range) if args.range else None, args.per))
     return 0
 
 

@@ -69,3 +69,24 @@ def test_rejects_other_csv(tmp_path: Path) -> None:
         nh.load(bad)
     with pytest.raises(SystemExit):
         nh.main([str(tmp_path / "a.csv"), "--top", "-1"])
+
+
+def test_execution_classes_per_unit_of_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--per N groups the instructions that ran equally often (one loop level each) and gives
+    their executions per unit of work and their share of the samples; instructions that never
+    ran belong to no class."""
+    nh = _module()
+    rows = ROWS + [("0x50", "LOP3.LUT R1, R2, 0xf, RZ, 0xc0, !PT", "20", "2,000", "20", "0", "0"),
+                   ("0x60", "EXIT", "0", "0", "0", "0", "0")]
+    kernel, loaded = nh.load(_write(tmp_path / "k.csv", rows))
+    classes = nh.execution_classes(loaded)
+    assert [(c.executions, c.instructions) for c in classes] == [(2000, 2), (1500, 1), (1000, 1), (500, 1)]
+    assert classes[0].executed == 4000 and classes[0].samples == 80
+    text = nh.report(kernel, loaded, 0, per=100)
+    assert "per unit of 100" in text
+    assert "2000      2     40.0   66.7%" in text  # 4000 executions / 100 units, 80 of 120 samples
+    assert text.splitlines()[-1].split()[:3] == ["all", "6", "70.0"]
+    assert nh.main([str(tmp_path / "k.csv"), "--top", "0", "--per", "10"]) == 0
+    assert "per unit of 10" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        nh.main([str(tmp_path / "k.csv"), "--per", "0"])
