@@ -159,7 +159,8 @@ def report(kernel: str, rows: Sequence[Instruction], top: int, span: Optional[Tu
             why = " ".join(f"{k} {v / max(r.samples, 1.0):.2f}" for k, v in reasons if v > 0)
             lines.append(f"{r.index:6d} {r.samples / total:6.2%} {r.executed:10.0f}  {r.text[:72]:72s} {why}")
     if per is not None:
-        lines.append(f"by execution count (executions, instructions, per unit of {per:.0f}, share of samples):")
+        lines.append(f"by execution count, the 12 largest classes (executions, instructions, per unit of {per:g}, "
+                     "share of samples):")
         shown = 0.0
         for c in execution_classes(rows)[:12]:
             lines.append(f"{c.executions:12.0f} {c.instructions:6d} {c.executed / per:8.1f} {c.samples / total:7.1%}")
