@@ -124,6 +124,10 @@ class ExecutionClass:
     samples: float
 
 
+# Execution classes that report() lists (the rest are the small per-launch pieces of a kernel).
+_CLASSES_SHOWN = 12
+
+
 def execution_classes(rows: Sequence[Instruction]) -> List[ExecutionClass]:
     """The instructions grouped by execution count, most executed (in total) first; instructions
     that never ran are left out."""
@@ -146,9 +150,10 @@ def report(kernel: str, rows: Sequence[Instruction], top: int, span: Optional[Tu
            per: Optional[float] = None) -> str:
     """The text main() prints (``per``: units of work for the execution classes, None: no classes)."""
     total = sum(r.samples for r in rows) or 1.0
+    executed = sum(r.executed for r in rows)
     by_samples, by_executed = opcode_shares(rows)
     lines = [f"kernel: {kernel}",
-             f"{len(rows)} instructions, {total:.0f} samples, {sum(r.executed for r in rows):.0f} executed",
+             f"{len(rows)} instructions, {total:.0f} samples, {executed:.0f} executed",
              "stall reasons: " + _shares(stall_shares(rows)),
              "samples by opcode: " + _shares(by_samples),
              "executed by opcode: " + _shares(by_executed)]
@@ -159,14 +164,13 @@ def report(kernel: str, rows: Sequence[Instruction], top: int, span: Optional[Tu
             why = " ".join(f"{k} {v / max(r.samples, 1.0):.2f}" for k, v in reasons if v > 0)
             lines.append(f"{r.index:6d} {r.samples / total:6.2%} {r.executed:10.0f}  {r.text[:72]:72s} {why}")
     if per is not None:
-        lines.append(f"by execution count, the 12 largest classes (executions, instructions, per unit of {per:g}, "
-                     "share of samples):")
-        shown = 0.0
-        for c in execution_classes(rows)[:12]:
-            lines.append(f"{c.executions:12.0f} {c.instructions:6d} {c.executed / per:8.1f} {c.samples / total:7.1%}")
-            shown += c.executed
-        lines.append(f"{'all':>12s} {len(rows):6d} {sum(r.executed for r in rows) / per:8.1f}"
-                     f" (the classes above: {shown / per:.1f})")
+        classes = execution_classes(rows)[:_CLASSES_SHOWN]
+        lines.append(f"by execution count, the {_CLASSES_SHOWN} largest classes (executions, instructions, per unit "
+                     f"of {per:g}, share of samples):")
+        lines += [f"{c.executions:12.0f} {c.instructions:6d} {c.executed / per:8.1f} {c.samples / total:7.1%}"
+                  for c in classes]
+        lines.append(f"{'all':>12s} {len(rows):6d} {executed / per:8.1f}"
+                     f" (the classes above: {sum(c.executed for c in classes) / per:.1f})")
     if span is not None:
         first, last = span
         lines.append(f"instructions {first}..{last}:")
