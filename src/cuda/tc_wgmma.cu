@@ -166,8 +166,14 @@ __device__ __forceinline__ void wg_chunk_sync(const std::uint32_t* ring, int wo,
 
 /// One full iteration (Q chunks of width B, Q even): each chunk decodes while the previous
 /// chunk's wgmma run, in the other of two register sets (keep_until_here makes ptxas give them
-/// distinct registers); all groups complete before the iteration's end. (Keeping a group in
-/// flight across iterations made ptxas serialise every wgmma of the kernel.) Each chunk's ring
+/// distinct registers). The last chunk's group stays in flight past the iteration's end: the
+/// kernel waits for it only before the next activation copy overwrites the buffer it reads
+/// (tc_wgmma_kernel, B), so the ring refill and the barrier no longer wait behind it. It was the
+/// kernel's hottest wait (Nsight Compute, 8192 x 28672 m = 64); deferring it measured 5-6% faster
+/// at m = 128 (H100, same call, two rounds: 8192 x 28672 GPTQ-4 147.3 / 149.3 -> 139.7 / 139.9 us,
+/// 4096 x 14336 56.3 / 56.5 -> 52.9 / 53.3) and level at m = 33 / 64 (ab/s18_c1.sh). (An earlier
+/// attempt that kept a group in flight made ptxas serialise every wgmma of the kernel; this one
+/// does not: no C7510 / C7520 warning, `WARPGROUP.DEPBAR.LE gsb0, 0x1` in the SASS.) Each chunk's ring
 /// words are loaded one chunk ahead, before the previous chunk's decode (the iteration's ring
 /// steps have all landed at its barrier, and no refill overwrites them before the next one).
 /// Loaded in place, after the wait for the wgmma of two chunks back (the wait asm's memory
@@ -191,9 +197,8 @@ __device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* d
     }
     wg_chunk_words<R, B, T>(w[q & 1], gc, q, xdesc, acc, (q & 1) ? a1 : a0);
   }
-  wgmma_wait_all();
+  wgmma_wait_one();
   keep_until_here(a0);
-  keep_until_here(a1);
 }
 
 template <int R, int WG, class T, bool kStreamK = false>
@@ -339,16 +344,19 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
         const int buf = it & 1;
         const int nq = ce - c0 < Q ? ce - c0 : Q;
         const int4* __restrict__ dcur = dring + (it & 1) * Q;
-        // A. (the barrier ending the previous iteration) its wgmma have completed.
-        // The next iteration's activations, into its buffer.
-        const int x_mark_cur = x_mark;
-        if (c0 + Q < ce) {
-          issue_x(c0 + Q, buf ^ 1);
-          x_mark = fill.issued;
-        }
+        // A. (the barrier ending the previous iteration) its wgmma have completed, except its last
+        // chunk's group (wg_iter ends with wgmma_wait_one), which reads the activation buffer
+        // buf ^ 1 and its own A registers, not the ring. So the ring refills first, then that
+        // group is waited for, then the next iteration's activations go into buf ^ 1.
         // B. This iteration's ring steps and activations have landed (this thread's copies).
+        const int x_mark_cur = x_mark;
         {
           fill.issue_through(dcur[nq - 1], s0, ahead);
+          wgmma_wait_all();
+          if (c0 + Q < ce) {
+            issue_x(c0 + Q, buf ^ 1);
+            x_mark = fill.issued;
+          }
           // This iteration's activations: groups committed after theirs are the ring steps issued
           // since, plus the next iteration's activation group.
           cp_async_wait_at_most(fill.issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
