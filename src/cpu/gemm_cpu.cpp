@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <memory>
 
+#include "core/env_knob.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
@@ -10,8 +11,7 @@ namespace exl2::detail::cpu {
 
 bool use_avx2() noexcept {
 #if EXL2_CPU_HAVE_AVX2_KERNELS
-  const char* force_scalar = std::getenv("EXL2_CPU_SCALAR");
-  if (force_scalar != nullptr && force_scalar[0] != '\0' && force_scalar[0] != '0') return false;
+  if (env::flag("EXL2_CPU_SCALAR")) return false;
   return avx2_supported();
 #else
   return false;

@@ -9,20 +9,17 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <exception>
 #include <thread>
 #include <vector>
+
+#include "core/env_knob.hpp"
 
 namespace exl2::detail::cpu {
 
 /// The EXL2_CPU_THREADS override, or 0 when unset or invalid.
 inline std::int64_t forced_thread_count() noexcept {
-  const char* env = std::getenv("EXL2_CPU_THREADS");
-  if (env == nullptr || *env == '\0') return 0;
-  char* end = nullptr;
-  const long long n = std::strtoll(env, &end, 10);
-  return (end != nullptr && *end == '\0' && n > 0 && n <= 1024) ? static_cast<std::int64_t>(n) : 0;
+  return env::integer_in("EXL2_CPU_THREADS", 1, 1024, 0);
 }
 
 /// Run fn(begin, end) over [0, count) on up to hardware_concurrency threads; use one

@@ -23,9 +23,9 @@
 #include <mma.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "core/cuda_backend.hpp"
+#include "core/env_knob.hpp"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
 #include "cuda/gemv.cuh"
@@ -358,8 +358,7 @@ void query_mma_occupancy(DeviceLayer& L) {
                mma_bf16_runs(reinterpret_cast<const void*>(mma_kernel<128, 128, 64, 32, __nv_bfloat16>));
   // Testing switch: EXL2_CUDA_BF16_NO_MMA=1 (read at construction) makes the layer use the
   // compute-capability-7.5 fallback (GEMV slices) so that it can be tested on any GPU.
-  const char* no_mma = std::getenv("EXL2_CUDA_BF16_NO_MMA");
-  if (no_mma != nullptr && no_mma[0] != '\0' && no_mma[0] != '0') L.mma_bf16 = false;
+  if (env::flag("EXL2_CUDA_BF16_NO_MMA")) L.mma_bf16 = false;
 }
 
 void gemm(const DeviceLayer& layer, const LayerMeta& meta, const void* x, std::int64_t m, void* out, bool bf16,

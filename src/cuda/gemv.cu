@@ -32,6 +32,7 @@
 #include <cstdlib>
 #include <utility>
 
+#include "core/env_knob.hpp"
 #include "cuda/gemv.cuh"
 #include "cuda/split_rule.hpp"
 
@@ -325,10 +326,8 @@ void launch_rows(const DeviceLayer& L, const T* x, T* out, cudaStream_t stream) 
 /// only where its tiles do not fill one wave at split 4 (launch_rows) and the fused MMA kernel
 /// keeps 4; the tc kernel's cap is 8 (tc_gemm.cu).
 static int max_split_from_env() {
-  const char* v = std::getenv("EXL2_CUDA_MAX_SPLIT");
-  if (v == nullptr) return 0;
-  const int s = std::atoi(v);
-  return (s == 1 || s == 2 || s == 4 || s == 8 || s == 16) ? s : 0;
+  const int s = env::integer_in("EXL2_CUDA_MAX_SPLIT", 1, 16, 0);
+  return (s & (s - 1)) == 0 ? s : 0;  // 1, 2, 4, 8 or 16
 }
 
 int cluster_split(const DeviceLayer& L, std::int64_t tiles, int min_chunks_per_block, int blocks_per_sm,

@@ -45,10 +45,10 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "core/cuda_backend.hpp"
+#include "core/env_knob.hpp"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
 #include "cuda/gemv.cuh"
@@ -870,17 +870,7 @@ void launch_tc_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std:
 /// EXL2_CUDA_WGMMA_MIN_ROWS=17..65 at construction (65: only above the mma.sync kernel's range),
 /// to measure the two kernels against each other and to test the wgmma kernel's 64-row tiles.
 static int tc_wgmma_min_rows() {
-  const char* v = std::getenv("EXL2_CUDA_WGMMA_MIN_ROWS");
-  const int r = v != nullptr ? std::atoi(v) : 0;
-  if (r >= 17 && r <= kTcMaxRows + 1) return r;
-  return kTcWgmmaMinRows;
-}
-
-/// Whether the environment variable `name` is set to exactly `value` (the tc launch knobs below,
-/// read at construction).
-static bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
+  return env::integer_in("EXL2_CUDA_WGMMA_MIN_ROWS", 17, kTcMaxRows + 1, kTcWgmmaMinRows);
 }
 
 /// Whether the tc kernels may be programmatic dependent launches (tc_device.cuh): compute
@@ -888,13 +878,13 @@ static bool env_is(const char* name, const char* value) {
 /// ways); and whether every mma.sync kernel after the activation gather is one (EXL2_CUDA_PDL=1),
 /// not only the grids that tc_pdl_programmatic_after_gather takes.
 static void tc_pdl_from_env(DeviceLayer& L) {
-  L.tc_pdl = L.cc_major >= 9 && !env_is("EXL2_CUDA_PDL", "0");
-  L.tc_pdl_all = L.tc_pdl && env_is("EXL2_CUDA_PDL", "1");
+  L.tc_pdl = L.cc_major >= 9 && !env::equals("EXL2_CUDA_PDL", "0");
+  L.tc_pdl_all = L.tc_pdl && env::equals("EXL2_CUDA_PDL", "1");
 }
 
 bool tc_layout_wanted(const DeviceLayer& L) noexcept {
-  if (env_is("EXL2_CUDA_TC", "0")) return false;
-  if (env_is("EXL2_CUDA_TC", "1")) return true;
+  if (env::equals("EXL2_CUDA_TC", "0")) return false;
+  if (env::equals("EXL2_CUDA_TC", "1")) return true;
   return L.clusters;
 }
 
@@ -902,10 +892,7 @@ bool tc_layout_wanted(const DeviceLayer& L) noexcept {
 /// (tc::ring_lookahead over the layer's 4-chunk windows), or EXL2_CUDA_RING_AHEAD = n in the
 /// environment when the layer is built, for n in kLookahead .. safe (a measurement knob).
 static int ring_ahead_from_env(int safe) {
-  const char* v = std::getenv("EXL2_CUDA_RING_AHEAD");
-  if (v == nullptr) return safe;
-  const int n = std::atoi(v);
-  return n >= kLookahead && n < safe ? n : safe;
+  return env::integer_in("EXL2_CUDA_RING_AHEAD", kLookahead, safe - 1, safe);
 }
 
 void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaStream_t stream) {
@@ -978,8 +965,8 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   // m = 1 may gather inside the tc kernel (kGather) unless EXL2_CUDA_TC_GATHER=0 (to measure and
   // test the gather launch + kT8 on any layer); m = 9..16 run the transposed 16-row tiles (kT8
   // with kNB = 2) unless EXL2_CUDA_T16=0 (the usual 16-row tiles: to measure and test both).
-  L.tc_gather = !env_is("EXL2_CUDA_TC_GATHER", "0");
-  L.tc_t16 = !env_is("EXL2_CUDA_T16", "0");
+  L.tc_gather = !env::equals("EXL2_CUDA_TC_GATHER", "0");
+  L.tc_t16 = !env::equals("EXL2_CUDA_T16", "0");
   tc_pdl_from_env(L);
   // The host tables and the header buffer are local: the uploads and the pack kernels must
   // finish before they go out of scope; and the pack kernels read the canonical codes, scales and

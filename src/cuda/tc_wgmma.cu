@@ -32,6 +32,7 @@
 #include <string>
 
 #include "core/cuda_backend.hpp"
+#include "core/env_knob.hpp"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_layer.cuh"
 #include "cuda/gemv.cuh"
@@ -534,14 +535,6 @@ int config_for(const DeviceLayer& L, std::int64_t m) {
   return ((m + 127) / 128) * ((L.tc_tiles + 1) / 2) >= L.sm_count ? 1 : 2;
 }
 
-/// The wgmma kernels' measurement and test knobs, read at construction: one digit lo..hi in the
-/// environment variable `name`; -1 when unset or anything else.
-int digit_from_env(const char* name, int lo, int hi) {
-  const char* v = std::getenv(name);
-  if (v != nullptr && v[0] >= '0' + lo && v[0] <= '0' + hi && v[1] == '\0') return v[0] - '0';
-  return -1;
-}
-
 template <class T>
 void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
                 const WgmmaStreamK& sk, cudaStream_t stream) {
@@ -597,13 +590,13 @@ void query_tc_wgmma(DeviceLayer& L) {
   L.tc_wgmma = true;  // (the warp-specialised shapes are optional: config_for checks them)
   for (int i = 0; i < kWsConfig128; ++i) L.tc_wgmma = L.tc_wgmma && L.tc_wgmma_blocks_per_sm[i] > 0;
   // EXL2_CUDA_WGMMA_CFG=0..5: the shape for every m.
-  L.tc_wgmma_forced = digit_from_env("EXL2_CUDA_WGMMA_CFG", 0, kWgConfigs - 1);
+  L.tc_wgmma_forced = env::integer_in("EXL2_CUDA_WGMMA_CFG", 0, kWgConfigs - 1, -1);
   // EXL2_CUDA_WGMMA_SPLIT=1..8: the cluster split of every launch that can split.
-  if (const int split = digit_from_env("EXL2_CUDA_WGMMA_SPLIT", 1, 8); split > 0) L.tc_wgmma_split = split;
+  if (const int split = env::integer_in("EXL2_CUDA_WGMMA_SPLIT", 1, 8, -1); split > 0) L.tc_wgmma_split = split;
   if (L.tc_wgmma_forced >= 0 && L.tc_wgmma_blocks_per_sm[L.tc_wgmma_forced] == 0) L.tc_wgmma_forced = -1;
   // EXL2_CUDA_WGMMA_SK=0..3: stream-K blocks per multiprocessor for the 64-row tiles at every
   // m <= 64 (0: never stream-K).
-  L.tc_wgmma_sk = digit_from_env("EXL2_CUDA_WGMMA_SK", 0, 3);
+  L.tc_wgmma_sk = env::integer_in("EXL2_CUDA_WGMMA_SK", 0, 3, -1);
   L.tc_wgmma_sk_per_sm = blocks_per_sm_with_smem(
       {reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __half, true>),
        reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __nv_bfloat16, true>)},
