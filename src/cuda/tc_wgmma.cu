@@ -408,15 +408,16 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       if (cb == 0 && ce == nc) {
         store_tile(tile);
       } else {
-        // (slot: stream_k::slot(.., sk_p, tile), which is 0 exactly for the block's first segment)
-        float* mine = sk_partials + (static_cast<std::int64_t>(sk_p) * 2 + (pos == pos0 ? 0 : 1)) * kPart + tid;
+        const int t = static_cast<int>(tile);
+        // Written and read back (below) at the slot of one rule, stream_k::slot.
+        float* mine =
+            sk_partials + (static_cast<std::int64_t>(sk_p) * 2 + stream_k::slot(sk_total, sk_P, nc, sk_p, t)) * kPart + tid;
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int i = 0; i < S::kAcc; ++i) __stcg(mine + (h * S::kAcc + i) * S::kThreads, acc[h][i]);
         __threadfence();  // the partial before the count (and, for the last block, its reads after)
         __syncthreads();
-        const int t = static_cast<int>(tile);
         const int pa = stream_k::first_block(sk_total, sk_P, nc, t), pb = stream_k::last_block(sk_total, sk_P, nc, t);
         if (tid == 0) *last_flag = atomicAdd(sk_counters + tile, 1) == pb - pa;
         __syncthreads();
