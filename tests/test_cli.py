@@ -161,6 +161,19 @@ def test_bench_device_cuda_without_cuda(monkeypatch: pytest.MonkeyPatch, capsys:
     assert calls == []
 
 
+@pytest.mark.cuda
+def test_bench_host_overhead_reports_a_bare_torch_op_beside_matmul() -> None:
+    """The bench's host-overhead figures (CUDA): eager QMatrix.matmul and a bare torch.add on the same
+    row, timed alike, next to the call's graph-replay time; all positive, for the calls asked."""
+    import torch
+
+    from exl2 import bench
+
+    result = bench.eager_call_us(bench._make_setup(torch.device("cuda"), "float16"), calls=10)
+    assert set(result) == {"eager_us", "graph_us", "torch_add_us", "calls"} and result["calls"] == 10
+    assert all(result[k] > 0 for k in ("eager_us", "graph_us", "torch_add_us")), result
+
+
 def test_bench_shapes_and_layers() -> None:
     import torch
 

@@ -352,25 +352,37 @@ def _make_setup(device: torch.device, dtype: str) -> BenchSetup:
 EAGER_CALLS = 1000
 
 
+def _eager_wall_us(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
+    """Wall-clock microseconds per call of ``fn``: the best of 3 runs of ``calls`` calls back to
+    back with one synchronisation at the end, after 20 warm-up calls."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize(device)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
 def eager_call_us(setup: BenchSetup, calls: int = EAGER_CALLS) -> Dict[str, float]:
     """Host overhead as a caller sees it (CUDA): wall-clock time per eager ``QMatrix.matmul``
     at m = 1 on a 4096 x 4096 GPTQ-4 act-order layer, ``calls`` calls back to back (each
     allocating its output, as a caller would) and one synchronisation at the end; next to it
-    the same call's CUDA-graph replay time (the GPU's share)."""
+    the same call's CUDA-graph replay time (the GPU's share) and, timed the same way, a bare
+    ``torch.add`` on the same activation row: the host's own cost per launch, which varies
+    between machines (and between processes on one machine) as much as the matmul's does."""
     q = _random_gptq(4096, 4096, GROUP_SIZE, True, setup.generator)
     try:
         x = torch.randn((1, 4096), dtype=_DTYPES[setup.dtype], device=setup.device, generator=setup.generator)
-        for _ in range(20):
-            q.matmul(x)
-        torch.cuda.synchronize(setup.device)
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                q.matmul(x)
-            torch.cuda.synchronize(setup.device)
-            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-        return {"eager_us": best, "graph_us": _graph_time_us(lambda: q.matmul(x)), "calls": calls}
+        eager = _eager_wall_us(lambda: q.matmul(x), calls, setup.device)
+        y = torch.empty_like(x)
+        torch_add = _eager_wall_us(lambda: torch.add(x, 1.0, out=y), calls, setup.device)
+        return {"eager_us": eager, "graph_us": _graph_time_us(lambda: q.matmul(x)), "torch_add_us": torch_add,
+                "calls": calls}
     finally:
         q.close()
 
@@ -557,7 +569,8 @@ def run(ms: Optional[Sequence[int]] = None, json_path: Optional[str] = None, qui
     if eager:
         print(f"host overhead: eager QMatrix.matmul, m=1, 4096x4096 gptq4 g128 act: {eager['eager_us']:.1f} us per "
               f"call (wall clock, best of 3 runs of {eager['calls']} calls, one sync each); CUDA-graph replay of "
-              f"the same call: {eager['graph_us']:.1f} us", flush=True)
+              f"the same call: {eager['graph_us']:.1f} us; a bare torch.add on the same row, timed the same way: "
+              f"{eager['torch_add_us']:.1f} us", flush=True)
     result = dict(device=setup.device_name, device_type=dev.type, copy_bandwidth=setup.bandwidth,
                   version=__version__, timing=setup.timing, dtype=dtype, dense_dtype=setup.dense_dtype, rows=rows,
                   eager_m1=eager)
