@@ -9,6 +9,9 @@ namespace env = exl2::detail::env;
 
 static int g_failures = 0;
 
+// The variable every case sets (not one the library reads).
+constexpr const char* kName = "EXL2_TEST_ENV_KNOB";
+
 static void expect(const char* what, long long got, long long want) {
   if (got != want) {
     std::fprintf(stderr, "%s: got %lld, want %lld\n", what, got, want);
@@ -17,7 +20,6 @@ static void expect(const char* what, long long got, long long want) {
 }
 
 static void set(const char* value) {
-  constexpr const char* kName = "EXL2_TEST_ENV_KNOB";
 #ifdef _WIN32
   _putenv_s(kName, value == nullptr ? "" : value);  // "" removes it on Windows
 #else
@@ -29,7 +31,6 @@ static void set(const char* value) {
 }
 
 int main() {
-  constexpr const char* kName = "EXL2_TEST_ENV_KNOB";
   constexpr int kUnset = -12345;
   const auto integer = [&] { return env::integer(kName).value_or(kUnset); };
 
