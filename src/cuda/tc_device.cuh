@@ -490,15 +490,21 @@ struct RingFill {
 
   /// Step B of the kernels' iterations: issues steps until the ring runs `ahead` steps past the
   /// one holding the end of the iteration's last chunk (descriptor `last`; `s0`: the stream unit
-  /// at ring word 0), waiting after each for the step `ahead` before it, so that every step the
-  /// iteration reads has landed (this thread's copies). Only after the barrier that ends the
-  /// previous iteration: the refills overwrite its data (`ahead` <= tc::ring_lookahead).
+  /// at ring word 0), then, if it issued any, waits until at most the newest `ahead` groups are
+  /// pending, so that every step the iteration reads has landed (this thread's copies; steps
+  /// issued by earlier calls were waited for by those). One wait after the loop, not one per
+  /// step: with a run-time `ahead` each wait is a branch ladder over the immediate group counts,
+  /// which made the per-step loop ~28 instructions a step in the wgmma kernel (Nsight Compute).
+  /// Only after the barrier that ends the previous iteration: the refills overwrite its data
+  /// (`ahead` <= tc::ring_lookahead).
   __device__ __forceinline__ void issue_through(const int4 last, std::int64_t s0, int ahead) {
     const int last_step = static_cast<int>(static_cast<unsigned>(last.y + (last.z & 0xff) - 1 - static_cast<int>(s0)) /
                                            static_cast<unsigned>(kStepUnits));
+    if (issued - ahead <= last_step) {
 #pragma unroll 1
-    while (issued - ahead <= last_step) {
-      issue_step();
+      do {
+        issue_step();
+      } while (issued - ahead <= last_step);
       cp_async_wait_at_most(ahead);
     }
   }

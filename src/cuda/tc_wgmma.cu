@@ -16,10 +16,11 @@
 // most its 4-chunk windows allow, tc::ring_lookahead: 5 for 4-bit codes in groups of 128
 // against the mma.sync kernel's fixed 2, which its 6 blocks per multiprocessor can afford and
 // this kernel's 1 to 3 cannot); the activation tile of each iteration (R rows x 32 Q columns
-// of the gathered copy), shared by the block's groups, is copied with cp.async into one of two
-// buffers in the K-major 128-byte-swizzle layout, one iteration ahead. Blocks of one column tile
-// are consecutive (blockIdx.x = row tile), so the m / R blocks that read the same weight stream
-// run together and it comes from DRAM about once.
+// of the gathered copy), shared by the block's groups, is copied by the tensor memory
+// accelerator (two TMA boxes of 64 columns, issued by one thread, completing on the buffer's
+// mbarrier) into one of two buffers in the K-major 128-byte-swizzle layout, one iteration ahead.
+// Blocks of one column tile are consecutive (blockIdx.x = row tile), so the m / R blocks that
+// read the same weight stream run together and it comes from DRAM about once.
 //
 // Order: every output element is summed in a fixed order (chunks in order, k inside a chunk in
 // the instruction's order, then cluster ranks 0..S-1 when the chunk range is split): deterministic.
@@ -41,6 +42,7 @@
 #include "cuda/tc_layout.hpp"
 #include "cuda/tc_wgmma.cuh"
 #include "cuda/tc_wgmma_ws.cuh"
+#include "cuda/tma_map.cuh"
 #include "cuda/wgmma_device.cuh"
 #include "cuda/wgmma_ops.cuh"
 
@@ -73,23 +75,22 @@ __device__ __forceinline__ void keep_until_here(std::uint32_t (&a)[2][2][4]) {
 template <int R, int WG>
 struct WgShape {
   static constexpr int Q = 4;                   // chunks per iteration
-  static constexpr int kK8 = 4 * Q;             // 16-byte pieces per activation row and iteration
   static constexpr int kThreads = kTcThreads * WG;
   static constexpr int kXHalves = R * 32 * Q;   // one activation buffer
-  static constexpr int kXPieces = R * 4 * Q / kThreads;  // 16-byte pieces per thread and iteration
   static constexpr int kAcc = R / 2;            // fp32 accumulators per thread and wgmma
   static constexpr std::size_t kRingBytes = kRingWords * 4;
   static constexpr std::size_t kXBytes = static_cast<std::size_t>(kXHalves) * 2;
   // Two activation buffers: the next iteration's is filled while the current one's wgmma run.
   static constexpr int kXBuffers = 2;
-  // + the descriptors [2][Q] and one int4 (the stream-K last-block flag).
-  static constexpr std::size_t kSmemBytes = WG * kRingBytes + kXBuffers * kXBytes + (2 * Q + 1) * sizeof(int4);
+  // + the descriptors [2][Q], one int4 (the stream-K last-block flag) and one for the two
+  // activation buffers' mbarriers.
+  static constexpr std::size_t kSmemBytes = WG * kRingBytes + kXBuffers * kXBytes + (2 * Q + 2) * sizeof(int4);
   // Split-K (WG = 1 only): the cluster reduction reuses the ring and the activation buffers for
   // an R x 128 fp32 tile.
   static constexpr bool kCanSplit = WG == 1;
   static_assert(!kCanSplit || static_cast<std::size_t>(R) * tc::kTileCols * 4 <= kRingBytes + kXBuffers * kXBytes,
                 "reduction tile");
-  static_assert(R * 4 * Q % kThreads == 0 && kThreads % (8 * kK8) == 0, "activation pieces / threads");
+  static_assert(32 * Q % 64 == 0, "an iteration's activations are whole 64-column TMA boxes");
   static_assert(Q % 2 == 0, "wg_iter pairs the chunks");
   // Registers: R = 128 needs about 230 a thread (two blocks of one group, or one of two, per SM).
   static constexpr int kMinBlocks = R == 128 ? 2 / WG : (WG == 1 ? 3 : 1);
@@ -204,11 +205,11 @@ __device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* d
 
 template <int R, int WG, class T, bool kStreamK = false>
 __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMinBlocks)
-    tc_wgmma_kernel(const __half* __restrict__ xp, std::int64_t M, std::int64_t ldxp,
-                    const std::uint32_t* __restrict__ stream, std::int64_t tile_words, std::int64_t tiles,
-                    const int4* __restrict__ tc_chunks, int num_chunks, const __half* __restrict__ bias,
-                    T* __restrict__ out, std::int64_t N, int split, int ahead, float* __restrict__ sk_partials,
-                    int* __restrict__ sk_counters) {
+    tc_wgmma_kernel(std::int64_t M, const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
+                    std::int64_t tiles, const int4* __restrict__ tc_chunks, int num_chunks,
+                    const __half* __restrict__ bias, T* __restrict__ out, std::int64_t N, int split, int ahead,
+                    float* __restrict__ sk_partials, int* __restrict__ sk_counters,
+                    const __grid_constant__ CUtensorMap xmap, int x_rows) {
   using S = WgShape<R, WG>;
   constexpr int Q = S::Q;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -223,6 +224,19 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
   const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * R;
   std::uint32_t* ring = reinterpret_cast<std::uint32_t*>(smem + grp * S::kRingBytes);
   int4* dring = reinterpret_cast<int4*>(smem + WG * S::kRingBytes + S::kXBuffers * S::kXBytes);  // [2][Q]
+  const unsigned smem_s = smem_u32(smem);
+  const unsigned xs_s = smem_s + static_cast<unsigned>(WG * S::kRingBytes);  // activation buffer 0
+  if ((xs_s & 1023u) != 0) __trap();  // swizzle atoms must be 1024-byte aligned
+  // The activation buffers' mbarriers (one arrival: the thread that issues the TMA, with the
+  // tile's bytes as its transaction count). The block's activation tiles are numbered across its
+  // segments (xtile): tile i goes to buffer i & 1 and completes phase (i >> 1) & 1 of its mbarrier.
+  const unsigned xbar_s = smem_u32(dring + 2 * Q + 1);
+  if (tid == 0) {
+    mbar_init(xbar_s, 1);
+    mbar_init(xbar_s + 8u, 1);
+  }
+  __syncthreads();  // (the segments' own barriers follow before any wait on them)
+  int xtile = 0;      // the block's activation tile of the current iteration
 
   // acc[h][4 j + e]: column 32 warp + 16 h + g + 8 (e >> 1) of the tile, row 8 j + 2 t + (e & 1).
   float acc[2][S::kAcc];
@@ -278,57 +292,35 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       RingFill fill(tsrc, s0, cr.s1, gtid, ring);
 
       // Activations: the tile of an iteration (R rows x 32 Q columns of the gathered copy) in the
-      // K-major 128-byte-swizzle layout wgmma reads, 16 bytes (8 columns) per cp.async: 64-column
-      // atoms of R rows x 128 bytes, piece c of row r at 16 (c ^ (r & 7)). Lanes 8j..8j+7 fill one
-      // row of an atom (no bank conflicts) from 128 contiguous global bytes. The unswizzled
-      // core-matrix layout (8 rows x 16 bytes per 128 contiguous bytes) measured 25-30% slower at
-      // m = 128..2048 (H100): the tensor cores' reads of it conflict in the banks. Rows
-      // past M are not copied (their buffer rows hold stale values; an output row depends only on
-      // its own activation row, and those rows are never stored); the chunks of a last, partial
-      // iteration past ce read the next row or the scratch's tail padding (unused: only its nq
-      // chunks run).
-      const std::int64_t rows_here = M - m0;  // > 0
-      const unsigned smem_s = smem_u32(smem);
-      const unsigned xs_s = smem_s + static_cast<unsigned>(WG * S::kRingBytes);
-      if ((xs_s & 1023u) != 0) __trap();  // swizzle atoms must be 1024-byte aligned
-      const __half* __restrict__ xblock = xp + m0 * ldxp;
-      // This thread's pieces: piece (a, j) is 16-byte column piece c = tid % 8 of row
-      // r0 + kRowStride j (r0 = tid / 8) in atom a (columns 64 a .. of the iteration's 32 Q), so
-      // lanes 8j..8j+7 copy one row's 128 contiguous bytes of an atom. kRowStride is a multiple
-      // of 8, so every piece of the thread has the same swizzle (c ^ (r0 & 7)): its shared offset
-      // is the thread's first one plus a constant, and its global address the thread's first plus
-      // j row strides and 128 a bytes. The copies are predicated, not branched (cp_async16_if):
-      // the per-piece offsets held in arrays and the branches around each copy made this about a
-      // third of the kernel's instructions at m = 64 (ptxas recomputed the offsets every
-      // iteration; Nsight Compute source counters, H100).
-      constexpr int kRowStride = S::kThreads / 8;
-      constexpr int kRowGroups = R / kRowStride;
-      constexpr int kAtoms = S::kXPieces / kRowGroups;
-      static_assert(R % kRowStride == 0 && kRowStride % 8 == 0 && kAtoms * kRowGroups == S::kXPieces,
-                    "activation pieces");
-      const int r0 = tid >> 3, xc = tid & 7;
-      const unsigned xso0 = static_cast<unsigned>(r0 * 128 + ((xc ^ (r0 & 7)) * 16));
-      const __half* xthread = xblock + r0 * ldxp + xc * 8;
-      const std::int64_t xrowstep = kRowStride * ldxp;
-      // Row groups j < xrows hold rows below M.
-      const int xrows = rows_here >= R ? kRowGroups : static_cast<int>((rows_here - r0 + kRowStride - 1) / kRowStride);
-      auto issue_x = [&](int c0, int buf) {
-        const __half* src = xthread + static_cast<std::int64_t>(c0) * 32;
-        const unsigned dst = xs_s + static_cast<unsigned>(buf * S::kXBytes) + xso0;
+      // K-major 128-byte-swizzle layout wgmma reads: 64-column atoms of R rows x 128 bytes, piece c
+      // of row r at 16 (c ^ (r & 7)), as the TMA's 128-byte swizzle writes a box of 64 columns x R
+      // rows (x_rows <= R rows: the map's box, below). Columns past the gathered copy, and rows
+      // past M inside the box, arrive as zeros; with one row tile the box has only the M rows
+      // (rounded up to 8), and the buffer's rows past it keep stale values: an output row depends
+      // only on its own activation row, and rows past M are never stored. Thread 0 issues the
+      // Q / 2 boxes of tile i into buffer i & 1 after the barrier that follows every warp's wait
+      // for the wgmma that read that buffer (two tiles back). The unswizzled core-matrix layout
+      // (8 rows x 16 bytes per 128 contiguous bytes) measured 25-30% slower at m = 128..2048
+      // (H100): the tensor cores' reads of it conflict in the banks. The 16-byte cp.asyncs of
+      // every thread that this replaced took 51 instructions per warp and iteration at m = 64,
+      // plus the cp.async group accounting around them (Nsight Compute, 8192 x 28672).
+      constexpr int kBoxes = 32 * Q / 64;
+      auto issue_x = [&](int c0, int tile_no) {
+        if (tid == 0) {
+          const unsigned buf = static_cast<unsigned>(tile_no & 1);
+          const unsigned bar = xbar_s + 8u * buf;
 #pragma unroll
-        for (int j = 0; j < kRowGroups; ++j)
-#pragma unroll
-          for (int a = 0; a < kAtoms; ++a)
-            cp_async16_if(j < xrows, dst + static_cast<unsigned>(a * R * 128 + j * kRowStride * 128),
-                          src + j * xrowstep + a * 64);
-        cp_async_commit();
+          for (int a = 0; a < kBoxes; ++a)
+            tma_load_2d(xs_s + buf * static_cast<unsigned>(S::kXBytes) + static_cast<unsigned>(a * R * 128), &xmap,
+                        32 * c0 + 64 * a, static_cast<int>(m0), bar, static_cast<unsigned>(x_rows * 128));
+          mbar_arrive(bar);
+        }
       };
       // Descriptor of buffer 0 (k16 step 0; buffer b is b kXBytes further): 128-byte swizzle mode
       // (bit 62), 8-row groups 1024 bytes apart (the leading offset is unused for this layout).
       const std::uint64_t xdesc0 = smem_desc_sw128(xs_s);
 
-      issue_x(cb, 0);
-      int x_mark = fill.issued;  // ring groups committed before the newest activation group
+      issue_x(cb, xtile);
 #pragma unroll 1
       for (int p = 0; p < ahead; ++p) fill.issue_step();
 
@@ -341,31 +333,24 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       __syncthreads();  // dring[0]
 
 #pragma unroll 1
-      for (int it = 0, c0 = cb; c0 < ce; ++it, c0 += Q) {
-        const int buf = it & 1;
+      for (int it = 0, c0 = cb; c0 < ce; ++it, c0 += Q, ++xtile) {
+        const int buf = xtile & 1;
         const int nq = ce - c0 < Q ? ce - c0 : Q;
         const int4* __restrict__ dcur = dring + (it & 1) * Q;
         // A. (the barrier ending the previous iteration) its wgmma have completed, except its last
         // chunk's group (wg_iter ends with wgmma_wait_one), which reads the activation buffer
-        // buf ^ 1 and its own A registers, not the ring. So the ring refills first, then that
-        // group is waited for, then the next iteration's activations go into buf ^ 1.
-        // B. This iteration's ring steps and activations have landed (this thread's copies).
-        const int x_mark_cur = x_mark;
-        {
-          fill.issue_through(dcur[nq - 1], s0, ahead);
-          wgmma_wait_all();
-          if (c0 + Q < ce) {
-            issue_x(c0 + Q, buf ^ 1);
-            x_mark = fill.issued;
-          }
-          // This iteration's activations: groups committed after theirs are the ring steps issued
-          // since, plus the next iteration's activation group.
-          cp_async_wait_at_most(fill.issued - x_mark_cur + (c0 + Q < ce ? 1 : 0));
-        }
-        fence_proxy_async();
+        // buf ^ 1 and its own A registers, not the ring. So the ring refills first (until this
+        // iteration's ring steps have landed: this thread's copies), then that group is waited
+        // for; after barrier D every warp has, and the next iteration's activations go into
+        // buf ^ 1.
+        fill.issue_through(dcur[nq - 1], s0, ahead);
+        wgmma_wait_all();
         if (tid < Q) dring[((it + 1) & 1) * Q + tid] = dnext;
-        // D. Everyone's copies and the next descriptors are visible.
+        // D. Everyone's ring copies and the next descriptors are visible; buffer buf ^ 1 is free.
         __syncthreads();
+        if (c0 + Q < ce) issue_x(c0 + Q, xtile + 1);
+        // This iteration's activations (issued one iteration ahead, or before the loop).
+        mbar_wait(xbar_s + 8u * static_cast<unsigned>(buf), static_cast<unsigned>(xtile >> 1) & 1u);
         dnext = load_desc(c0 + 2 * Q);
         const std::uint64_t xdesc = xdesc0 + static_cast<std::uint64_t>((buf * S::kXBytes) >> 4);
         const int z0 = dcur[0].z;
@@ -476,16 +461,22 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
   const std::int64_t groups = (L.tc_tiles + WG - 1) / WG;
   if (groups > 65535) throw Unsupported("gemm: N is too large for the wgmma kernel");
   if (mtiles > 0x7fffffffLL) throw Unsupported("gemm: m = " + std::to_string(m) + " is too large");
+  // Rows per activation box: R, or with one row tile only the m rows (rounded up to 8). Boxes of
+  // R rows, about half of them past m (zero-filled), measured slower (H100, GPTQ-4, same call, two
+  // rounds, ab/s19_c2.sh): 4096 x 14336 m = 33 39.5 / 39.5 us against 33.4 / 34.4 this way, m = 65
+  // 59.7 / 62.3 against 47.2 / 47.3, 8192 x 28672 m = 65 147.4 / 147.7 against 120.5 / 123.9; at
+  // m = 96 (a quarter past m) the full box was faster on 8192 x 28672 (120.4 / 122.6 against
+  // 131.9 / 136.5) and within 3% elsewhere: not established why.
+  const int x_rows = m < R ? static_cast<int>((m + 7) / 8 * 8) : R;
   if constexpr (R == 64 && WG == 1) {
     if (sk.blocks > 0) {
       if (sk.partials == nullptr || sk.counters == nullptr) internal_error("launch_tc_wgmma: no stream-K scratch");
       launch_clustered_smem(tc_wgmma_kernel<R, WG, T, true>, dim3(1, 1, static_cast<unsigned>(sk.blocks)),
                             dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, 1, 1, false, stream,
-                            "tc_wgmma_kernel launch", xp, m, ldxp,
-                            static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words, L.tc_tiles,
-                            static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
+                            "tc_wgmma_kernel launch", m, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
+                            L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                             static_cast<const __half*>(L.bias.get()), out, L.N, 1, L.tc_ring_ahead, sk.partials,
-                            sk.counters);
+                            sk.counters, make_activation_map(xp, m, ldxp, x_rows), x_rows);
       return;
     }
   }
@@ -499,10 +490,11 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
                         dim3(static_cast<unsigned>(mtiles), static_cast<unsigned>(split),
                              static_cast<unsigned>(groups)),
                         dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, split, 1, false, stream,
-                        "tc_wgmma_kernel launch", xp, m, ldxp, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
+                        "tc_wgmma_kernel launch", m, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
                         L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                         static_cast<const __half*>(L.bias.get()), out, L.N, split, L.tc_ring_ahead,
-                        static_cast<float*>(nullptr), static_cast<int*>(nullptr));
+                        static_cast<float*>(nullptr), static_cast<int*>(nullptr), make_activation_map(xp, m, ldxp, x_rows),
+                        x_rows);
 }
 
 /// The kernel shapes (R rows, WG 4-warp groups), indexed as DeviceLayer::tc_wgmma_blocks_per_sm;
@@ -581,7 +573,8 @@ void query_tc_wgmma(DeviceLayer& L) {
   if (L.cc_major != 9 || L.cc_minor != 0 || L.tc_qweight.get() == nullptr) return;
   int compiled = 0;
   EXL2_CUDA_CHECK(cudaMemcpyFromSymbol(&compiled, tc_wgmma_compiled, sizeof(int)));
-  if (compiled != 1) return;
+  // The kernels copy their activation tiles by TMA (tma_map.cuh).
+  if (compiled != 1 || !tma_available()) return;
 #define EXL2_WG_QUERY(I, R, WG) L.tc_wgmma_blocks_per_sm[I] = blocks_per_sm<R, WG>();
   EXL2_WG_CONFIGS(EXL2_WG_QUERY)
 #undef EXL2_WG_QUERY

@@ -41,9 +41,7 @@
 // together and it comes from DRAM about once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda.h>
 #include <cuda_runtime.h>
-#include <cudaTypedefs.h>
 
 #include <cstdint>
 #include <string>
@@ -56,6 +54,7 @@
 #include "cuda/tc_device.cuh"
 #include "cuda/tc_layout.hpp"
 #include "cuda/tc_wgmma_ws.cuh"
+#include "cuda/tma_map.cuh"
 #include "cuda/wgmma_device.cuh"
 #include "cuda/wgmma_ops.cuh"
 
@@ -308,31 +307,6 @@ __global__ void __launch_bounds__(WsShape<R>::kThreads, 1)
   }
 }
 
-/// The driver's cuTensorMapEncodeTiled, looked up through the runtime (the library does not link
-/// libcuda), or nullptr where the driver lacks it (then the kernel is not used: query_tc_wgmma).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode =
-      reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(driver_entry_point("cuTensorMapEncodeTiled", 12000));
-  return encode;
-}
-
-/// The TMA descriptor of the gathered activations xp [m, ldxp] (16-bit values) for boxes of 64
-/// columns x `rows` rows, 128-byte swizzle; reads past the tensor's edges return zeros.
-CUtensorMap make_xmap(const __half* xp, std::int64_t m, std::int64_t ldxp, int rows) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr) internal_error("tc_wgmma_ws: cuTensorMapEncodeTiled is not available");
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(ldxp), static_cast<cuuint64_t>(m)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ldxp) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(rows)};
-  const cuuint32_t estr[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<__half*>(xp), dims, strides, box, estr,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) internal_error("cuTensorMapEncodeTiled failed: " + std::to_string(static_cast<int>(r)));
-  return map;
-}
-
 template <int R, class T>
 void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out,
                  cudaStream_t stream) {
@@ -344,7 +318,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
                         m, static_cast<const std::uint32_t*>(L.tc_qweight.get()), L.tc_tile_words,
                         static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                         static_cast<const __half*>(L.bias.get()), out, L.N, L.tc_ring_ahead,
-                        make_xmap(xp, m, ldxp, R));
+                        make_activation_map(xp, m, ldxp, R));
 }
 
 /// f(std::integral_constant<int, R>{}) for the kernel's shape of R = `rows` activation rows.
@@ -367,7 +341,7 @@ void launch_shape(const DeviceLayer& L, const __half* xp, std::int64_t m, std::i
 }  // namespace
 
 int tc_wgmma_ws_blocks_per_sm(int rows) {
-  if (tensor_map_encoder() == nullptr) return 0;
+  if (!tma_available()) return 0;
   return with_rows(rows, [](auto r) {
     constexpr int R = decltype(r)::value;
     return blocks_per_sm_with_smem({reinterpret_cast<const void*>(tc_wgmma_ws_kernel<R, __half>),
