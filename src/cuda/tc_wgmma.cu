@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
     mbar_init(xbar_s, 1);
     mbar_init(xbar_s + 8u, 1);
   }
-  __syncthreads();  // (the segments' own barriers follow before any wait on them)
+  __syncthreads();  // the mbarriers are initialised before any thread uses them
   int xtile = 0;      // the block's activation tile of the current iteration
 
   // acc[h][4 j + e]: column 32 warp + 16 h + g + 8 (e >> 1) of the tile, row 8 j + 2 t + (e & 1).
