@@ -153,10 +153,16 @@ def test_wgmma_stream_k_matches(name: str, sk: str, monkeypatch: pytest.MonkeyPa
         check_deterministic_and_graph_safe(q, x, repeats=5)
 
 
-def test_wgmma_stream_k_on_a_layer_of_more_tiles_than_multiprocessors() -> None:
-    """By default, stream-K runs where the 64-row tiles outnumber the multiprocessors and no split
-    of them fits one wave (here 2.3 tiles per multiprocessor): the partial tiles of blocks that
-    cross tile boundaries must add up, for m = 33 and 64, against fp64 and an identical second call."""
+@pytest.mark.parametrize("sk", [None, "3"])
+def test_wgmma_on_a_layer_of_more_tiles_than_multiprocessors(
+    sk: Optional[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer of 2.3 64-row tiles per multiprocessor, where no split fits one wave: by default one
+    tile per block (stream-K measured slower once the activation tiles came by TMA); with
+    EXL2_CUDA_WGMMA_SK=3, stream-K, whose partial tiles of blocks that cross tile boundaries must add
+    up. Both for m = 33 and 64, against fp64 and an identical second call."""
+    if sk is not None:
+        monkeypatch.setenv("EXL2_CUDA_WGMMA_SK", sk)
     props = torch.cuda.get_device_properties(0)
     rng = np.random.default_rng(15)
     n = 128 * (props.multi_processor_count * 7 // 3)
@@ -166,7 +172,7 @@ def test_wgmma_stream_k_on_a_layer_of_more_tiles_than_multiprocessors() -> None:
             x = torch.from_numpy(random_x(rng, (m, 1024))).cuda()
             kernels = _kernels_run(lambda: q.matmul(x))
             if kernels:
-                assert _ran_stream_k(kernels), sorted(kernels)
+                assert _ran_stream_k(kernels) == (sk is not None), sorted(kernels)
             y = q.matmul(x)
             assert rel_err(y, expected(layer, x.cpu().numpy())) < TOL, f"m={m}"
             assert torch.equal(y, q.matmul(x)), f"m={m}: not deterministic"

@@ -253,7 +253,7 @@ struct DeviceLayer {
   bool tc_pdl_all = false;
   int tc_wgmma_forced = -1;   // its shape for every m (EXL2_CUDA_WGMMA_CFG at construction), or -1
   int tc_wgmma_split = 0;     // its split-K for every m (EXL2_CUDA_WGMMA_SPLIT at construction), or 0
-  int tc_wgmma_sk = -1;       // its stream-K blocks per SM (EXL2_CUDA_WGMMA_SK; 0: off), or -1: the rule
+  int tc_wgmma_sk = -1;       // its stream-K blocks per SM (EXL2_CUDA_WGMMA_SK = 1..3), or 0 / -1: off
   int tc_wgmma_sk_per_sm = 0;  // blocks of its stream-K instantiation that fit one SM
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.

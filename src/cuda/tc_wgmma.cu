@@ -546,22 +546,19 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
 
 }  // namespace
 
-/// Stream-K for the 64-row tiles (m <= 64) where the layer has more column tiles than
-/// multiprocessors and no split of them fits one wave (8192 x 28672: 224 tiles on 132
-/// multiprocessors, which ran 2 blocks on 92 of them and 1 on the rest): 3 blocks per
-/// multiprocessor (as many as fit) share the tiles' chunks evenly. H100, 8192 x 28672 GPTQ-4,
-/// same call (ab/s15_c4.sh, two runs each), m = 33 / 48 / 64: 100.2-100.5 / 102.4-104.0 /
-/// 104.6-106.0 us one tile per block, 94.1-98.8 / 98.5-100.3 / 98.7-101.0 with 3 stream-K blocks
-/// per multiprocessor, 102.4-103.5 / 102.4-105.4 / 110.2-112.3 with 2 (each block then restarts
-/// its pipeline for a second segment and writes or adds partial tiles, for the same two warp
-/// groups per multiprocessor).
+/// Stream-K blocks for the 64-row tiles (m <= 64): 0 (one tile per block, the default), or
+/// EXL2_CUDA_WGMMA_SK = 1..3 blocks per multiprocessor sharing all the tiles' chunks evenly.
+/// Stream-K was the default where a layer has more column tiles than multiprocessors and no split
+/// of them fits one wave (8192 x 28672: 224 tiles on 132 multiprocessors, one tile per block runs
+/// 2 blocks on 92 of them and 1 on the rest): it measured 2-6% faster there at m = 33 / 48 / 64
+/// (ab/s15_c4.sh), then level (ab/s18_c11.sh). Since the activation tiles come by TMA, which cut
+/// the per-iteration work but not stream-K's per-segment restarts and partial tiles, one tile per
+/// block is faster on every row measured: H100, 8192 x 28672, same build, 4 rounds alternating
+/// (ab/s19_c10.sh; first seen in ab/s19_c9.sh).
 int tc_wgmma_stream_k_blocks(const DeviceLayer& L, std::int64_t m) {
-  if (!L.tc_wgmma || m > 64 || config_for(L, m) != 0 || L.tc_wgmma_split > 0 || L.tc_wgmma_sk == 0) return 0;
-  const int per_sm = L.tc_wgmma_sk > 0 ? L.tc_wgmma_sk : 3;
+  if (!L.tc_wgmma || m > 64 || config_for(L, m) != 0 || L.tc_wgmma_split > 0 || L.tc_wgmma_sk <= 0) return 0;
+  const int per_sm = L.tc_wgmma_sk;
   if (L.tc_wgmma_sk_per_sm < per_sm || L.tc_tiles * L.num_chunks > 0x7fffffffLL) return 0;
-  if (L.tc_wgmma_sk < 0 && (L.tc_tiles <= L.sm_count ||
-                            single_wave_split(L, L.tc_tiles, 16, L.tc_wgmma_blocks_per_sm[0], 8, true) > 1))
-    return 0;
   // (at most one block per chunk position: every block's range is then non-empty)
   const std::int64_t blocks = static_cast<std::int64_t>(per_sm) * L.sm_count;
   const std::int64_t positions = L.tc_tiles * L.num_chunks;
@@ -588,8 +585,8 @@ void query_tc_wgmma(DeviceLayer& L) {
   // EXL2_CUDA_WGMMA_SPLIT=1..8: the cluster split of every launch that can split.
   if (const int split = env::integer_in("EXL2_CUDA_WGMMA_SPLIT", 1, 8, -1); split > 0) L.tc_wgmma_split = split;
   if (L.tc_wgmma_forced >= 0 && L.tc_wgmma_blocks_per_sm[L.tc_wgmma_forced] == 0) L.tc_wgmma_forced = -1;
-  // EXL2_CUDA_WGMMA_SK=0..3: stream-K blocks per multiprocessor for the 64-row tiles at every
-  // m <= 64 (0: never stream-K).
+  // EXL2_CUDA_WGMMA_SK=1..3: stream-K blocks per multiprocessor for the 64-row tiles at every
+  // m <= 64 (0 or unset: none, tc_wgmma_stream_k_blocks).
   L.tc_wgmma_sk = env::integer_in("EXL2_CUDA_WGMMA_SK", 0, 3, -1);
   L.tc_wgmma_sk_per_sm = blocks_per_sm_with_smem(
       {reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __half, true>),
