@@ -553,8 +553,9 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
 /// 2 blocks on 92 of them and 1 on the rest): it measured 2-6% faster there at m = 33 / 48 / 64
 /// (ab/s15_c4.sh), then level (ab/s18_c11.sh). Since the activation tiles come by TMA, which cut
 /// the per-iteration work but not stream-K's per-segment restarts and partial tiles, one tile per
-/// block is faster on every row measured: H100, 8192 x 28672, same build, 4 rounds alternating
-/// (ab/s19_c10.sh; first seen in ab/s19_c9.sh).
+/// block is faster or level on every row measured: H100, 8192 x 28672, same build, 4 rounds
+/// alternating (ab/s19_c10.sh; first seen in ab/s19_c9.sh): GPTQ-4 m = 64 90.0-95.2 us against
+/// 93.8-99.5, m = 48 level, EXL2 2.5-6.0 bpw at m = 64 1-3% faster.
 int tc_wgmma_stream_k_blocks(const DeviceLayer& L, std::int64_t m) {
   if (!L.tc_wgmma || m > 64 || config_for(L, m) != 0 || L.tc_wgmma_split > 0 || L.tc_wgmma_sk <= 0) return 0;
   const int per_sm = L.tc_wgmma_sk;
