@@ -253,8 +253,8 @@ struct DeviceLayer {
   bool tc_pdl_all = false;
   int tc_wgmma_forced = -1;   // its shape for every m (EXL2_CUDA_WGMMA_CFG at construction), or -1
   int tc_wgmma_split = 0;     // its split-K for every m (EXL2_CUDA_WGMMA_SPLIT at construction), or 0
-  int tc_wgmma_sk = -1;       // its stream-K blocks per SM (EXL2_CUDA_WGMMA_SK = 1..3), or 0 / -1: off
-  int tc_wgmma_sk_per_sm = 0;  // blocks of its stream-K instantiation that fit one SM
+  int tc_wgmma_sk = 0;        // its stream-K blocks per SM (EXL2_CUDA_WGMMA_SK = 1..3), or 0: off
+  int tc_wgmma_sk_per_sm = 0;  // blocks of its stream-K instantiation that fit one SM (queried only when on)
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.
   const int* kernel_perm() const noexcept { return identity_perm ? nullptr : perm.get(); }

@@ -588,11 +588,14 @@ void query_tc_wgmma(DeviceLayer& L) {
   if (L.tc_wgmma_forced >= 0 && L.tc_wgmma_blocks_per_sm[L.tc_wgmma_forced] == 0) L.tc_wgmma_forced = -1;
   // EXL2_CUDA_WGMMA_SK=1..3: stream-K blocks per multiprocessor for the 64-row tiles at every
   // m <= 64 (0 or unset: none, tc_wgmma_stream_k_blocks).
-  L.tc_wgmma_sk = env::integer_in("EXL2_CUDA_WGMMA_SK", 0, 3, -1);
-  L.tc_wgmma_sk_per_sm = blocks_per_sm_with_smem(
-      {reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __half, true>),
-       reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __nv_bfloat16, true>)},
-      WgShape<64, 1>::kThreads, WgShape<64, 1>::kSmemBytes);
+  // The stream-K instantiation's occupancy is queried only then (two queries per layer saved).
+  L.tc_wgmma_sk = env::integer_in("EXL2_CUDA_WGMMA_SK", 0, 3, 0);
+  L.tc_wgmma_sk_per_sm = 0;
+  if (L.tc_wgmma_sk > 0)
+    L.tc_wgmma_sk_per_sm = blocks_per_sm_with_smem(
+        {reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __half, true>),
+         reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __nv_bfloat16, true>)},
+        WgShape<64, 1>::kThreads, WgShape<64, 1>::kSmemBytes);
 }
 
 void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
