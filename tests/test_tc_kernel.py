@@ -302,15 +302,16 @@ def test_tc_m1_segments_give_the_weights_bit_for_bit(monkeypatch: pytest.MonkeyP
 def test_tc_m1_without_the_in_kernel_gather(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """EXL2_CUDA_TC_GATHER=0 at construction: m = 1 launches the gather and runs kT8, as on layers
     whose blocks do not fit one wave. 4096 x 1000 (8 tiles, the last partial; 128 chunks) takes
-    split-K (clusters of 16 on the H100), and kT8 at m <= 2 pushes its partials into a receive
-    buffer of its own: one-hot rows give dequantize's rows exactly, random rows (with bias) are
-    within tolerance and deterministic."""
+    split-K (clusters of 16 on the H100), and kT8 at m <= 4 pushes its partials into a receive
+    buffer of its own (m = 1 and 2 two rows of it, m = 3 and 4 all four; m = 5 the ring): one-hot
+    rows give dequantize's rows exactly, random rows (with bias) are within tolerance and
+    deterministic."""
     monkeypatch.setenv("EXL2_CUDA_TC_GATHER", "0")
     rng = np.random.default_rng(14)
     layer = R.random_gptq(rng, 4096, 1000, group_size=128, act_order=True, bias=True)
-    check_one_hot_rows(layer, dtype, (1, 2))
+    check_one_hot_rows(layer, dtype, (1, 2, 3, 4, 5))
     with build(layer, "cuda") as q:
-        for m in (1, 2):
+        for m in (1, 2, 3, 4, 5):
             x = torch.from_numpy(random_x(rng, (m, 4096))).to(dtype).cuda()
             kernels = _kernels_run(lambda: q.matmul(x))
             if kernels:  # (compute-sanitizer excludes the CUDA profiler)

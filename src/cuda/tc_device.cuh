@@ -679,25 +679,26 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, int rank,
 #endif
 }
 
-/// push_reduce_store's mbarrier, for split x kRows x share floats (before the loop).
+/// push_reduce_store's mbarrier, for split x rows x share floats (before the loop): `rows` (at most
+/// kRows, the receive buffer's) is how many rows the senders push.
 template <int kRows>
-__device__ __forceinline__ void push_reduce_init(unsigned bar) {
+__device__ __forceinline__ void push_reduce_init(unsigned bar, int rows = kRows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  push_row_init(bar, kRows * tc::kTileCols * sizeof(float));  // split x (kRows x share) floats
+  push_row_init(bar, static_cast<unsigned>(rows) * tc::kTileCols * sizeof(float));  // split x (rows x share) floats
 #else
-  (void)bar;
+  (void)bar, (void)rows;
 #endif
 }
 
 /// push_reduce_init for a receive buffer of its own (!kRingRecv), every thread at the kernel's
 /// start: the mbarrier (thread 0), then a relaxed cluster arrival (push_reduce_store waits).
 template <int kRows>
-__device__ __forceinline__ void push_reduce_init_early(unsigned bar, int tid) {
+__device__ __forceinline__ void push_reduce_init_early(unsigned bar, int tid, int rows = kRows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (tid == 0) push_reduce_init<kRows>(bar);
+  if (tid == 0) push_reduce_init<kRows>(bar, rows);
   cluster_arrive_relaxed();
 #else
-  (void)bar, (void)tid;
+  (void)bar, (void)tid, (void)rows;
 #endif
 }
 
@@ -719,11 +720,13 @@ __device__ __forceinline__ void push_reduce_init_early(unsigned bar, int tid) {
 /// block waits for the cluster's slowest one before sending. A block exits only once everything
 /// pushed to it has landed; a sender needs nothing of its own afterwards.
 ///
-/// Receive layout: [sender rank][element of the owner's share], the element of (row, column c of
-/// the share) at c * kRows + row when kPairRows (the thread's pairs are rows 2i, 2i + 1 of one
+/// Receive layout: [sender rank][element of the owner's share of kRows rows], the element of (row,
+/// column c of the share) at c * kRows + row when kPairRows (the thread's pairs are rows 2i, 2i + 1 of one
 /// column: kT8), else at row * share + c (pairs of columns 2i, 2i + 1). `for_pairs(f)` calls
 /// f(row, col, v0, v1) for every pair the thread holds (col in the tile; v1 at row + 1 or col + 1),
-/// or f(row, col, v) for single values (kGather: one value of row 0 per thread).
+/// or f(row, col, v) for single values (kGather: one value of row 0 per thread); the bytes pushed
+/// must be those push_reduce_init was given (kT8 pushes only the rows it computes: rows past them
+/// are summed from whatever the buffer holds and never stored).
 template <int kRows, bool kPairRows, bool kRingRecv = true, class T, class ForPairs>
 __device__ __forceinline__ void push_reduce_store(float* recv, unsigned bar, int rank, int split, int tid,
                                                   std::int64_t m0, std::int64_t M, std::int64_t tile,

@@ -308,9 +308,14 @@ constexpr int kSegChunks = 64;
 
 /// kT8 at m <= kT8OwnRows (decode on layers whose blocks do not fit one wave, where kGather does
 /// not run) pushes its split-K partials into a receive buffer of its own (kT8OwnRows x 128
-/// floats: 1 KB still fits 6 blocks per multiprocessor beside the ring; 8 rows would not), so
-/// its blocks never wait for the cluster's slowest one (push_reduce_store, !kRingRecv).
-constexpr int kT8OwnRows = 2;
+/// floats), so its blocks never wait for the cluster's slowest one (push_reduce_store,
+/// !kRingRecv). 4 rows (2 KB) still fit 6 blocks per multiprocessor beside the ring; 8 would not.
+/// H100, same build (ab/s20_c3.sh, two rounds), m = 4 with 4 rows against 2 (m = 3 and 4 then took
+/// the ring): 8192 x 28672 GPTQ-2 44.9-45.1 -> 43.7 us, GPTQ-3 49.9-50.2 -> 48.6-49.0, GPTQ-4
+/// 52.3-52.4 -> 51.6; 4096 x 14336 GPTQ-4 16.3-16.4 -> 15.4-15.6. Buffers for all 8 rows (and all
+/// 16 of the 16-row tiles) at 5 blocks per multiprocessor were level at m = 8 and 16 for GPTQ-2 / 3
+/// / 4 and up to 6% slower for EXL2 4.5 / 6.0 bpw (m = 8: 76.1-76.3 -> 80.8-80.9 us at 6.0 bpw).
+constexpr int kT8OwnRows = 4;
 
 /// Position of chunk row r (0..31) in the chunk's 32 halves of the kGather segment: word
 /// 4t + 2s + h holds rows 16s + 2t + 8h and + 1, the B fragment register b_h of k16 step s for
@@ -438,6 +443,9 @@ __global__ void __launch_bounds__(kTcThreads,
   static_assert(!kGather || MT == 1, "kGather: one row");
   static_assert(!kT8 || (MT == 1 && !kGather), "kT8: up to 8 kNB rows, from the gathered activations");
   static_assert(kNB == 1 || (kT8 && kNB == 2), "kNB: 8-row groups of the transposed tiles (kT8: 1 or 2)");
+  // kT8's rows with a split-K receive buffer of their own (rrow): kT8OwnRows (kNB = 1), none for
+  // the 16-row tiles (kNB = 2).
+  constexpr int kOwnRows = kT8 && kNB == 1 ? kT8OwnRows : 0;
   static_assert(!kGather || (kSegChunks % S::Q == 0 && kSegChunks * 32 <= S::R * S::kXRow),
                 "kGather: the segment is whole iterations and fits xs");
   constexpr int R = S::R, Q = S::Q;
@@ -447,7 +455,7 @@ __global__ void __launch_bounds__(kTcThreads,
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // kGather with split-K, and kT8 with M <= kT8OwnRows: push_reduce_store's receive buffer of its
   // own ([sender rank][its share of 1 or kT8OwnRows rows]).
-  __shared__ float rrow[kGather ? tc::kTileCols : kT8 && kNB == 1 ? kT8OwnRows * tc::kTileCols : 1];
+  __shared__ float rrow[kGather ? tc::kTileCols : kOwnRows > 0 ? kOwnRows * tc::kTileCols : 1];
   __shared__ __align__(8) std::uint64_t rbar;  // push_reduce_store's mbarrier
 #endif
 
@@ -461,7 +469,9 @@ __global__ void __launch_bounds__(kTcThreads,
   const std::uint32_t* __restrict__ tsrc = stream + tile * tile_words;
   // kT8 at M <= kT8OwnRows: split-K partials into a receive buffer of its own (rrow), published at
   // the start (push_reduce_init_early) instead of by a barrier after the loop.
-  [[maybe_unused]] const bool own_recv = kT8 && kNB == 1 && M <= kT8OwnRows;
+  [[maybe_unused]] const bool own_recv = kOwnRows > 0 && M <= kOwnRows;
+  // the rows it pushes there: M rounded up to the lanes' row pairs (m = 1 and 2 push 2 rows)
+  [[maybe_unused]] const int own_rows = own_recv ? (static_cast<int>(M) + 1) & ~1 : 0;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (kGather) {
@@ -472,7 +482,7 @@ __global__ void __launch_bounds__(kTcThreads,
     // loop
     if (MT == 1 && split > 1) {
       if (own_recv)
-        push_reduce_init_early<kT8OwnRows>(smem_u32(&rbar), tid);
+        push_reduce_init_early<kOwnRows>(smem_u32(&rbar), tid, own_rows);
       else if (tid == 0)
         push_reduce_init<R>(smem_u32(&rbar));
     }
@@ -666,20 +676,25 @@ __global__ void __launch_bounds__(kTcThreads,
     // acc1[nb][i][e]: column 16i + g + 8 (e >> 1) of the warp's block, batch row 8 nb + 2t + (e & 1).
     auto col = [&](int i, int e) { return warp * tc::kBlockCols + 16 * i + g + 8 * (e >> 1); };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (split > 1 && own_recv) {
-      // rows 0 and 1 (lanes t = 0) into the owners' own buffers: no wait for the cluster's
-      // slowest block before sending
-      push_reduce_store<kT8OwnRows, true, false>(rrow, smem_u32(&rbar), rank, split, tid, 0, M, tile, N, bias, out,
+    if constexpr (kOwnRows > 0) {
+      if (split > 1 && own_recv) {
+        // rows 0 .. own_rows - 1 (lanes t < own_rows / 2) into the owners' own buffers: no wait
+        // for the cluster's slowest block before sending
+        push_reduce_store<kOwnRows, true, false>(rrow, smem_u32(&rbar), rank, split, tid, 0, M, tile, N, bias, out,
                                                  [&](auto&& f) {
-                                                   if (t == 0) {
 #pragma unroll
-                                                     for (int i = 0; i < 2; ++i)
+                                                   for (int nb = 0; nb < kNB; ++nb)
+                                                     if (8 * nb + 2 * t < own_rows) {
 #pragma unroll
-                                                       for (int e = 0; e < 4; e += 2)
-                                                         f(0, col(i, e), acc1[0][i][e], acc1[0][i][e + 1]);
-                                                   }
+                                                       for (int i = 0; i < 2; ++i)
+#pragma unroll
+                                                         for (int e = 0; e < 4; e += 2)
+                                                           f(8 * nb + 2 * t, col(i, e), acc1[nb][i][e],
+                                                             acc1[nb][i][e + 1]);
+                                                     }
                                                  });
-      return;
+        return;
+      }
     }
     if (split > 1) {
       static_assert(R * tc::kTileCols <= kRingWords, "the receive buffer must fit the ring");
