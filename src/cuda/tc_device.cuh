@@ -73,23 +73,6 @@ __device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem) {
 #endif
 }
 
-/// cp_async16 if `pred`, as one predicated instruction rather than a branch around it: a run of
-/// such copies stays straight-line code (ptxas wraps each `if (pred) cp_async16(...)` in its own
-/// divergence region, BSSY / BRA / BSYNC).
-__device__ __forceinline__ void cp_async16_if(bool pred, unsigned smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(smem),
-      "l"(gmem), "r"(static_cast<int>(pred))
-      : "memory");
-#else
-  (void)pred;
-  (void)smem;
-  (void)gmem;
-  __trap();
-#endif
-}
-
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");

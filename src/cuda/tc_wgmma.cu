@@ -468,6 +468,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
   // m = 96 (a quarter past m) the full box was faster on 8192 x 28672 (120.4 / 122.6 against
   // 131.9 / 136.5) and within 3% elsewhere: not established why.
   const int x_rows = m < R ? static_cast<int>((m + 7) / 8 * 8) : R;
+  const CUtensorMap xmap = make_activation_map(xp, m, ldxp, x_rows);
   if constexpr (R == 64 && WG == 1) {
     if (sk.blocks > 0) {
       if (sk.partials == nullptr || sk.counters == nullptr) internal_error("launch_tc_wgmma: no stream-K scratch");
@@ -476,7 +477,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
                             "tc_wgmma_kernel launch", m, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
                             L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                             static_cast<const __half*>(L.bias.get()), out, L.N, 1, L.tc_ring_ahead, sk.partials,
-                            sk.counters, make_activation_map(xp, m, ldxp, x_rows), x_rows);
+                            sk.counters, xmap, x_rows);
       return;
     }
   }
@@ -493,8 +494,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
                         "tc_wgmma_kernel launch", m, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
                         L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
                         static_cast<const __half*>(L.bias.get()), out, L.N, split, L.tc_ring_ahead,
-                        static_cast<float*>(nullptr), static_cast<int*>(nullptr), make_activation_map(xp, m, ldxp, x_rows),
-                        x_rows);
+                        static_cast<float*>(nullptr), static_cast<int*>(nullptr), xmap, x_rows);
 }
 
 /// The kernel shapes (R rows, WG 4-warp groups), indexed as DeviceLayer::tc_wgmma_blocks_per_sm;
