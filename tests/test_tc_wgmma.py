@@ -4,7 +4,7 @@ measurement knob used here to give its 64-row tiles partial tiles too).
 
 Every bit width, act-order, short chunks, column counts that are not multiples of 32, bias,
 both tile heights, split-K clusters of any size and single blocks, stream-K (the 64-row tiles'
-blocks sharing all tiles' chunks), bit-exact weights through the kernel, determinism, graph
+blocks sharing all tiles' chunks), the 64-row tiles' deep ring, bit-exact weights through the kernel, determinism, graph
 capture, bfloat16 and agreement with the fp64 reference.
 """
 
@@ -109,6 +109,63 @@ def test_wgmma_results_do_not_depend_on_the_ring_lookahead(name: str, monkeypatc
         assert rel_err(a, expected(layer, x.cpu().numpy())) < TOL, f"m={x.shape[0]}"
 
 
+def _ran_deep_ring(kernels: set) -> bool:
+    """Whether `kernels` hold the 64-row wgmma kernel with the deep ring (its last template argument
+    16384 ring words: "tc_wgmma_kernel<64, 1, __half, false, 16384>" or "..., (int)16384>")."""
+    return any(re.search(r"tc_wgmma_kernel<.*(\(int\))?16384>", k) for k in kernels)
+
+
+@pytest.mark.parametrize("name", ["gptq8", "gptq_act_order", "exl2_mixed", "awq"])
+def test_wgmma_deep_ring_gives_the_same_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 64-row tiles' deep ring (64 KB, 8 steps further ahead; by default on layers whose 4-chunk
+    windows leave the usual ring 3 steps or fewer ahead, i.e. 8-bit codes) only changes how far ahead
+    the weights are copied: EXL2_CUDA_WGMMA_DEEP=1 / 0 at construction forces it on / off, and the
+    outputs must be the same bits either way, for partial and full row tiles, with and without
+    split-K (the knob EXL2_CUDA_WGMMA_SPLIT=3), and agree with fp64."""
+    monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", "17")
+    layer = LAYERS[name]
+    K = layer["weight"].shape[0]
+    rng = np.random.default_rng(16)
+    xs = [torch.from_numpy(random_x(rng, (m, K))).cuda() for m in (17, 33, 64)]
+    outs = {}
+    for split in (None, "3"):
+        if split is not None:
+            monkeypatch.setenv("EXL2_CUDA_WGMMA_SPLIT", split)
+        for deep in ("0", "1"):
+            monkeypatch.setenv("EXL2_CUDA_WGMMA_DEEP", deep)
+            with build(layer, "cuda") as q:
+                kernels = _kernels_run(lambda: q.matmul(xs[-1]))
+                if kernels:  # (compute-sanitizer excludes the CUDA profiler)
+                    assert _ran_deep_ring(kernels) == (deep == "1"), sorted(kernels)
+                outs[split, deep] = [q.matmul(x) for x in xs]
+                if deep == "1":
+                    check_deterministic_and_graph_safe(q, xs[1], repeats=3)
+    for split in (None, "3"):
+        for x, a, b in zip(xs, outs[split, "0"], outs[split, "1"]):
+            assert torch.equal(a, b), f"m={x.shape[0]} split={split}"
+            assert rel_err(b, expected(layer, x.cpu().numpy())) < TOL, f"m={x.shape[0]} split={split}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_wgmma_deep_ring_by_default_on_large_8bit_layers(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the knob the 64-row tiles take the deep ring on an 8-bit layer of many column tiles
+    (two per multiprocessor: no split-K beyond 2), and the usual ring on an 8-bit layer of 32 tiles
+    (split 8) and on a 4-bit layer; through the deep ring one-hot rows still give dequantize(dtype)'s
+    rows bit for bit."""
+    monkeypatch.delenv("EXL2_CUDA_WGMMA_DEEP", raising=False)
+    rng = np.random.default_rng(17)
+    wide = 128 * 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    large8 = R.random_gptq(rng, 256, wide, group_size=128, act_order=True, bits=8, bias=True)
+    for layer, deep in ((large8, True), (R.random_gptq(rng, 256, 4096, group_size=128, bits=8), False),
+                        (R.random_gptq(rng, 256, wide, group_size=128, bits=4), False)):
+        x = torch.from_numpy(random_x(rng, (64, 256))).to("cuda", dtype)
+        with build(layer, "cuda") as q:
+            kernels = _kernels_run(lambda: q.matmul(x))
+            if kernels:  # (compute-sanitizer excludes the CUDA profiler)
+                assert _ran_deep_ring(kernels) == deep, (layer["qweight"].shape, sorted(kernels))
+    check_one_hot_rows(large8, dtype, (33, 64), min_rows=33)
+
+
 @pytest.mark.parametrize("split", ["3", "5", "7"])
 @pytest.mark.parametrize("name", ["exl2_mixed", "gptq_act_order", "awq"])
 def test_wgmma_any_split_of_the_cluster_reduction(name: str, split: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,9 +236,10 @@ def test_wgmma_on_a_layer_of_more_tiles_than_multiprocessors(
 
 
 def _ran_stream_k(kernels: set) -> bool:
-    """Whether `kernels` hold the wgmma kernel's stream-K instantiation (its last template argument
-    true: "tc_wgmma_kernel<64, 1, __half, true>" or "..., (bool)1>" depending on the demangler)."""
-    return any(re.search(r"tc_wgmma_kernel<.*(true|\(bool\)1)>", k) for k in kernels)
+    """Whether `kernels` hold the wgmma kernel's stream-K instantiation (its fourth template argument
+    true, before the ring's size: "tc_wgmma_kernel<64, 1, __half, true, 8192>" or "..., (bool)1,
+    (int)8192>" depending on the demangler)."""
+    return any(re.search(r"tc_wgmma_kernel<.*(true|\(bool\)1), (\(int\))?\d+>", k) for k in kernels)
 
 
 def _ws_rows(kernels: set) -> Optional[int]:

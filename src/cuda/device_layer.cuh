@@ -255,6 +255,12 @@ struct DeviceLayer {
   int tc_wgmma_split = 0;     // its split-K for every m (EXL2_CUDA_WGMMA_SPLIT at construction), or 0
   int tc_wgmma_sk = 0;        // its stream-K blocks per SM (EXL2_CUDA_WGMMA_SK = 1..3), or 0: off
   int tc_wgmma_sk_per_sm = 0;  // blocks of its stream-K instantiation that fit one SM (queried only when on)
+  // Its 64-row tiles (m = 33..64) stream through a ring of twice the size (tc_wgmma.cu,
+  // kDeepRingWords), 8 more steps ahead: where the layer's 4-chunk windows leave the usual ring at
+  // most 3 steps ahead (8-bit codes), or always / never with EXL2_CUDA_WGMMA_DEEP = 1 / 0 at
+  // construction (tc_wgmma_deep_ring); per_sm: its blocks that fit one multiprocessor.
+  bool tc_wgmma_deep = false;
+  int tc_wgmma_deep_per_sm = 0;
 
   /// perm pointer for kernels: nullptr when the permutation is the identity.
   const int* kernel_perm() const noexcept { return identity_perm ? nullptr : perm.get(); }

@@ -86,7 +86,8 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-/// Waits until at most n of this thread's cp.async groups are pending (n clamped to 0..7).
+/// Waits until at most n of this thread's cp.async groups are pending (n clamped to 0..14; the
+/// wgmma kernel's deep ring runs up to 13 steps ahead).
 __device__ __forceinline__ void cp_async_wait_at_most(int n) {
   switch (n) {
     case 0: cp_async_wait<0>(); break;
@@ -96,7 +97,14 @@ __device__ __forceinline__ void cp_async_wait_at_most(int n) {
     case 4: cp_async_wait<4>(); break;
     case 5: cp_async_wait<5>(); break;
     case 6: cp_async_wait<6>(); break;
-    default: cp_async_wait<7>(); break;
+    case 7: cp_async_wait<7>(); break;
+    case 8: cp_async_wait<8>(); break;
+    case 9: cp_async_wait<9>(); break;
+    case 10: cp_async_wait<10>(); break;
+    case 11: cp_async_wait<11>(); break;
+    case 12: cp_async_wait<12>(); break;
+    case 13: cp_async_wait<13>(); break;
+    default: cp_async_wait<14>(); break;
   }
 }
 
@@ -166,7 +174,7 @@ __host__ __device__ __forceinline__ void with_code_width(int bits, F&& f) {
 /// The b words of a lane from the ring, starting at ring word `wo` (for b = 2, 4, 6, 8 a
 /// multiple of 2, 4, 2, 8 words, and the ring a multiple of 8 words: vector loads never
 /// straddle its end).
-template <int B>
+template <int B, int kWords = kRingWords>
 __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int wo, std::uint32_t (&w)[8]) {
   if constexpr (B == 4) {
     const uint4 v = *reinterpret_cast<const uint4*>(ring + wo);
@@ -179,12 +187,12 @@ __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int w
   } else if constexpr (B == 2 || B == 6) {
 #pragma unroll
     for (int i = 0; i < B / 2; ++i) {
-      const uint2 v = *reinterpret_cast<const uint2*>(ring + ((wo + 2 * i) & (kRingWords - 1)));
+      const uint2 v = *reinterpret_cast<const uint2*>(ring + ((wo + 2 * i) & (kWords - 1)));
       w[2 * i] = v.x, w[2 * i + 1] = v.y;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < B; ++i) w[i] = ring[(wo + i) & (kRingWords - 1)];
+    for (int i = 0; i < B; ++i) w[i] = ring[(wo + i) & (kWords - 1)];
   }
 }
 
@@ -443,15 +451,20 @@ __device__ __forceinline__ int first_group_header(const std::uint32_t* __restric
 /// t / 32 and 4 + t / 32 of it, 16 bytes each, so it copies its first piece in steps p < steps0
 /// and its second in steps p < steps1 only. The copy loop is a large share of the kernels'
 /// instructions: source pointer, ring offset and step count are kept incrementally in registers
-/// instead of being recomputed from s0 each step. Each step is one cp.async group.
-struct RingFill {
+/// instead of being recomputed from s0 each step. Each step is one cp.async group. kWords: the
+/// ring's size in words (a power of two, a multiple of a step; kRingWords but for the wgmma
+/// kernel's deep ring, tc_wgmma.cu).
+template <int kWords = kRingWords>
+struct RingFillT {
+  static_assert((kWords & (kWords - 1)) == 0 && kWords % (kStepUnits * tc::kUnitWords) == 0,
+                "the ring is whole steps, indexed with a mask");
   const std::uint32_t* __restrict__ src;
   unsigned ring_s;
   unsigned dst_off;  // ring word of this thread's next copy
   int steps0, steps1;
   int issued = 0;  // steps issued (committed groups)
 
-  __device__ __forceinline__ RingFill(const std::uint32_t* tsrc, std::int64_t s0, std::int64_t s1, int t,
+  __device__ __forceinline__ RingFillT(const std::uint32_t* tsrc, std::int64_t s0, std::int64_t s1, int t,
                                       const std::uint32_t* ring)
       : src(tsrc + s0 * tc::kUnitWords + t * 4),
         ring_s(smem_u32(ring)),
@@ -467,7 +480,7 @@ struct RingFill {
     static_assert(kStepCopies == 2, "issue_step copies two pieces per thread");
     cp_async_commit();
     src += kStepUnits * tc::kUnitWords;
-    dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kRingWords - 1);
+    dst_off = (dst_off + kStepUnits * tc::kUnitWords) & (kWords - 1);
     ++issued;
   }
 
@@ -492,27 +505,29 @@ struct RingFill {
     }
   }
 };
+using RingFill = RingFillT<>;
 
 /// A chunk's group constants and code words: on a group change (header unit d.w differs from
 /// `header`) the scales and zeros of the lane's four columns from the group's header unit in the
 /// ring; returns the ring word where the lane's b code words start. `s0`: the stream unit at
 /// ring word 0 (modulo the ring).
-template <class T>
+template <class T, int kWords = kRingWords>
 __device__ __forceinline__ void load_group_header(const std::uint32_t* ring, const int4& d, int b, std::int64_t s0,
                                                   int& header, GroupConsts& gc, int lane, int warp) {
   if (d.w != header) {
     header = d.w;
     const int hw =
         static_cast<int>((static_cast<std::int64_t>(header) - s0) * tc::kUnitWords) + warp * 32 + (lane >> 2) * 4;
-    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kRingWords - 1))), b, gc);
+    unpack_header<T>(*reinterpret_cast<const uint4*>(ring + (hw & (kWords - 1))), b, gc);
   }
 }
 
 /// (lane, warp of the 4-warp group that owns the tile's stream, as above)
+template <int kWords = kRingWords>
 __device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_t s0, int lane, int warp) {
-  return (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kRingWords - 1)) +
+  return (static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kWords - 1)) +
           warp * 32 * b + lane * b) &
-         (kRingWords - 1);
+         (kWords - 1);
 }
 
 /// The same for blocks of one 4-warp group (lane and warp from threadIdx.x).

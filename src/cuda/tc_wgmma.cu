@@ -15,8 +15,9 @@
 // kernel (RingFill, tc_device.cuh), but `ahead` = the layer's tc_ring_ahead steps ahead (the
 // most its 4-chunk windows allow, tc::ring_lookahead: 5 for 4-bit codes in groups of 128
 // against the mma.sync kernel's fixed 2, which its 6 blocks per multiprocessor can afford and
-// this kernel's 1 to 3 cannot); the activation tile of each iteration (R rows x 32 Q columns
-// of the gathered copy), shared by the block's groups, is copied by the tensor memory
+// this kernel's 1 to 3 cannot; on large layers of 8-bit codes the 64-row tiles take a ring of
+// twice the size, 8 steps further ahead: kDeepRingWords); the activation tile of each iteration
+// (R rows x 32 Q columns of the gathered copy), shared by the block's groups, is copied by the tensor memory
 // accelerator (two TMA boxes of 64 columns, issued by one thread, completing on the buffer's
 // mbarrier) into one of two buffers in the K-major 128-byte-swizzle layout, one iteration ahead.
 // Blocks of one column tile are consecutive (blockIdx.x = row tile), so the m / R blocks that
@@ -72,13 +73,13 @@ __device__ __forceinline__ void keep_until_here(std::uint32_t (&a)[2][2][4]) {
 /// R: activation rows per block (the wgmma N); WG: 4-warp groups per block, each with its own
 /// 128-column tile and weight ring, all sharing one activation tile (WG times fewer activation
 /// reads from L2 per output).
-template <int R, int WG>
+template <int R, int WG, int kRW = kRingWords>
 struct WgShape {
   static constexpr int Q = 4;                   // chunks per iteration
   static constexpr int kThreads = kTcThreads * WG;
   static constexpr int kXHalves = R * 32 * Q;   // one activation buffer
   static constexpr int kAcc = R / 2;            // fp32 accumulators per thread and wgmma
-  static constexpr std::size_t kRingBytes = kRingWords * 4;
+  static constexpr std::size_t kRingBytes = static_cast<std::size_t>(kRW) * 4;
   static constexpr std::size_t kXBytes = static_cast<std::size_t>(kXHalves) * 2;
   // Two activation buffers: the next iteration's is filled while the current one's wgmma run.
   static constexpr int kXBuffers = 2;
@@ -148,21 +149,21 @@ __device__ __forceinline__ void wg_chunk_words(const std::uint32_t (&w)[8], cons
   wgmma_commit();
 }
 
-template <int R, int B, class T>
+template <int R, int B, class T, int kRW>
 __device__ __forceinline__ void wg_chunk(const std::uint32_t* ring, int wo, const GroupConsts& gc, int q,
                                          std::uint64_t xdesc, float (&acc)[2][R / 2], std::uint32_t (&a)[2][2][4]) {
   std::uint32_t w[8];
-  ring_lane_words<B>(ring, wo, w);
+  ring_lane_words<B, kRW>(ring, wo, w);
   wg_chunk_words<R, B, T>(w, gc, q, xdesc, acc, a);
 }
 
 /// One chunk on its own (iterations of mixed widths or a partial last one): no wgmma stays in
 /// flight past the width switch, which lets ptxas keep the wgmma asynchronous elsewhere.
-template <int R, int B, class T>
+template <int R, int B, class T, int kRW>
 __device__ __forceinline__ void wg_chunk_sync(const std::uint32_t* ring, int wo, const GroupConsts& gc, int q,
                                               std::uint64_t xdesc, float (&acc)[2][R / 2]) {
   std::uint32_t a[2][2][4];
-  wg_chunk<R, B, T>(ring, wo, gc, q, xdesc, acc, a);
+  wg_chunk<R, B, T, kRW>(ring, wo, gc, q, xdesc, acc, a);
   wgmma_wait_all();
 }
 
@@ -182,17 +183,18 @@ __device__ __forceinline__ void wg_chunk_sync(const std::uint32_t* ring, int wo,
 /// clobber keeps loads below it), every chunk began with its shared loads and their address
 /// arithmetic between that wait and its decode (H100, GPTQ-4 4096 x 14336, m = 33 / 64:
 /// 35.8-37.6 -> 34.6-34.7 / 37.3-37.9 -> 36.3 us; 8192 x 28672 level; ab/s16_c1.sh).
-template <int R, int Q, int B, class T>
+template <int R, int Q, int B, class T, int kRW>
 __device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* dcur, std::int64_t s0, int& header,
                                         GroupConsts& gc, std::uint64_t xdesc, float (&acc)[2][R / 2], int lane,
                                         int warp) {
   std::uint32_t a0[2][2][4], a1[2][2][4];
   std::uint32_t w[2][8];
-  ring_lane_words<B>(ring, chunk_lane_word(dcur[0], B, s0, lane, warp), w[0]);
+  ring_lane_words<B, kRW>(ring, chunk_lane_word<kRW>(dcur[0], B, s0, lane, warp), w[0]);
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    load_group_header<T>(ring, dcur[q], B, s0, header, gc, lane, warp);
-    if (q + 1 < Q) ring_lane_words<B>(ring, chunk_lane_word(dcur[q + 1], B, s0, lane, warp), w[(q + 1) & 1]);
+    load_group_header<T, kRW>(ring, dcur[q], B, s0, header, gc, lane, warp);
+    if (q + 1 < Q)
+      ring_lane_words<B, kRW>(ring, chunk_lane_word<kRW>(dcur[q + 1], B, s0, lane, warp), w[(q + 1) & 1]);
     if (q >= 2) {
       wgmma_wait_one();  // chunk q - 2 has completed: its register set is free
       keep_until_here((q & 1) ? a1 : a0);
@@ -203,14 +205,14 @@ __device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* d
   keep_until_here(a0);
 }
 
-template <int R, int WG, class T, bool kStreamK = false>
-__global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMinBlocks)
+template <int R, int WG, class T, bool kStreamK = false, int kRW = kRingWords>
+__global__ void __launch_bounds__(WgShape<R, WG, kRW>::kThreads, WgShape<R, WG, kRW>::kMinBlocks)
     tc_wgmma_kernel(std::int64_t M, const std::uint32_t* __restrict__ stream, std::int64_t tile_words,
                     std::int64_t tiles, const int4* __restrict__ tc_chunks, int num_chunks,
                     const __half* __restrict__ bias, T* __restrict__ out, std::int64_t N, int split, int ahead,
                     float* __restrict__ sk_partials, int* __restrict__ sk_counters,
                     const __grid_constant__ CUtensorMap xmap, int x_rows) {
-  using S = WgShape<R, WG>;
+  using S = WgShape<R, WG, kRW>;
   constexpr int Q = S::Q;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -289,7 +291,7 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
       // chunks (the tiles' streams share one unit layout), so one descriptor table serves all.
       const ChunkRange cr = chunk_range(tc_chunks, cb, ce);
       const std::int64_t s0 = cr.s0;
-      RingFill fill(tsrc, s0, cr.s1, gtid, ring);
+      RingFillT<kRW> fill(tsrc, s0, cr.s1, gtid, ring);
 
       // Activations: the tile of an iteration (R rows x 32 Q columns of the gathered copy) in the
       // K-major 128-byte-swizzle layout wgmma reads: 64-column atoms of R rows x 128 bytes, piece c
@@ -357,17 +359,17 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
         const int bits0 = z0 & 0xff;
         if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
           with_code_width(bits0, [&](auto b) {
-            wg_iter<R, Q, decltype(b)::value, T>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp);
+            wg_iter<R, Q, decltype(b)::value, T, kRW>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp);
           });
         } else {
 #pragma unroll 1
           for (int q = 0; q < nq; ++q) {
             const int4 d = dcur[q];
             const int bits = d.z & 0xff;
-            load_group_header<T>(ring, d, bits, s0, header, gc, lane, warp);
-            const int wo = chunk_lane_word(d, bits, s0, lane, warp);
+            load_group_header<T, kRW>(ring, d, bits, s0, header, gc, lane, warp);
+            const int wo = chunk_lane_word<kRW>(d, bits, s0, lane, warp);
             with_code_width(bits, [&](auto b) {
-              wg_chunk_sync<R, decltype(b)::value, T>(ring, wo, gc, q, xdesc, acc);
+              wg_chunk_sync<R, decltype(b)::value, T, kRW>(ring, wo, gc, q, xdesc, acc);
             });
           }
         }
@@ -447,16 +449,29 @@ __global__ void __launch_bounds__(WgShape<R, WG>::kThreads, WgShape<R, WG>::kMin
   }
 }
 
-template <int R, int WG>
+template <int R, int WG, int kRW = kRingWords>
 int blocks_per_sm() {
-  return blocks_per_sm_with_smem({reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __half>),
-                                  reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __nv_bfloat16>)},
-                                 WgShape<R, WG>::kThreads, WgShape<R, WG>::kSmemBytes);
+  return blocks_per_sm_with_smem({reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __half, false, kRW>),
+                                  reinterpret_cast<const void*>(tc_wgmma_kernel<R, WG, __nv_bfloat16, false, kRW>)},
+                                 WgShape<R, WG, kRW>::kThreads, WgShape<R, WG, kRW>::kSmemBytes);
 }
 
-template <int R, int WG, class T>
+/// The deep ring of the 64-row tiles (DeviceLayer::tc_wgmma_deep): 64 KB, 16 steps of 4 KB, so
+/// 8 steps more ahead than the usual ring allows (tc::ring_lookahead is the ring's steps minus
+/// the widest 4-chunk window's). An iteration of four 8-bit chunks spans 5 of the usual ring's 8
+/// steps, which leaves 3 (12 KB) in flight per block; too few to stream 8-bit codes at the
+/// DRAM's rate with the 1 to 2 blocks a multiprocessor of 8192 x 28672 holds at m = 64 (Nsight
+/// Compute, scripts/ncu_stalls.sh, GPTQ-8 against GPTQ-4 at m = 64: DRAM throughput 53% / 36% of
+/// peak, long-scoreboard stalls 0.85 / 0.15 per issued instruction, 17% more instructions, 1.30x
+/// the time). Two such blocks (96 KB of shared memory each) fit a multiprocessor.
+constexpr int kDeepRingWords = 2 * kRingWords;
+constexpr int kDeepExtraSteps = kDeepRingWords / (kStepUnits * tc::kUnitWords) - kRingSteps;
+
+template <int R, int WG, class T, int kRW = kRingWords>
 void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, T* out, int per_sm,
                  const WgmmaStreamK& sk, cudaStream_t stream) {
+  constexpr bool kDeep = kRW != kRingWords;
+  const int ahead = L.tc_ring_ahead + (kDeep ? kDeepExtraSteps : 0);
   const std::int64_t mtiles = (m + R - 1) / R;
   const std::int64_t groups = (L.tc_tiles + WG - 1) / WG;
   if (groups > 65535) throw Unsupported("gemm: N is too large for the wgmma kernel");
@@ -469,7 +484,7 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
   // 131.9 / 136.5) and within 3% elsewhere: not established why.
   const int x_rows = m < R ? static_cast<int>((m + 7) / 8 * 8) : R;
   const CUtensorMap xmap = make_activation_map(xp, m, ldxp, x_rows);
-  if constexpr (R == 64 && WG == 1) {
+  if constexpr (R == 64 && WG == 1 && !kDeep) {
     if (sk.blocks > 0) {
       if (sk.partials == nullptr || sk.counters == nullptr) internal_error("launch_tc_wgmma: no stream-K scratch");
       launch_clustered_smem(tc_wgmma_kernel<R, WG, T, true>, dim3(1, 1, static_cast<unsigned>(sk.blocks)),
@@ -484,16 +499,16 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
   // The largest split of the tile's chunks, 1 to 8, whose blocks fit one wave (any split: 4096 x
   // 14336 at m = 64 runs 3, 336 of 396 blocks, 37.2-37.6 us against 38.4-38.7 at the power of two
   // 2; H100, GPTQ-4, EXL2_CUDA_WGMMA_SPLIT sweep, ab/s15_c3.sh); or EXL2_CUDA_WGMMA_SPLIT.
-  const int split = !WgShape<R, WG>::kCanSplit ? 1
+  const int split = !WgShape<R, WG, kRW>::kCanSplit ? 1
                     : L.tc_wgmma_split > 0     ? L.tc_wgmma_split
                                                : single_wave_split(L, groups * mtiles, 16, per_sm, 8, true);
-  launch_clustered_smem(tc_wgmma_kernel<R, WG, T>,
+  launch_clustered_smem(tc_wgmma_kernel<R, WG, T, false, kRW>,
                         dim3(static_cast<unsigned>(mtiles), static_cast<unsigned>(split),
                              static_cast<unsigned>(groups)),
-                        dim3(WgShape<R, WG>::kThreads), WgShape<R, WG>::kSmemBytes, split, 1, false, stream,
+                        dim3(WgShape<R, WG, kRW>::kThreads), WgShape<R, WG, kRW>::kSmemBytes, split, 1, false, stream,
                         "tc_wgmma_kernel launch", m, static_cast<const std::uint32_t*>(L.tc_qweight.get()),
                         L.tc_tile_words, L.tc_tiles, static_cast<const int4*>(L.tc_chunks.get()), L.num_chunks,
-                        static_cast<const __half*>(L.bias.get()), out, L.N, split, L.tc_ring_ahead,
+                        static_cast<const __half*>(L.bias.get()), out, L.N, split, ahead,
                         static_cast<float*>(nullptr), static_cast<int*>(nullptr), xmap, x_rows);
 }
 
@@ -502,7 +517,8 @@ void launch_rows(const DeviceLayer& L, const __half* xp, std::int64_t m, std::in
 /// producer warpgroups).
 constexpr int kWgConfigs = 6;
 constexpr int kWsConfig128 = 3, kWsConfig256 = 4, kWsConfig192 = 5;
-#define EXL2_WG_CONFIGS(X) X(0, 64, 1) X(1, 128, 2) X(2, 128, 1)
+#define EXL2_WG_CONFIGS_ABOVE_0(X) X(1, 128, 2) X(2, 128, 1)
+#define EXL2_WG_CONFIGS(X) X(0, 64, 1) EXL2_WG_CONFIGS_ABOVE_0(X)
 
 /// The shape for m rows: 64-row tiles up to m = 64; from m = 129 the warp-specialised kernel's
 /// 256-row tiles where their blocks fill at least 4/5 of the multiprocessors (one tile per block,
@@ -535,7 +551,13 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
   switch (config_for(L, m)) {
 #define EXL2_WG_LAUNCH(I, R, WG) \
   case I: launch_rows<R, WG>(L, xp, m, ldxp, out, L.tc_wgmma_blocks_per_sm[I], sk, stream); break;
-    EXL2_WG_CONFIGS(EXL2_WG_LAUNCH)
+    case 0:
+      if (L.tc_wgmma_deep && sk.blocks == 0)
+        launch_rows<64, 1, T, kDeepRingWords>(L, xp, m, ldxp, out, L.tc_wgmma_deep_per_sm, sk, stream);
+      else
+        launch_rows<64, 1>(L, xp, m, ldxp, out, L.tc_wgmma_blocks_per_sm[0], sk, stream);
+      break;
+    EXL2_WG_CONFIGS_ABOVE_0(EXL2_WG_LAUNCH)
 #undef EXL2_WG_LAUNCH
     case kWsConfig128: launch_tc_wgmma_ws(L, xp, m, ldxp, 128, out, stream); break;
     case kWsConfig256: launch_tc_wgmma_ws(L, xp, m, ldxp, 256, out, stream); break;
@@ -545,6 +567,21 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
 }
 
 }  // namespace
+
+/// Whether a layer whose 4-chunk windows leave the usual ring at most 3 steps ahead (8-bit codes)
+/// takes the deep ring for its 64-row tiles: where those tiles' launch keeps a split of at most 2
+/// at the deep kernel's `per_sm` blocks per multiprocessor (single_wave_split's choice: tiles x 3
+/// exceed one wave), so that each block streams a long K range. H100, GPTQ-8, m = 33 / 48 / 64,
+/// same build, two rounds (ab/s21_c3.sh): 8192 x 28672 (224 tiles, no split) 107.5-111.9 /
+/// 112.7-115.0 / 112.6-114.9 us against 122.6-124.2 / 123.9-126.4 / 126.0-127.8 with the usual
+/// ring; 4096 x 14336 (112 tiles, split 2 against 3) 41.8-42.6 against 42.9-44.6; but 14336 x 4096
+/// and 4096 x 4096 (32 tiles, split 8) 56-59 / 25 against 43-45 / 18.3-18.9 (not profiled; their
+/// blocks have 56 or 16 chunks each, and clusters of 8 blocks at 2 a multiprocessor may not all fit
+/// one wave). The 4-bit and mixed layers, forced onto it, were level or up to 8% slower (GPTQ-4
+/// 8192 x 28672 m = 64 96.9-97.4 against 91.3-92.5 us): they decode slower than they stream.
+static bool deep_ring_wanted(const DeviceLayer& L, int per_sm) {
+  return per_sm > 0 && L.tc_tiles * 3 > static_cast<std::int64_t>(per_sm) * L.sm_count;
+}
 
 /// Stream-K blocks for the 64-row tiles (m <= 64): 0 (one tile per block, the default), or
 /// EXL2_CUDA_WGMMA_SK = 1..3 blocks per multiprocessor sharing all the tiles' chunks evenly.
@@ -596,6 +633,13 @@ void query_tc_wgmma(DeviceLayer& L) {
         {reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __half, true>),
          reinterpret_cast<const void*>(tc_wgmma_kernel<64, 1, __nv_bfloat16, true>)},
         WgShape<64, 1>::kThreads, WgShape<64, 1>::kSmemBytes);
+  // The deep ring of the 64-row tiles (deep_ring_wanted), or EXL2_CUDA_WGMMA_DEEP=1 / 0: always /
+  // never.
+  const int deep = env::integer_in("EXL2_CUDA_WGMMA_DEEP", 0, 1, -1);
+  L.tc_wgmma_deep = deep != 0 && (deep == 1 || L.tc_ring_ahead <= 3);
+  L.tc_wgmma_deep_per_sm = L.tc_wgmma_deep ? blocks_per_sm<64, 1, kDeepRingWords>() : 0;
+  if (deep < 0 && L.tc_wgmma_deep) L.tc_wgmma_deep = deep_ring_wanted(L, L.tc_wgmma_deep_per_sm);
+  if (L.tc_wgmma_deep_per_sm == 0) L.tc_wgmma_deep = false;
 }
 
 void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
