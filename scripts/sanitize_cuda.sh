@@ -9,7 +9,7 @@
 #      act-order, bias / no bias, N not a multiple of the tile widths, m in every kernel
 #      bucket (GEMV m <= 8, 64x64 and 128x128 MMA tiles; tensor-core kernel: m = 1 gathering
 #      in the kernel, over two activation segments too, m <= 8 transposed, 16/32/64-row tiles,
-#      wgmma), x / out at odd (2-byte aligned)
+#      wgmma, its 64-row tiles' deep ring), x / out at odd (2-byte aligned)
 #      addresses, host- and device-resident construction inputs, NaN-checked scales,
 #      dequantize, side streams, a close() while a GEMM is still queued; results are
 #      checked against the numpy reference; it runs twice, the second time with the
@@ -185,6 +185,16 @@ q = build(seg, "exl2", True, True)
 del os.environ["EXL2_CUDA_MAX_SPLIT"]
 check(q, seg["weight"], seg["bias"], [1, 2, 5], dtypes=(torch.float16, torch.bfloat16))
 q.close()
+
+# the wgmma kernel's deep ring for its 64-row tiles (EXL2_CUDA_WGMMA_DEEP=1 at construction; by
+# default only 8-bit layers of many column tiles take it): every width, and 8-bit codes, at
+# m = 33 / 40 / 64 (partial and full row tiles, split-K clusters), both dtypes
+os.environ["EXL2_CUDA_WGMMA_DEEP"] = "1"
+for fmt, layer in (cases[1], host_built[3]):
+    q = build(layer, fmt, True, True)
+    check(q, layer["weight"], layer["bias"], [33, 40, 64], dtypes=(torch.float16, torch.bfloat16))
+    q.close()
+del os.environ["EXL2_CUDA_WGMMA_DEEP"]
 
 # the 128x128 MMA tiles: m >= 256 and ceil(m/128) * ceil(N/128) >= 256
 big = R.random_gptq(rng, 256, 8192, group_size=64, act_order=True)
