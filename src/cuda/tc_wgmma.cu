@@ -577,7 +577,7 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
 /// ring; 4096 x 14336 (112 tiles, split 2 against 3) 41.8-42.6 against 42.9-44.6; but 14336 x 4096
 /// and 4096 x 4096 (32 tiles, split 8) 56-59 / 25 against 43-45 / 18.3-18.9 (not profiled; their
 /// blocks have 56 or 16 chunks each, and clusters of 8 blocks at 2 a multiprocessor may not all fit
-/// one wave). The 4-bit and mixed layers, forced onto it, were level or up to 8% slower (GPTQ-4
+/// one wave). The 4-bit and mixed layers, forced onto it, were level or up to 9% slower (GPTQ-4
 /// 8192 x 28672 m = 64 96.9-97.4 against 91.3-92.5 us): they decode slower than they stream.
 static bool deep_ring_wanted(const DeviceLayer& L, int per_sm) {
   return per_sm > 0 && L.tc_tiles * 3 > static_cast<std::int64_t>(per_sm) * L.sm_count;
