@@ -575,9 +575,10 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
 /// same build, two rounds (ab/s21_c3.sh): 8192 x 28672 (224 tiles, no split) 107.5-111.9 /
 /// 112.7-115.0 / 112.6-114.9 us against 122.6-124.2 / 123.9-126.4 / 126.0-127.8 with the usual
 /// ring; 4096 x 14336 (112 tiles, split 2 against 3) 41.8-42.6 against 42.9-44.6; but 14336 x 4096
-/// and 4096 x 4096 (32 tiles, split 8) 56-59 / 25 against 43-45 / 18.3-18.9 (not profiled; their
-/// blocks have 56 or 16 chunks each, and clusters of 8 blocks at 2 a multiprocessor may not all fit
-/// one wave). The 4-bit and mixed layers, forced onto it, were level or up to 9% slower (GPTQ-4
+/// and 4096 x 4096 (32 tiles, split 8) 56-59 / 25 against 43-45 / 18.3-18.9: their 256 blocks in
+/// clusters of 8 are 0.97 of a wave at two blocks per multiprocessor, and clusters that find no
+/// room in a GPC wait for a second one (Nsight Compute, ab/s21_c7.sh: as many active cycles per
+/// multiprocessor, 1.4x the time). The 4-bit and mixed layers, forced onto it, were level or up to 9% slower (GPTQ-4
 /// 8192 x 28672 m = 64 96.9-97.4 against 91.3-92.5 us): they decode slower than they stream.
 static bool deep_ring_wanted(const DeviceLayer& L, int per_sm) {
   return per_sm > 0 && L.tc_tiles * 3 > static_cast<std::int64_t>(per_sm) * L.sm_count;
