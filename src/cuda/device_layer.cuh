@@ -257,8 +257,9 @@ struct DeviceLayer {
   int tc_wgmma_sk_per_sm = 0;  // blocks of its stream-K instantiation that fit one SM (queried only when on)
   // Its 64-row tiles (m = 33..64) stream through a ring of twice the size (tc_wgmma.cu,
   // kDeepRingWords), 8 more steps ahead: where the layer's 4-chunk windows leave the usual ring at
-  // most 3 steps ahead (8-bit codes), or always / never with EXL2_CUDA_WGMMA_DEEP = 1 / 0 at
-  // construction (tc_wgmma_deep_ring); per_sm: its blocks that fit one multiprocessor.
+  // most 3 steps ahead (8-bit codes) and the launch keeps a split of at most 2 (deep_ring_wanted),
+  // or always / never with EXL2_CUDA_WGMMA_DEEP = 1 / 0 at construction; per_sm: its blocks that
+  // fit one multiprocessor (0 when the deep ring is off).
   bool tc_wgmma_deep = false;
   int tc_wgmma_deep_per_sm = 0;
 

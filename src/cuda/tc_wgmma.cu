@@ -578,8 +578,9 @@ void launch_for(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int
 /// and 4096 x 4096 (32 tiles, split 8) 56-59 / 25 against 43-45 / 18.3-18.9: their 256 blocks in
 /// clusters of 8 are 0.97 of a wave at two blocks per multiprocessor, and clusters that find no
 /// room in a GPC wait for a second one (Nsight Compute, ab/s21_c7.sh: as many active cycles per
-/// multiprocessor, 1.4x the time). The 4-bit and mixed layers, forced onto it, were level or up to 9% slower (GPTQ-4
-/// 8192 x 28672 m = 64 96.9-97.4 against 91.3-92.5 us): they decode slower than they stream.
+/// multiprocessor, 1.4x the time). The 4-bit and mixed layers, forced onto it, were level or up to
+/// 9% slower (GPTQ-4 8192 x 28672 m = 64 96.9-97.4 against 91.3-92.5 us): they decode slower than
+/// they stream.
 static bool deep_ring_wanted(const DeviceLayer& L, int per_sm) {
   return per_sm > 0 && L.tc_tiles * 3 > static_cast<std::int64_t>(per_sm) * L.sm_count;
 }
@@ -636,11 +637,12 @@ void query_tc_wgmma(DeviceLayer& L) {
         WgShape<64, 1>::kThreads, WgShape<64, 1>::kSmemBytes);
   // The deep ring of the 64-row tiles (deep_ring_wanted), or EXL2_CUDA_WGMMA_DEEP=1 / 0: always /
   // never.
+  // (its occupancy is queried only for a candidate layer)
   const int deep = env::integer_in("EXL2_CUDA_WGMMA_DEEP", 0, 1, -1);
-  L.tc_wgmma_deep = deep != 0 && (deep == 1 || L.tc_ring_ahead <= 3);
-  L.tc_wgmma_deep_per_sm = L.tc_wgmma_deep ? blocks_per_sm<64, 1, kDeepRingWords>() : 0;
-  if (deep < 0 && L.tc_wgmma_deep) L.tc_wgmma_deep = deep_ring_wanted(L, L.tc_wgmma_deep_per_sm);
-  if (L.tc_wgmma_deep_per_sm == 0) L.tc_wgmma_deep = false;
+  const bool candidate = deep == 1 || (deep < 0 && L.tc_ring_ahead <= 3);
+  const int deep_per_sm = candidate ? blocks_per_sm<64, 1, kDeepRingWords>() : 0;
+  L.tc_wgmma_deep = deep_per_sm > 0 && (deep == 1 || deep_ring_wanted(L, deep_per_sm));
+  L.tc_wgmma_deep_per_sm = L.tc_wgmma_deep ? deep_per_sm : 0;
 }
 
 void launch_tc_wgmma(const DeviceLayer& L, const __half* xp, std::int64_t m, std::int64_t ldxp, __half* out,
