@@ -490,3 +490,57 @@ def test_tc_bfloat16_runs_the_tc_kernel() -> None:
         if not kernels:  # e.g. under compute-sanitizer, which excludes the CUDA profiler
             pytest.skip("the CUDA profiler recorded no kernels")
         assert any("tc_gemm_kernel" in k and "bfloat16" in k for k in kernels), sorted(kernels)
+
+
+def _one_group_layers():
+    """Layers whose 4-chunk iterations lie in one group (groups of 128 rows and more), of every
+    width the one-group iterations unroll for, one with a short last group (104 rows)."""
+    rng = np.random.default_rng(701)
+    return {
+        "gptq2_g128_act": R.random_gptq(rng, 1024, 256, group_size=128, act_order=True, bits=2, bias=True),
+        "gptq3_g256": R.random_gptq(rng, 1024, 160, group_size=256, bits=3),
+        "gptq4_g128_act": R.random_gptq(rng, 1024, 200, group_size=128, act_order=True, bias=True),
+        "gptq8_g128": R.random_gptq(rng, 512, 128, group_size=128, bits=8),
+        "awq_g128": R.random_awq(rng, 768, 256, group_size=128, bias=True),
+        "exl2_g128_mixed": R.random_exl2(rng, 1024, 160, bits=[(6, 128), (5, 128), (4, 384), (3, 128), (2, 256)],
+                                         group_size=128),
+        "exl2_g128_short": R.random_exl2(rng, 1000, 96, bits=[(4, 512), (3, 488)], group_size=128, bias=True),
+    }
+
+
+ONE_GROUP_LAYERS = _one_group_layers()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(ONE_GROUP_LAYERS))
+def test_tc_one_group_iterations_give_the_same_bits(name: str, dtype: torch.dtype,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Iterations of 4 chunks that lie in one group (tc::one_group_flag, set at construction unless
+    EXL2_CUDA_ONE_GROUP=0) check the group once and take every chunk's ring words from the first
+    chunk's: the same bits as the per-chunk path, for every kernel that runs them (the in-kernel
+    gather at m = 1, the transposed 8- and 16-row tiles, the 32- and 64-row mma.sync tiles and, on
+    compute capability 9.0, the wgmma kernel from m = 33), split-K or one block per tile (where a
+    block's iterations start off the groups' boundaries), and within tolerance of float64."""
+    layer = ONE_GROUP_LAYERS[name]
+    K = layer["weight"].shape[0]
+    rng = np.random.default_rng(702)
+    ms = (1, 2, 5, 8, 12, 16, 24, 32, 40, 64)
+    xs = [torch.from_numpy(random_x(rng, (m, K))).to("cuda", dtype) for m in ms]
+    for max_split in ("1", None):
+        if max_split is None:
+            monkeypatch.delenv("EXL2_CUDA_MAX_SPLIT", raising=False)
+        else:
+            monkeypatch.setenv("EXL2_CUDA_MAX_SPLIT", max_split)
+        for min_rows in ("65", "33"):  # the mma.sync kernel up to m = 64, or the wgmma one from 33
+            monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", min_rows)
+            outs = {}
+            for flag in ("0", "1"):
+                monkeypatch.setenv("EXL2_CUDA_ONE_GROUP", flag)
+                with build(layer, "cuda") as q:
+                    assert q.tensor_core_layout
+                    outs[flag] = [q.matmul(x) for x in xs]
+            for m, x, a, b in zip(ms, xs, outs["0"], outs["1"]):
+                where = f"m={m} max_split={max_split} min_rows={min_rows}"
+                assert torch.equal(a, b), where
+                tol = TOL if dtype == torch.float16 else 1e-2
+                assert rel_err(b.float(), expected(layer, x.float().cpu().numpy())) < tol, where

@@ -530,6 +530,13 @@ __device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_
          (kWords - 1);
 }
 
+/// Ring word of the lane's words of chunk q of a one-group iteration (tc::one_group_flag), from
+/// its first chunk's (`wo0`, chunk_lane_word): chunk q's codes start q b units later in the stream.
+template <int B, int kWords = kRingWords>
+__device__ __forceinline__ int one_group_lane_word(int wo0, int q) {
+  return (wo0 + q * B * tc::kUnitWords) & (kWords - 1);
+}
+
 /// The same for blocks of one 4-warp group (lane and warp from threadIdx.x).
 template <class T>
 __device__ __forceinline__ void load_group_header(const std::uint32_t* ring, const int4& d, int b, std::int64_t s0,

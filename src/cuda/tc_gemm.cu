@@ -75,7 +75,9 @@ struct StreamTables {
   int ring_ahead = 0;                 // tc::ring_lookahead for iterations of 4 chunks
 };
 
-StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t G) {
+/// `one_group_flags`: set tc::one_group_flag in the descriptors (EXL2_CUDA_ONE_GROUP=0 at
+/// construction leaves it out, to measure the per-chunk path against it).
+StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t G, bool one_group_flags) {
   const int n = static_cast<int>(canonical.size());
   std::vector<int> group(canonical.size()), bits(canonical.size());
   for (int c = 0; c < n; ++c) {
@@ -97,7 +99,9 @@ StreamTables make_stream_tables(const std::vector<int4>& canonical, std::int64_t
   t.chunks.resize(canonical.size());
   t.header.assign(static_cast<std::size_t>(G), -1);
   for (int c = 0; c < n; ++c) {
-    t.chunks[c] = make_int4(canonical[c].x, static_cast<int>(unit0[c]), canonical[c].z | tc::uniform_flags(n, bits.data(), c),
+    const int flags =
+        tc::uniform_flags(n, bits.data(), c) | (one_group_flags ? tc::one_group_flag(n, group.data(), c) : 0);
+    t.chunks[c] = make_int4(canonical[c].x, static_cast<int>(unit0[c]), canonical[c].z | flags,
                             static_cast<int>(header[c]));
     t.header[static_cast<std::size_t>(group[c])] = static_cast<std::int32_t>(header[c]);
   }
@@ -246,20 +250,27 @@ __global__ void tc_xsrc_kernel(const int* __restrict__ perm, const int4* __restr
 /// Per chunk q of an iteration (descriptor d, b bits): on a group change the scales and zeros
 /// from the group's header unit in the ring, the A fragments from the activation tile, and
 /// the ring word where the lane's b code words start (returned).
-template <int MT, int kXRow, class T>
-__device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const __half* xs, const int4& d, int q, int b,
-                                              std::int64_t s0, int& header, GroupConsts& gc,
-                                              std::uint32_t (&a)[MT][2][4]) {
+/// The A fragments (activations) of chunk q of an iteration from the activation tile `xs`.
+template <int MT, int kXRow>
+__device__ __forceinline__ void load_a_tile(const __half* xs, int q, std::uint32_t (&a)[MT][2][4]) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  load_group_header<T>(ring, d, b, s0, header, gc);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int s = 0; s < 2; ++s)
       ldmatrix_x4(a[mt][s],
                   xs + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kXRow + 32 * q + 16 * s + (lane >> 4) * 8);
+}
+
+template <int MT, int kXRow, class T>
+__device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const __half* xs, const int4& d, int q, int b,
+                                              std::int64_t s0, int& header, GroupConsts& gc,
+                                              std::uint32_t (&a)[MT][2][4]) {
+  load_group_header<T>(ring, d, b, s0, header, gc);
+  load_a_tile<MT, kXRow>(xs, q, a);
   return chunk_lane_word(d, b, s0);
 }
+
 
 // Chunks per iteration ("super-chunk"): one barrier pair, one activation tile and one
 // descriptor set per Q chunks, so per-iteration latencies are paid once per Q * 32 rows.
@@ -286,6 +297,22 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
     std::uint32_t a[MT][2][4];
     const int wo = tc_chunk_setup<MT, TcShape<MT>::kXRow, T>(ring, xs, dcur[q], q, B, s0, header, gc, a);
     tc_chunk<MT, B, T>(ring, wo, a, gc, acc);
+  }
+}
+
+/// The same iteration when its Q chunks lie in one group (tc::one_group_flag; d0 = its first
+/// chunk's descriptor): one header check and one lane-word computation for all of them.
+template <int MT, int B, class T>
+__device__ __forceinline__ void tc_iter_one_group(const std::uint32_t* ring, const __half* xs, const int4& d0,
+                                                  std::int64_t s0, int& header, GroupConsts& gc,
+                                                  float (&acc)[MT][4][4]) {
+  load_group_header<T>(ring, d0, B, s0, header, gc);
+  const int wo0 = chunk_lane_word(d0, B, s0);
+#pragma unroll
+  for (int q = 0; q < TcShape<MT>::Q; ++q) {
+    std::uint32_t a[MT][2][4];
+    load_a_tile<MT, TcShape<MT>::kXRow>(xs, q, a);
+    tc_chunk<MT, B, T>(ring, one_group_lane_word<B>(wo0, q), a, gc, acc);
   }
 }
 
@@ -410,6 +437,24 @@ __device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, cons
 #pragma unroll
   for (int nb = 0; nb < NB; ++nb) xa[nb] = transposed_x<kGather, kXRow>(xit, xs, q, nb);
   tc_chunk_row1<B, T, NB>(ring, wo, xa, gc, grp1);
+}
+
+/// The transposed kernels: a whole iteration of Q chunks in one group (tc::one_group_flag; d0 =
+/// its first chunk's descriptor): the group change is checked and the lane word computed once.
+template <int B, class T, bool kGather, int kXRow, int NB, int Q>
+__device__ __forceinline__ void tc_iter_row1_one_group(const std::uint32_t* ring, const __half* xit, const __half* xs,
+                                                       const int4& d0, std::int64_t s0, int& header, GroupConsts& gc,
+                                                       float (&acc1)[NB][2][4], float (&grp1)[NB][2][4]) {
+  if (d0.w != header) fold_group(acc1, grp1, gc);  // (before load_group_header replaces gc)
+  load_group_header<T>(ring, d0, B, s0, header, gc);
+  const int wo0 = chunk_lane_word(d0, B, s0);
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    uint4 xa[NB];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) xa[nb] = transposed_x<kGather, kXRow>(xit, xs, q, nb);
+    tc_chunk_row1<B, T, NB>(ring, one_group_lane_word<B>(wo0, q), xa, gc, grp1);
+  }
 }
 
 /// Blocks per multiprocessor of the transposed 16-row tiles (kT8, kNB = 2): their 16 group sums
@@ -615,9 +660,18 @@ __global__ void __launch_bounds__(kTcThreads,
       //    memory loads and decoding with the previous chunk's mma; else one chunk at a time.
       const int z0 = dcur[0].z;
       const int bits0 = z0 & 0xff;
+      // The one-group iterations (tc::one_group_flag) on the 8-row transposed tiles and the 16-
+      // and 32-row tiles; the transposed 16-row tiles and the 64-row ones, at their register
+      // budgets, spill with them (ptxas: 64 / 44 bytes), so they keep the per-chunk path.
+      constexpr bool kOneGroupIters = kTrans ? kNB == 1 : MT <= 2;
       if constexpr (kTrans) {
         const __half* xit = xs + (kGather ? ((c0 - cb) % kSegChunks) * 32 : 0);
-        if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
+        if (kOneGroupIters && nq == Q && ((z0 >> tc::one_group_flag_bit()) & 1)) {
+          with_code_width(bits0, [&](auto b) {
+            tc_iter_row1_one_group<decltype(b)::value, T, kGather, S::kXRow, kNB, Q>(ring, xit, xs, dcur[0], s0,
+                                                                                   header, gc, acc1, grp1);
+          });
+        } else if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
           with_code_width(bits0, [&](auto b) {
 #pragma unroll
             for (int q = 0; q < Q; ++q)
@@ -634,6 +688,10 @@ __global__ void __launch_bounds__(kTcThreads,
             });
           }
         }
+      } else if (kOneGroupIters && nq == Q && ((z0 >> tc::one_group_flag_bit()) & 1)) {
+        with_code_width(bits0, [&](auto b) {
+          tc_iter_one_group<MT, decltype(b)::value, T>(ring, xs, dcur[0], s0, header, gc, acc);
+        });
       } else if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
         with_code_width(bits0,
                         [&](auto b) { tc_iter<MT, decltype(b)::value, T>(ring, xs, dcur, s0, header, gc, acc); });
@@ -923,7 +981,7 @@ void build_tc_layout(DeviceLayer& L, const std::vector<int4>& chunks_host, cudaS
   // The kernel addresses the activation rows of a block with 32-bit offsets (< 64 rows of
   // 32 * num_chunks halves).
   if (static_cast<std::int64_t>(L.num_chunks) * 32 * 64 > 0x7fffffffLL) return;
-  const StreamTables tables = make_stream_tables(chunks_host, L.G);
+  const StreamTables tables = make_stream_tables(chunks_host, L.G, env::integer_in("EXL2_CUDA_ONE_GROUP", 0, 1, 1) == 1);
   L.tc_tiles = (L.N + tc::kTileCols - 1) / tc::kTileCols;
   L.tc_tile_words = tables.units * tc::kUnitWords;
   L.tc_ring_ahead = ring_ahead_from_env(tables.ring_ahead);

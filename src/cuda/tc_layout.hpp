@@ -119,6 +119,23 @@ inline int uniform_flags(int n, const int* bits, int c) {
   return flags;
 }
 
+/// Bit 18 of a descriptor's z: chunks c .. c + 3 all exist and belong to chunk c's group (so they
+/// share its width and uniform_flag_bit(4) is set too), for the iterations of 4 chunks (MT = 1, 2
+/// and the transposed tiles of tc_gemm.cu). Such an iteration reads at most one group header,
+/// chunk c's, and its chunks' codes are the consecutive units unit0[c] + q b (q = 0..3:
+/// place_units puts no header unit between the chunks of one group), so the kernel derives every
+/// chunk's lane word from chunk c's instead of reading four descriptors and checking four group
+/// changes. Set for whole groups of 128 rows at iterations aligned to them (and inside groups of
+/// 256 or more), never for groups of 32 or 64 rows.
+EXL2_TC_HD constexpr int one_group_flag_bit() { return 18; }
+inline int one_group_flag(int n, const int* group, int c) {
+  constexpr int q = 4;
+  if (c + q > n) return 0;
+  for (int k = 1; k < q; ++k)
+    if (group[c + k] != group[c]) return 0;
+  return 1 << one_group_flag_bit();
+}
+
 /// Header value of a column: fp16 scale bits, and fp16 (1024 + zero) for the exact q - z.
 EXL2_TC_HD constexpr std::uint32_t header_value(std::uint16_t scale_bits, std::uint32_t zero) {
   return scale_bits | ((0x6400u + zero) << 16);

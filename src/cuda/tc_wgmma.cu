@@ -183,18 +183,25 @@ __device__ __forceinline__ void wg_chunk_sync(const std::uint32_t* ring, int wo,
 /// clobber keeps loads below it), every chunk began with its shared loads and their address
 /// arithmetic between that wait and its decode (H100, GPTQ-4 4096 x 14336, m = 33 / 64:
 /// 35.8-37.6 -> 34.6-34.7 / 37.3-37.9 -> 36.3 us; 8192 x 28672 level; ab/s16_c1.sh).
-template <int R, int Q, int B, class T, int kRW>
+/// kOneGroup: the Q chunks lie in one group (tc::one_group_flag): one header check, and the lane
+/// words of every chunk from the first chunk's (one_group_lane_word).
+template <int R, int Q, int B, class T, int kRW, bool kOneGroup>
 __device__ __forceinline__ void wg_iter(const std::uint32_t* ring, const int4* dcur, std::int64_t s0, int& header,
                                         GroupConsts& gc, std::uint64_t xdesc, float (&acc)[2][R / 2], int lane,
                                         int warp) {
   std::uint32_t a0[2][2][4], a1[2][2][4];
   std::uint32_t w[2][8];
-  ring_lane_words<B, kRW>(ring, chunk_lane_word<kRW>(dcur[0], B, s0, lane, warp), w[0]);
+  const int wo0 = chunk_lane_word<kRW>(dcur[0], B, s0, lane, warp);
+  if constexpr (kOneGroup) load_group_header<T, kRW>(ring, dcur[0], B, s0, header, gc, lane, warp);
+  ring_lane_words<B, kRW>(ring, wo0, w[0]);
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    load_group_header<T, kRW>(ring, dcur[q], B, s0, header, gc, lane, warp);
+    if constexpr (!kOneGroup) load_group_header<T, kRW>(ring, dcur[q], B, s0, header, gc, lane, warp);
     if (q + 1 < Q)
-      ring_lane_words<B, kRW>(ring, chunk_lane_word<kRW>(dcur[q + 1], B, s0, lane, warp), w[(q + 1) & 1]);
+      ring_lane_words<B, kRW>(ring,
+                              kOneGroup ? one_group_lane_word<B, kRW>(wo0, q + 1)
+                                        : chunk_lane_word<kRW>(dcur[q + 1], B, s0, lane, warp),
+                              w[(q + 1) & 1]);
     if (q >= 2) {
       wgmma_wait_one();  // chunk q - 2 has completed: its register set is free
       keep_until_here((q & 1) ? a1 : a0);
@@ -357,9 +364,13 @@ __global__ void __launch_bounds__(WgShape<R, WG, kRW>::kThreads, WgShape<R, WG, 
         const std::uint64_t xdesc = xdesc0 + static_cast<std::uint64_t>((buf * S::kXBytes) >> 4);
         const int z0 = dcur[0].z;
         const int bits0 = z0 & 0xff;
-        if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
+        if (nq == Q && ((z0 >> tc::one_group_flag_bit()) & 1)) {
           with_code_width(bits0, [&](auto b) {
-            wg_iter<R, Q, decltype(b)::value, T, kRW>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp);
+            wg_iter<R, Q, decltype(b)::value, T, kRW, true>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp);
+          });
+        } else if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
+          with_code_width(bits0, [&](auto b) {
+            wg_iter<R, Q, decltype(b)::value, T, kRW, false>(ring, dcur, s0, header, gc, xdesc, acc, lane, warp);
           });
         } else {
 #pragma unroll 1

@@ -272,11 +272,59 @@ static void check_uniform_flags(std::mt19937& rng) {
   }
 }
 
+// The one-group flag: bit one_group_flag_bit() of chunk c is set exactly when chunks c .. c + 3
+// exist and all lie in chunk c's group; then their code units are consecutive (place_units: no
+// header unit between them), as the kernels' one-group iterations assume, and the flag sits
+// above the bits / rows fields and apart from the uniform flags.
+static void check_one_group_flag(std::mt19937& rng) {
+  for (int trial = 0; trial < 300; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 20);
+    std::vector<int> group(n), bits(n);
+    int gnum = 0;
+    for (int c = 0; c < n; ++c) {
+      if (c > 0 && rng() % (trial % 3 + 2) == 0) ++gnum;  // groups of 1 to many chunks
+      group[c] = gnum;
+      bits[c] = 2 + gnum % 3;
+    }
+    std::vector<std::int64_t> unit0(n), header(n);
+    tc::place_units(n, group.data(), bits.data(), unit0.data(), header.data());
+    for (int c = 0; c < n; ++c) {
+      const int flag = tc::one_group_flag(n, group.data(), c);
+      if ((flag & 0xffff) != 0 || (flag & tc::uniform_flags(n, bits.data(), c)) != 0) {
+        std::fprintf(stderr, "one_group_flag overlaps the other fields\n");
+        ++g_failures;
+        return;
+      }
+      bool want = c + 4 <= n;
+      for (int k = 1; want && k < 4; ++k) want = group[c + k] == group[c];
+      if (((flag >> tc::one_group_flag_bit()) & 1) != (want ? 1 : 0)) {
+        std::fprintf(stderr, "one_group_flag: n %d chunk %d wrong\n", n, c);
+        ++g_failures;
+        return;
+      }
+      if (want) {
+        if (!((tc::uniform_flags(n, bits.data(), c) >> tc::uniform_flag_bit(4)) & 1)) {
+          std::fprintf(stderr, "one_group_flag: chunk %d one group but not uniform\n", c);
+          ++g_failures;
+          return;
+        }
+        for (int k = 1; k < 4; ++k)
+          if (unit0[c + k] != unit0[c] + k * bits[c] || header[c + k] != header[c]) {
+            std::fprintf(stderr, "one_group_flag: chunk %d + %d not at unit0 + k b\n", c, k);
+            ++g_failures;
+            return;
+          }
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(1234);
   check_header();
   check_place_units(rng);
   check_uniform_flags(rng);
+  check_one_group_flag(rng);
   check_ring_lookahead(rng);
   check_width<2>(rng);
   check_width<3>(rng);
