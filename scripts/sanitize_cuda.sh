@@ -196,6 +196,23 @@ for fmt, layer in (cases[1], host_built[3]):
     q.close()
 del os.environ["EXL2_CUDA_WGMMA_DEEP"]
 
+# iterations of 4 chunks inside one group (tc::one_group_flag: groups of 128 rows and more,
+# read at construction): 2-, 3-bit and mixed layers, at the in-kernel gather, the transposed
+# tiles, the 32-row tiles and the wgmma kernel, split-K and one block per tile, both dtypes
+one_group = [
+    ("gptq", dict(R.random_gptq(rng, 512, 64, group_size=128, act_order=True, bits=2, bias=True), bits=2)),
+    ("gptq", dict(R.random_gptq(rng, 512, 96, group_size=256, bits=3, bias=True), bits=3)),
+    ("exl2", R.random_exl2(rng, 616, 72, bits=[(4, 256), (3, 360)], bias=True)),
+]
+for split in ("1", None):
+    if split:
+        os.environ["EXL2_CUDA_MAX_SPLIT"] = split
+    for fmt, layer in one_group:
+        q = build(layer, fmt, True, True)
+        check(q, layer["weight"], layer["bias"], [1, 2, 8, 17, 32, 33, 64], dtypes=(torch.float16, torch.bfloat16))
+        q.close()
+    os.environ.pop("EXL2_CUDA_MAX_SPLIT", None)
+
 # the 128x128 MMA tiles: m >= 256 and ceil(m/128) * ceil(N/128) >= 256
 big = R.random_gptq(rng, 256, 8192, group_size=64, act_order=True)
 q = build(big, "gptq", True, False)
