@@ -225,7 +225,8 @@ struct DeviceLayer {
   // and zeros in the tensor-core stream layout of tc_layout.hpp, the layer's only copy of them: per tile of 128 columns one contiguous stream of 512-byte
   // units (a header unit of scales/zeros per group, then b units per chunk of b bits),
   // [tc_tiles, tc_tile_words] words, and the per-chunk table
-  //   int4 { first permuted row, first code unit, bits | rows << 8 | uniform flags (tc::uniform_flags), header unit }.
+  //   int4 { first permuted row, first code unit, bits | rows << 8 | uniform flags (tc::uniform_flags) | one-group flag
+  //         (tc::one_group_flag), header unit }.
   DeviceBuffer<std::uint32_t> tc_qweight;
   DeviceBuffer<int4> tc_chunks;       // [num_chunks]
   DeviceBuffer<int> tc_xsrc;          // [num_chunks * 32] row of x per chunk row, -1 past its rows (m = 1)
