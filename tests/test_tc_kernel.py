@@ -518,9 +518,11 @@ def test_tc_one_group_iterations_give_the_same_bits(name: str, dtype: torch.dtyp
     """Iterations of 4 chunks that lie in one group (tc::one_group_flag, set at construction unless
     EXL2_CUDA_ONE_GROUP=0) check the group once and take every chunk's ring words from the first
     chunk's: the same bits as the per-chunk path, for every kernel that runs them (the in-kernel
-    gather at m = 1, the transposed 8- and 16-row tiles, the 32- and 64-row mma.sync tiles and, on
-    compute capability 9.0, the wgmma kernel from m = 33), split-K or one block per tile (where a
-    block's iterations start off the groups' boundaries), and within tolerance of float64."""
+    gather at m = 1, the transposed 8-row tiles, the usual 16-row tiles (EXL2_CUDA_T16=0) and the
+    32-row ones and, on compute capability 9.0, the wgmma kernel from m = 33, with its usual and
+    its deep ring) and those that ignore the flag (the transposed 16-row tiles, the 64-row
+    mma.sync tiles), split-K or one block per tile (where a block's iterations start off the
+    groups' boundaries), and within tolerance of float64."""
     layer = ONE_GROUP_LAYERS[name]
     K = layer["weight"].shape[0]
     rng = np.random.default_rng(702)
@@ -531,8 +533,12 @@ def test_tc_one_group_iterations_give_the_same_bits(name: str, dtype: torch.dtyp
             monkeypatch.delenv("EXL2_CUDA_MAX_SPLIT", raising=False)
         else:
             monkeypatch.setenv("EXL2_CUDA_MAX_SPLIT", max_split)
-        for min_rows in ("65", "33"):  # the mma.sync kernel up to m = 64, or the wgmma one from 33
+        # the mma.sync kernel up to m = 64 (m = 9..16: transposed or usual 16-row tiles), or the
+        # wgmma one from 33 with either ring
+        for min_rows, deep, t16 in (("65", "0", "1"), ("65", "0", "0"), ("33", "0", "1"), ("33", "1", "1")):
             monkeypatch.setenv("EXL2_CUDA_WGMMA_MIN_ROWS", min_rows)
+            monkeypatch.setenv("EXL2_CUDA_WGMMA_DEEP", deep)
+            monkeypatch.setenv("EXL2_CUDA_T16", t16)
             outs = {}
             for flag in ("0", "1"):
                 monkeypatch.setenv("EXL2_CUDA_ONE_GROUP", flag)
@@ -540,7 +546,7 @@ def test_tc_one_group_iterations_give_the_same_bits(name: str, dtype: torch.dtyp
                     assert q.tensor_core_layout
                     outs[flag] = [q.matmul(x) for x in xs]
             for m, x, a, b in zip(ms, xs, outs["0"], outs["1"]):
-                where = f"m={m} max_split={max_split} min_rows={min_rows}"
+                where = f"m={m} max_split={max_split} min_rows={min_rows} deep={deep} t16={t16}"
                 assert torch.equal(a, b), where
                 tol = TOL if dtype == torch.float16 else 1e-2
                 assert rel_err(b.float(), expected(layer, x.float().cpu().numpy())) < tol, where
