@@ -247,9 +247,6 @@ __global__ void tc_xsrc_kernel(const int* __restrict__ perm, const int4* __restr
   xsrc[i] = r < ((d.z >> 8) & 0xff) ? (perm ? perm[d.x + r] : d.x + r) : -1;
 }
 
-/// Per chunk q of an iteration (descriptor d, b bits): on a group change the scales and zeros
-/// from the group's header unit in the ring, the A fragments from the activation tile, and
-/// the ring word where the lane's b code words start (returned).
 /// The A fragments (activations) of chunk q of an iteration from the activation tile `xs`.
 template <int MT, int kXRow>
 __device__ __forceinline__ void load_a_tile(const __half* xs, int q, std::uint32_t (&a)[MT][2][4]) {
@@ -262,6 +259,9 @@ __device__ __forceinline__ void load_a_tile(const __half* xs, int q, std::uint32
                   xs + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kXRow + 32 * q + 16 * s + (lane >> 4) * 8);
 }
 
+/// Per chunk q of an iteration (descriptor d, b bits): on a group change the scales and zeros
+/// from the group's header unit in the ring, the A fragments from the activation tile, and
+/// the ring word where the lane's b code words start (returned).
 template <int MT, int kXRow, class T>
 __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const __half* xs, const int4& d, int q, int b,
                                               std::int64_t s0, int& header, GroupConsts& gc,
@@ -270,7 +270,6 @@ __device__ __forceinline__ int tc_chunk_setup(const std::uint32_t* ring, const _
   load_a_tile<MT, kXRow>(xs, q, a);
   return chunk_lane_word(d, b, s0);
 }
-
 
 // Chunks per iteration ("super-chunk"): one barrier pair, one activation tile and one
 // descriptor set per Q chunks, so per-iteration latencies are paid once per Q * 32 rows.

@@ -120,8 +120,8 @@ inline int uniform_flags(int n, const int* bits, int c) {
 }
 
 /// Bit 18 of a descriptor's z: chunks c .. c + 3 all exist and belong to chunk c's group (so they
-/// share its width and uniform_flag_bit(4) is set too), for the iterations of 4 chunks (MT = 1, 2
-/// and the transposed tiles of tc_gemm.cu). Such an iteration reads at most one group header,
+/// share its width and uniform_flag_bit(4) is set too), for the iterations of 4 chunks (tc_gemm.cu's
+/// 8-row transposed and 16- / 32-row tiles, tc_wgmma.cu). Such an iteration reads at most one group header,
 /// chunk c's, and its chunks' codes are the consecutive units unit0[c] + q b (q = 0..3:
 /// place_units puts no header unit between the chunks of one group), so the kernel derives every
 /// chunk's lane word from chunk c's instead of reading four descriptors and checking four group
