@@ -494,7 +494,8 @@ def test_tc_bfloat16_runs_the_tc_kernel() -> None:
 
 def _one_group_layers():
     """Layers whose 4-chunk iterations lie in one group (groups of 128 rows and more), of every
-    width the one-group iterations unroll for, one with a short last group (104 rows)."""
+    width the one-group iterations unroll for, one whose last group (488 rows) ends in a short
+    chunk of 8 rows."""
     rng = np.random.default_rng(701)
     return {
         "gptq2_g128_act": R.random_gptq(rng, 1024, 256, group_size=128, act_order=True, bits=2, bias=True),
