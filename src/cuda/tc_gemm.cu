@@ -286,32 +286,28 @@ struct TcShape {
 };
 
 /// One full iteration of TcShape<MT>::Q chunks of one bit width B, unrolled (see
-/// tc_gemm_kernel, F).
-template <int MT, int B, class T>
+/// tc_gemm_kernel, F). kOneGroup: the chunks lie in one group (tc::one_group_flag): one header
+/// check, and every chunk's lane words from the first chunk's (one_group_lane_word).
+template <int MT, int B, class T, bool kOneGroup>
 __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half* xs, const int4* dcur,
                                         std::int64_t s0, int& header, GroupConsts& gc,
                                         float (&acc)[MT][4][4]) {
-#pragma unroll
-  for (int q = 0; q < TcShape<MT>::Q; ++q) {
-    std::uint32_t a[MT][2][4];
-    const int wo = tc_chunk_setup<MT, TcShape<MT>::kXRow, T>(ring, xs, dcur[q], q, B, s0, header, gc, a);
-    tc_chunk<MT, B, T>(ring, wo, a, gc, acc);
+  int wo0 = 0;
+  if constexpr (kOneGroup) {
+    load_group_header<T>(ring, dcur[0], B, s0, header, gc);
+    wo0 = chunk_lane_word(dcur[0], B, s0);
   }
-}
-
-/// The same iteration when its Q chunks lie in one group (tc::one_group_flag; d0 = its first
-/// chunk's descriptor): one header check and one lane-word computation for all of them.
-template <int MT, int B, class T>
-__device__ __forceinline__ void tc_iter_one_group(const std::uint32_t* ring, const __half* xs, const int4& d0,
-                                                  std::int64_t s0, int& header, GroupConsts& gc,
-                                                  float (&acc)[MT][4][4]) {
-  load_group_header<T>(ring, d0, B, s0, header, gc);
-  const int wo0 = chunk_lane_word(d0, B, s0);
 #pragma unroll
   for (int q = 0; q < TcShape<MT>::Q; ++q) {
     std::uint32_t a[MT][2][4];
-    load_a_tile<MT, TcShape<MT>::kXRow>(xs, q, a);
-    tc_chunk<MT, B, T>(ring, one_group_lane_word<B>(wo0, q), a, gc, acc);
+    int wo;
+    if constexpr (kOneGroup) {
+      load_a_tile<MT, TcShape<MT>::kXRow>(xs, q, a);
+      wo = one_group_lane_word<B>(wo0, q);
+    } else {
+      wo = tc_chunk_setup<MT, TcShape<MT>::kXRow, T>(ring, xs, dcur[q], q, B, s0, header, gc, a);
+    }
+    tc_chunk<MT, B, T>(ring, wo, a, gc, acc);
   }
 }
 
@@ -424,35 +420,52 @@ __device__ __forceinline__ uint4 transposed_x(const __half* xit, const __half* x
   }
 }
 
-/// The transposed kernels: chunk q of an iteration (descriptor d, b bits).
+/// The transposed kernels: chunk q of an iteration whose lane words start at ring word `wo`, with
+/// its activation words.
 template <int B, class T, bool kGather, int kXRow, int NB>
-__device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, const __half* xit, const __half* xs,
-                                                 const int4& d, int q, std::int64_t s0, int& header, GroupConsts& gc,
-                                                 float (&acc1)[NB][2][4], float (&grp1)[NB][2][4]) {
-  if (d.w != header) fold_group(acc1, grp1, gc);  // (before load_group_header replaces gc)
-  load_group_header<T>(ring, d, B, s0, header, gc);
-  const int wo = chunk_lane_word(d, B, s0);
+__device__ __forceinline__ void tc_chunk_row1_q(const std::uint32_t* ring, const __half* xit, const __half* xs, int q,
+                                                int wo, const GroupConsts& gc, float (&grp1)[NB][2][4]) {
   uint4 xa[NB];
 #pragma unroll
   for (int nb = 0; nb < NB; ++nb) xa[nb] = transposed_x<kGather, kXRow>(xit, xs, q, nb);
   tc_chunk_row1<B, T, NB>(ring, wo, xa, gc, grp1);
 }
 
-/// The transposed kernels: a whole iteration of Q chunks in one group (tc::one_group_flag; d0 =
-/// its first chunk's descriptor): the group change is checked and the lane word computed once.
-template <int B, class T, bool kGather, int kXRow, int NB, int Q>
-__device__ __forceinline__ void tc_iter_row1_one_group(const std::uint32_t* ring, const __half* xit, const __half* xs,
-                                                       const int4& d0, std::int64_t s0, int& header, GroupConsts& gc,
-                                                       float (&acc1)[NB][2][4], float (&grp1)[NB][2][4]) {
-  if (d0.w != header) fold_group(acc1, grp1, gc);  // (before load_group_header replaces gc)
-  load_group_header<T>(ring, d0, B, s0, header, gc);
-  const int wo0 = chunk_lane_word(d0, B, s0);
+/// The transposed kernels: the group of a chunk (descriptor d, b bits): on a
+/// change, the previous group's sums folded and the new header unpacked; returns the chunk's lane word.
+template <class T, int NB>
+__device__ __forceinline__ int tc_group_row1(const std::uint32_t* ring, const int4& d, int b, std::int64_t s0,
+                                             int& header, GroupConsts& gc, float (&acc1)[NB][2][4],
+                                             float (&grp1)[NB][2][4]) {
+  if (d.w != header) fold_group(acc1, grp1, gc);  // (before load_group_header replaces gc)
+  load_group_header<T>(ring, d, b, s0, header, gc);
+  return chunk_lane_word(d, b, s0);
+}
+
+/// The transposed kernels: chunk q of an iteration (descriptor d, b bits).
+template <int B, class T, bool kGather, int kXRow, int NB>
+__device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, const __half* xit, const __half* xs,
+                                                 const int4& d, int q, std::int64_t s0, int& header, GroupConsts& gc,
+                                                 float (&acc1)[NB][2][4], float (&grp1)[NB][2][4]) {
+  const int wo = tc_group_row1<T>(ring, d, B, s0, header, gc, acc1, grp1);
+  tc_chunk_row1_q<B, T, kGather, kXRow, NB>(ring, xit, xs, q, wo, gc, grp1);
+}
+
+/// The transposed kernels: one full iteration of Q chunks of one bit width B, unrolled.
+/// kOneGroup: the chunks lie in one group (tc::one_group_flag): the group change is checked and
+/// the lane word computed once, the other chunks' from it (one_group_lane_word).
+template <int B, class T, bool kGather, int kXRow, int NB, int Q, bool kOneGroup>
+__device__ __forceinline__ void tc_iter_row1(const std::uint32_t* ring, const __half* xit, const __half* xs,
+                                             const int4* dcur, std::int64_t s0, int& header, GroupConsts& gc,
+                                             float (&acc1)[NB][2][4], float (&grp1)[NB][2][4]) {
+  int wo0 = 0;
+  if constexpr (kOneGroup) wo0 = tc_group_row1<T>(ring, dcur[0], B, s0, header, gc, acc1, grp1);
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    uint4 xa[NB];
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb) xa[nb] = transposed_x<kGather, kXRow>(xit, xs, q, nb);
-    tc_chunk_row1<B, T, NB>(ring, one_group_lane_word<B>(wo0, q), xa, gc, grp1);
+    if constexpr (kOneGroup)
+      tc_chunk_row1_q<B, T, kGather, kXRow, NB>(ring, xit, xs, q, one_group_lane_word<B>(wo0, q), gc, grp1);
+    else
+      tc_chunk_row1_at<B, T, kGather, kXRow, NB>(ring, xit, xs, dcur[q], q, s0, header, gc, acc1, grp1);
   }
 }
 
@@ -669,15 +682,13 @@ __global__ void __launch_bounds__(kTcThreads,
         const __half* xit = xs + (kGather ? ((c0 - cb) % kSegChunks) * 32 : 0);
         if (kOneGroupIters && nq == Q && ((z0 >> tc::one_group_flag_bit()) & 1)) {
           with_code_width(bits0, [&](auto b) {
-            tc_iter_row1_one_group<decltype(b)::value, T, kGather, S::kXRow, kNB, Q>(ring, xit, xs, dcur[0], s0,
-                                                                                   header, gc, acc1, grp1);
+            tc_iter_row1<decltype(b)::value, T, kGather, S::kXRow, kNB, Q, true>(ring, xit, xs, dcur, s0, header, gc,
+                                                                              acc1, grp1);
           });
         } else if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
           with_code_width(bits0, [&](auto b) {
-#pragma unroll
-            for (int q = 0; q < Q; ++q)
-              tc_chunk_row1_at<decltype(b)::value, T, kGather, S::kXRow, kNB>(ring, xit, xs, dcur[q], q, s0, header, gc,
-                                                                        acc1, grp1);
+            tc_iter_row1<decltype(b)::value, T, kGather, S::kXRow, kNB, Q, false>(ring, xit, xs, dcur, s0, header, gc,
+                                                                               acc1, grp1);
           });
         } else {
 #pragma unroll 1
@@ -690,12 +701,11 @@ __global__ void __launch_bounds__(kTcThreads,
           }
         }
       } else if (kOneGroupIters && nq == Q && ((z0 >> tc::one_group_flag_bit()) & 1)) {
-        with_code_width(bits0, [&](auto b) {
-          tc_iter_one_group<MT, decltype(b)::value, T>(ring, xs, dcur[0], s0, header, gc, acc);
-        });
+        with_code_width(bits0,
+                        [&](auto b) { tc_iter<MT, decltype(b)::value, T, true>(ring, xs, dcur, s0, header, gc, acc); });
       } else if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
         with_code_width(bits0,
-                        [&](auto b) { tc_iter<MT, decltype(b)::value, T>(ring, xs, dcur, s0, header, gc, acc); });
+                        [&](auto b) { tc_iter<MT, decltype(b)::value, T, false>(ring, xs, dcur, s0, header, gc, acc); });
       } else {
 #pragma unroll 1
         for (int q = 0; q < nq; ++q) {
