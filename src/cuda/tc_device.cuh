@@ -50,6 +50,37 @@ static_assert((kRingWords & (kRingWords - 1)) == 0, "the ring is indexed with a 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
+/// `v` kept in a register as it is: ptxas cannot see through the empty asm, so it neither
+/// rematerialises the value nor folds it back into the expression it came from. The tc kernels'
+/// loops use it for shared-window addresses, which ptxas otherwise recomputes (S2R SR_CgaCtaId and
+/// 4-5 more instructions) at each use, several times an iteration.
+__device__ __forceinline__ unsigned opaque_u32(unsigned v) {
+  asm("" : "+r"(v));
+  return v;
+}
+/// 16-byte shared-memory load and store at a shared-window address. volatile with a memory clobber:
+/// they stay in order with the barriers and the ring's plain loads and stores around them.
+__device__ __forceinline__ int4 lds_int4(unsigned a) {
+  int4 v;
+  asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(a)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ int lds_s32(unsigned a) {
+  int v;
+  asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(v) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ void sts_16(unsigned a, const uint4& v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ void sts_16(unsigned a, const int4& v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
 __device__ __forceinline__ __half2 u32_as_h2(std::uint32_t u) {
   __half2 h;
   std::memcpy(&h, &u, 4);
@@ -173,9 +204,12 @@ __host__ __device__ __forceinline__ void with_code_width(int bits, F&& f) {
 
 /// The b words of a lane from the ring, starting at ring word `wo` (for b = 2, 4, 6, 8 a
 /// multiple of 2, 4, 2, 8 words, and the ring a multiple of 8 words: vector loads never
-/// straddle its end).
-template <int B, int kWords = kRingWords>
+/// straddle its end). kNoWrap: the caller knows that the b words lie below the ring's end (a
+/// wrap-free iteration, one_group_wrap_free), so no word's index is masked and the loads take
+/// their offsets from `wo` as immediates.
+template <int B, int kWords = kRingWords, bool kNoWrap = false>
 __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int wo, std::uint32_t (&w)[8]) {
+  constexpr int kMask = kNoWrap ? -1 : kWords - 1;
   if constexpr (B == 4) {
     const uint4 v = *reinterpret_cast<const uint4*>(ring + wo);
     w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
@@ -187,12 +221,12 @@ __device__ __forceinline__ void ring_lane_words(const std::uint32_t* ring, int w
   } else if constexpr (B == 2 || B == 6) {
 #pragma unroll
     for (int i = 0; i < B / 2; ++i) {
-      const uint2 v = *reinterpret_cast<const uint2*>(ring + ((wo + 2 * i) & (kWords - 1)));
+      const uint2 v = *reinterpret_cast<const uint2*>(ring + ((wo + 2 * i) & kMask));
       w[2 * i] = v.x, w[2 * i + 1] = v.y;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < B; ++i) w[i] = ring[(wo + i) & (kWords - 1)];
+    for (int i = 0; i < B; ++i) w[i] = ring[(wo + i) & kMask];
   }
 }
 
@@ -532,9 +566,27 @@ __device__ __forceinline__ int chunk_lane_word(const int4& d, int b, std::int64_
 
 /// Ring word of the lane's words of chunk q of a one-group iteration (tc::one_group_flag), from
 /// its first chunk's (`wo0`, chunk_lane_word): chunk q's codes start q b units later in the stream.
-template <int B, int kWords = kRingWords>
+/// kNoWrap: a wrap-free iteration (one_group_wrap_free), no mask.
+template <int B, int kWords = kRingWords, bool kNoWrap = false>
 __device__ __forceinline__ int one_group_lane_word(int wo0, int q) {
-  return (wo0 + q * B * tc::kUnitWords) & (kWords - 1);
+  const int wo = wo0 + q * B * tc::kUnitWords;
+  return kNoWrap ? wo : wo & (kWords - 1);
+}
+
+/// Whether the codes of the Q chunks of b bits of a one-group iteration (first chunk's descriptor
+/// d; they are Q b consecutive units of the stream) lie below the ring's end: then no lane word of
+/// the iteration wraps, and the kernels read them without masks (ring_lane_words' kNoWrap), their
+/// offsets from the first chunk's lane word as the loads' immediates. Block-uniform. The masks
+/// took 18 of a 3-bit iteration's 226 instructions (scalar loads, each index masked), 35 of a
+/// 5-bit one's 264, 21 of a 6-bit one's 269 and 8 at 2, 4 and 8 bits (SASS, kT8); on the 32 KB
+/// ring an iteration wraps with odds of about (Q b - 1) / 64: 11% at 2 bits, 23% at 4. H100, same
+/// call (ab/s23_c2.sh), against the same loop without it, 8192 x 28672: EXL2 2.5 bpw 0.97x at
+/// m = 1 and 8, GPTQ-3 0.98x at m = 8, GPTQ-2 0.99x at m = 1 to 8; 4-bit and m >= 16 level
+/// within the rounds' spread.
+template <int B, int Q, int kWords = kRingWords>
+__device__ __forceinline__ bool one_group_wrap_free(const int4& d, std::int64_t s0) {
+  const int base = static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kWords - 1));
+  return base + Q * B * tc::kUnitWords <= kWords;
 }
 
 /// The same for blocks of one 4-warp group (lane and warp from threadIdx.x).

@@ -189,11 +189,11 @@ __device__ __forceinline__ void tc_chunk_words(const std::uint32_t (&w)[8], cons
       for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt][jj], a[mt][s], b[jj][s][0], b[jj][s][1]);
 }
 
-template <int MT, int B, class T>
+template <int MT, int B, class T, bool kNoWrap = false>
 __device__ __forceinline__ void tc_chunk(const std::uint32_t* ring, int wo, const std::uint32_t (&a)[MT][2][4],
                                          const GroupConsts& gc, float (&acc)[MT][4][4]) {
   std::uint32_t w[8];
-  ring_lane_words<B>(ring, wo, w);
+  ring_lane_words<B, kRingWords, kNoWrap>(ring, wo, w);
   tc_chunk_words<MT, B, T>(w, a, gc, acc);
 }
 
@@ -287,8 +287,9 @@ struct TcShape {
 
 /// One full iteration of TcShape<MT>::Q chunks of one bit width B, unrolled (see
 /// tc_gemm_kernel, F). kOneGroup: the chunks lie in one group (tc::one_group_flag): one header
-/// check, and every chunk's lane words from the first chunk's (one_group_lane_word).
-template <int MT, int B, class T, bool kOneGroup>
+/// check, and every chunk's lane words from the first chunk's (one_group_lane_word); kNoWrap
+/// (with kOneGroup): and below the ring's end (one_group_wrap_free).
+template <int MT, int B, class T, bool kOneGroup, bool kNoWrap = false>
 __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half* xs, const int4* dcur,
                                         std::int64_t s0, int& header, GroupConsts& gc,
                                         float (&acc)[MT][4][4]) {
@@ -303,11 +304,11 @@ __device__ __forceinline__ void tc_iter(const std::uint32_t* ring, const __half*
     int wo;
     if constexpr (kOneGroup) {
       load_a_tile<MT, TcShape<MT>::kXRow>(xs, q, a);
-      wo = one_group_lane_word<B>(wo0, q);
+      wo = one_group_lane_word<B, kRingWords, kNoWrap>(wo0, q);
     } else {
       wo = tc_chunk_setup<MT, TcShape<MT>::kXRow, T>(ring, xs, dcur[q], q, B, s0, header, gc, a);
     }
-    tc_chunk<MT, B, T>(ring, wo, a, gc, acc);
+    tc_chunk<MT, B, T, kNoWrap>(ring, wo, a, gc, acc);
   }
 }
 
@@ -384,11 +385,11 @@ __device__ __forceinline__ void fold_group(float (&acc1)[NB][2][4], float (&grp1
 /// activation words xa[nb] of each 8-row group nb (row1_pos, transposed_x), into acc1[nb][i] = the
 /// 16 x 8 transposed tile of columns 16i .. 16i + 15 and batch rows 8 nb .. 8 nb + 7 (the group
 /// sums). The decoded A fragments serve all NB groups.
-template <int B, class T, int NB>
+template <int B, class T, int NB, bool kNoWrap = false>
 __device__ __forceinline__ void tc_chunk_row1(const std::uint32_t* ring, int wo, const uint4 (&xa)[NB],
                                               const GroupConsts& gc, float (&acc1)[NB][2][4]) {
   std::uint32_t w[8];
-  ring_lane_words<B>(ring, wo, w);
+  ring_lane_words<B, kRingWords, kNoWrap>(ring, wo, w);
   std::uint32_t b[4][2][2];
   decode_chunk<B, T, true>(w, gc, b);
 #pragma unroll
@@ -422,13 +423,13 @@ __device__ __forceinline__ uint4 transposed_x(const __half* xit, const __half* x
 
 /// The transposed kernels: chunk q of an iteration whose lane words start at ring word `wo`, with
 /// its activation words.
-template <int B, class T, bool kGather, int kXRow, int NB>
+template <int B, class T, bool kGather, int kXRow, int NB, bool kNoWrap = false>
 __device__ __forceinline__ void tc_chunk_row1_q(const std::uint32_t* ring, const __half* xit, const __half* xs, int q,
                                                 int wo, const GroupConsts& gc, float (&grp1)[NB][2][4]) {
   uint4 xa[NB];
 #pragma unroll
   for (int nb = 0; nb < NB; ++nb) xa[nb] = transposed_x<kGather, kXRow>(xit, xs, q, nb);
-  tc_chunk_row1<B, T, NB>(ring, wo, xa, gc, grp1);
+  tc_chunk_row1<B, T, NB, kNoWrap>(ring, wo, xa, gc, grp1);
 }
 
 /// The transposed kernels: the group of a chunk (descriptor d, b bits): on a
@@ -453,8 +454,9 @@ __device__ __forceinline__ void tc_chunk_row1_at(const std::uint32_t* ring, cons
 
 /// The transposed kernels: one full iteration of Q chunks of one bit width B, unrolled.
 /// kOneGroup: the chunks lie in one group (tc::one_group_flag): the group change is checked and
-/// the lane word computed once, the other chunks' from it (one_group_lane_word).
-template <int B, class T, bool kGather, int kXRow, int NB, int Q, bool kOneGroup>
+/// the lane word computed once, the other chunks' from it (one_group_lane_word); kNoWrap (with
+/// kOneGroup): and they lie below the ring's end (one_group_wrap_free).
+template <int B, class T, bool kGather, int kXRow, int NB, int Q, bool kOneGroup, bool kNoWrap = false>
 __device__ __forceinline__ void tc_iter_row1(const std::uint32_t* ring, const __half* xit, const __half* xs,
                                              const int4* dcur, std::int64_t s0, int& header, GroupConsts& gc,
                                              float (&acc1)[NB][2][4], float (&grp1)[NB][2][4]) {
@@ -462,10 +464,12 @@ __device__ __forceinline__ void tc_iter_row1(const std::uint32_t* ring, const __
   if constexpr (kOneGroup) wo0 = tc_group_row1<T>(ring, dcur[0], B, s0, header, gc, acc1, grp1);
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    if constexpr (kOneGroup)
-      tc_chunk_row1_q<B, T, kGather, kXRow, NB>(ring, xit, xs, q, one_group_lane_word<B>(wo0, q), gc, grp1);
-    else
+    if constexpr (kOneGroup) {
+      const int wo = one_group_lane_word<B, kRingWords, kNoWrap>(wo0, q);
+      tc_chunk_row1_q<B, T, kGather, kXRow, NB, kNoWrap>(ring, xit, xs, q, wo, gc, grp1);
+    } else {
       tc_chunk_row1_at<B, T, kGather, kXRow, NB>(ring, xit, xs, dcur[q], q, s0, header, gc, acc1, grp1);
+    }
   }
 }
 
@@ -508,7 +512,10 @@ __global__ void __launch_bounds__(kTcThreads,
   constexpr int R = S::R, Q = S::Q;
   __shared__ __align__(128) std::uint32_t ring[kRingWords];
   __shared__ __align__(16) __half xs[R * S::kXRow];
-  __shared__ int4 dring[2][Q];  // descriptors of the current and the next iteration's chunks
+  // descriptors of the current and the next iteration's chunks (aligned so that the loop toggles
+  // between the two halves with an XOR of its address)
+  static_assert((Q & (Q - 1)) == 0, "dring halves toggled with an XOR");
+  __shared__ __align__(2 * Q * 16) int4 dring[2][Q];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // kGather with split-K, and kT8 with M <= kT8OwnRows: push_reduce_store's receive buffer of its
   // own ([sender rank][its share of 1 or kT8OwnRows rows]).
@@ -595,15 +602,17 @@ __global__ void __launch_bounds__(kTcThreads,
       const unsigned piece = static_cast<unsigned>(tid + kTcThreads * k);
       const unsigned row = piece / (4 * Q), col8 = piece % (4 * Q);
       const unsigned last = static_cast<unsigned>(M - 1 - m0);
-      xoff[k] = ((row < last ? row : last) * static_cast<unsigned>(ldxp) + col8 * 8) * 2u;
+      xoff[k] = opaque_u32(((row < last ? row : last) * static_cast<unsigned>(ldxp) + col8 * 8) * 2u);
     }
     // (xoff in bytes from the chunk's block-uniform address: one 64-bit add a piece; the 32-bit
     // sum xoff + 32 c0 in halves, widened and scaled per piece, took about 9 instructions a piece)
-    auto load_x = [&](int c0) {
-      const char* __restrict__ xc = reinterpret_cast<const char*>(xblock + static_cast<std::int64_t>(c0) * 32);
+    auto load_x_at = [&](const char* __restrict__ xc) {
 #pragma unroll
       for (int k = 0; k < S::kXVecs; ++k) xv[k] = __ldg(reinterpret_cast<const uint4*>(xc + xoff[k]));
     };
+    // where chunk c0's activations start (the loop keeps the next iteration's in xnext, advanced
+    // by Q chunks an iteration)
+    auto x_at = [&](int c0) { return reinterpret_cast<const char*>(xblock + static_cast<std::int64_t>(c0) * 32); };
     // kGather: the activations of chunks cf .. (up to kSegChunks of them, at most ce - 1) into xs
     // (row1_pos order; 0 past a short chunk's rows): xsrc -> x, eight elements per thread in
     // flight at a time; a warp takes one chunk's 32 rows.
@@ -631,6 +640,17 @@ __global__ void __launch_bounds__(kTcThreads,
     };
     if (warp == 0 && lane < Q) dring[0][lane] = load_desc(cb);
     int4 dnext = load_desc(cb + Q);
+    // Shared-window addresses the loop uses each iteration, held in registers (opaque_u32): dring,
+    // and this thread's first activation piece in xs (piece k lies k kXPieceRows rows below it).
+    // With them, a running activation pointer and the descriptor prefetch left to warp 0, the loop
+    // takes 69 instructions an iteration in warps 1-3 instead of 96 (kT8, one 4 KB ring step;
+    // SASS). H100, same call (ab/s23_c2.sh, two rounds), 8192 x 28672: 0.97-0.99x on GPTQ-2 and
+    // EXL2 2.5 bpw at m = 1 to 16, GPTQ-3 0.98x at m = 8 / 16, 4-bit 0.98-0.99x.
+    unsigned dcur_s = opaque_u32(smem_u32(&dring[0][0]));  // dring[it & 1]
+    constexpr int kXPieceRows = kTcThreads / (4 * Q);
+    static_assert(kTcThreads % (4 * Q) == 0, "each piece k of a thread starts a whole number of rows below piece 0");
+    [[maybe_unused]] const unsigned xs_s =
+        opaque_u32(smem_u32(xs + (tid / (4 * Q)) * S::kXRow + (tid % (4 * Q)) * 8));
     // (a programmatic dependent launch: the layer's own data above may be read before the
     // previous kernel ends (kGather: the previous call's; else the activation gather), x only
     // after it)
@@ -638,7 +658,8 @@ __global__ void __launch_bounds__(kTcThreads,
     if constexpr (kGather)
       gather_seg(cb);
     else
-      load_x(cb);
+      load_x_at(x_at(cb));
+    [[maybe_unused]] const char* __restrict__ xnext = x_at(cb + Q);
     __syncthreads();  // dring[0] (kGather: and the first segment)
 
 #pragma unroll 1
@@ -647,30 +668,28 @@ __global__ void __launch_bounds__(kTcThreads,
       const int4* __restrict__ dcur = dring[it & 1];
       // A. (the barrier ending the previous iteration) everyone is done with its ring data and xs.
       // B. The steps holding this iteration's chunks have landed (this thread's copies).
-      fill.issue_through(dcur[nq - 1], s0, kLookahead);
+      fill.issue_through(lds_int4(dcur_s + static_cast<unsigned>((nq - 1) * 16)), s0, kLookahead);
       // C. This iteration's activations and the next iteration's descriptors into shared memory.
       if constexpr (kGather) {
         if (c0 != cb && (c0 - cb) % kSegChunks == 0) gather_seg(c0);  // (after barrier A)
       } else {
 #pragma unroll
-        for (int k = 0; k < S::kXVecs; ++k) {
-          const unsigned piece = static_cast<unsigned>(tid + kTcThreads * k);
-          const unsigned row = piece / (4 * Q), col8 = piece % (4 * Q);
-          *reinterpret_cast<uint4*>(xs + row * S::kXRow + col8 * 8) = xv[k];
-        }
+        for (int k = 0; k < S::kXVecs; ++k) sts_16(xs_s + static_cast<unsigned>(k * kXPieceRows * S::kXRow * 2), xv[k]);
       }
-      if (warp == 0 && lane < Q) dring[(it + 1) & 1][lane] = dnext;
+      if (warp == 0 && lane < Q)
+        sts_16((dcur_s ^ static_cast<unsigned>(Q * 16)) + static_cast<unsigned>(lane * 16), dnext);
       // D. Everyone's copies, activations and descriptors are visible.
       __syncthreads();
       // E. Loads for later iterations: activations of the next, descriptors of the one after.
       if constexpr (!kGather) {
-        if (c0 + Q < ce) load_x(c0 + Q);
+        if (c0 + Q < ce) load_x_at(xnext);
+        xnext += Q * 32 * sizeof(__half);
       }
-      dnext = load_desc(c0 + 2 * Q);
+      if (warp == 0) dnext = load_desc(c0 + 2 * Q);  // (the other warps skip its bookkeeping)
       // F. Consume the chunks: unrolled over the Q chunks when they share one bit width (every
       //    full iteration of a fixed-width layer), so ptxas can overlap one chunk's shared-
       //    memory loads and decoding with the previous chunk's mma; else one chunk at a time.
-      const int z0 = dcur[0].z;
+      const int z0 = lds_s32(dcur_s + 8u);  // dcur[0].z
       const int bits0 = z0 & 0xff;
       // The one-group iterations (tc::one_group_flag) on the 8-row transposed tiles and the 16-
       // and 32-row tiles; the transposed 16-row tiles and the 64-row ones, at their register
@@ -682,8 +701,12 @@ __global__ void __launch_bounds__(kTcThreads,
         const __half* xit = xs + (kGather ? ((c0 - cb) % kSegChunks) * 32 : 0);
         if (kOneGroupIters && nq == Q && ((z0 >> tc::one_group_flag_bit()) & 1)) {
           with_code_width(bits0, [&](auto b) {
-            tc_iter_row1<decltype(b)::value, T, kGather, S::kXRow, kNB, Q, true>(ring, xit, xs, dcur, s0, header, gc,
-                                                                              acc1, grp1);
+            constexpr int B = decltype(b)::value;
+            if (one_group_wrap_free<B, Q>(dcur[0], s0))
+              tc_iter_row1<B, T, kGather, S::kXRow, kNB, Q, true, true>(ring, xit, xs, dcur, s0, header, gc, acc1,
+                                                                         grp1);
+            else
+              tc_iter_row1<B, T, kGather, S::kXRow, kNB, Q, true>(ring, xit, xs, dcur, s0, header, gc, acc1, grp1);
           });
         } else if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
           with_code_width(bits0, [&](auto b) {
@@ -701,8 +724,13 @@ __global__ void __launch_bounds__(kTcThreads,
           }
         }
       } else if (kOneGroupIters && nq == Q && ((z0 >> tc::one_group_flag_bit()) & 1)) {
-        with_code_width(bits0,
-                        [&](auto b) { tc_iter<MT, decltype(b)::value, T, true>(ring, xs, dcur, s0, header, gc, acc); });
+        with_code_width(bits0, [&](auto b) {
+          constexpr int B = decltype(b)::value;
+          if (one_group_wrap_free<B, Q>(dcur[0], s0))
+            tc_iter<MT, B, T, true, true>(ring, xs, dcur, s0, header, gc, acc);
+          else
+            tc_iter<MT, B, T, true>(ring, xs, dcur, s0, header, gc, acc);
+        });
       } else if (nq == Q && ((z0 >> tc::uniform_flag_bit(Q)) & 1)) {
         with_code_width(bits0,
                         [&](auto b) { tc_iter<MT, decltype(b)::value, T, false>(ring, xs, dcur, s0, header, gc, acc); });
@@ -716,6 +744,7 @@ __global__ void __launch_bounds__(kTcThreads,
           with_code_width(bits, [&](auto b) { tc_chunk<MT, decltype(b)::value, T>(ring, wo, a, gc, acc); });
         }
       }
+      dcur_s ^= static_cast<unsigned>(Q * 16);
       __syncthreads();  // A. for the next iteration
     }
     cp_async_wait<0>();  // (copies past the stream's end were never issued; this is for form)
