@@ -691,12 +691,14 @@ __global__ void __launch_bounds__(kTcThreads,
       //    memory loads and decoding with the previous chunk's mma; else one chunk at a time.
       const int z0 = lds_s32(dcur_s + 8u);  // dcur[0].z
       const int bits0 = z0 & 0xff;
-      // The one-group iterations (tc::one_group_flag) on the 8-row transposed tiles and the 16-
-      // and 32-row tiles; the transposed 16-row tiles and the 64-row ones, at their register
-      // budgets, spill with them (ptxas: 64 / 44 bytes), so they keep the per-chunk path. (The
-      // transposed 16-row tiles with a rolled one-group loop, no spills, measured level: 0.98-1.04x,
-      // 8192 x 28672 at m = 9 / 12 / 16, ab/s22_c2.sh.)
-      constexpr bool kOneGroupIters = kTrans ? kNB == 1 : MT <= 2;
+      // The one-group iterations (tc::one_group_flag) on the transposed tiles and the 16- and
+      // 32-row tiles; the 64-row ones, at their register budget, spill with them (ptxas: 44 bytes),
+      // so they keep the per-chunk path. The transposed 16-row tiles spilled 64 bytes with them
+      // until the leaner skeleton above; now 4 (bfloat16) / 8 (float16) bytes, one register
+      // reloaded an iteration, and they run 0.94-0.98x of the per-chunk path on GPTQ-2 / 3, EXL2
+      // 2.5 bpw and bfloat16 at m = 9 to 16 (H100, same call, ab/s23_c4.sh, 8192 x 28672; GPTQ-4
+      // 0.98-1.01x; same bits).
+      constexpr bool kOneGroupIters = kTrans || MT <= 2;
       if constexpr (kTrans) {
         const __half* xit = xs + (kGather ? ((c0 - cb) % kSegChunks) * 32 : 0);
         if (kOneGroupIters && nq == Q && ((z0 >> tc::one_group_flag_bit()) & 1)) {
