@@ -519,11 +519,13 @@ def test_tc_one_group_iterations_give_the_same_bits(name: str, dtype: torch.dtyp
     """Iterations of 4 chunks that lie in one group (tc::one_group_flag, set at construction unless
     EXL2_CUDA_ONE_GROUP=0) check the group once and take every chunk's ring words from the first
     chunk's: the same bits as the per-chunk path, for every kernel that runs them (the in-kernel
-    gather at m = 1, the transposed 8-row tiles, the usual 16-row tiles (EXL2_CUDA_T16=0) and the
-    32-row ones and, on compute capability 9.0, the wgmma kernel from m = 33, with its usual and
-    its deep ring) and those that ignore the flag (the transposed 16-row tiles, the 64-row
-    mma.sync tiles), split-K or one block per tile (where a block's iterations start off the
-    groups' boundaries), and within tolerance of float64."""
+    gather at m = 1, the transposed 8- and 16-row tiles, the usual 16-row tiles (EXL2_CUDA_T16=0)
+    and the 32-row ones and, on compute capability 9.0, the wgmma kernel from m = 33, with its
+    usual and its deep ring) and those that ignore the flag (the 64-row mma.sync tiles), split-K
+    or one block per tile (where a block's iterations start off the groups' boundaries), and
+    within tolerance of float64. With one block per tile each block streams 72 to 136 units of
+    codes and headers through the mma.sync kernels' 64-unit ring, so its one-group iterations take
+    both paths of one_group_wrap_free: codes read without masks, and masked where they wrap."""
     layer = ONE_GROUP_LAYERS[name]
     K = layer["weight"].shape[0]
     rng = np.random.default_rng(702)
