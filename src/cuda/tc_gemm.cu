@@ -605,7 +605,9 @@ __global__ void __launch_bounds__(kTcThreads,
       xoff[k] = opaque_u32(((row < last ? row : last) * static_cast<unsigned>(ldxp) + col8 * 8) * 2u);
     }
     // (xoff in bytes from the chunk's block-uniform address: one 64-bit add a piece; the 32-bit
-    // sum xoff + 32 c0 in halves, widened and scaled per piece, took about 9 instructions a piece)
+    // sum xoff + 32 c0 in halves, widened and scaled per piece, took about 9 instructions a piece;
+    // opaque_u32, or ptxas recomputes xoff from M and ldxp each iteration once the loop keeps a
+    // running activation pointer)
     auto load_x_at = [&](const char* __restrict__ xc) {
 #pragma unroll
       for (int k = 0; k < S::kXVecs; ++k) xv[k] = __ldg(reinterpret_cast<const uint4*>(xc + xoff[k]));
