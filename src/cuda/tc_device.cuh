@@ -585,8 +585,7 @@ __device__ __forceinline__ int one_group_lane_word(int wo0, int q) {
 /// within the rounds' spread.
 template <int B, int Q, int kWords = kRingWords>
 __device__ __forceinline__ bool one_group_wrap_free(const int4& d, std::int64_t s0) {
-  const int base = static_cast<int>(((static_cast<std::int64_t>(d.y) - s0) * tc::kUnitWords) & (kWords - 1));
-  return base + Q * B * tc::kUnitWords <= kWords;
+  return tc::codes_below_ring_end(static_cast<std::int64_t>(d.y) - s0, B, Q, kWords);
 }
 
 /// The same for blocks of one 4-warp group (lane and warp from threadIdx.x).

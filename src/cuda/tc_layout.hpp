@@ -136,6 +136,16 @@ inline int one_group_flag(int n, const int* group, int c) {
   return 1 << one_group_flag_bit();
 }
 
+/// Whether the codes of `chunks` consecutive chunks of b bits (consecutive units of the stream,
+/// as one_group_flag's chunks are), the first of them `unit_offset` units past the stream unit at
+/// ring word 0, lie below the end of a ring of `ring_words` words (a power of two, a multiple of
+/// kUnitWords): then no word of any lane's codes of them wraps to the ring's start, and the
+/// kernels read them without masking each index (tc_device.cuh, one_group_wrap_free).
+EXL2_TC_HD constexpr bool codes_below_ring_end(std::int64_t unit_offset, int b, int chunks, int ring_words) {
+  const int base = static_cast<int>((unit_offset * kUnitWords) & (ring_words - 1));
+  return base + chunks * b * kUnitWords <= ring_words;
+}
+
 /// Header value of a column: fp16 scale bits, and fp16 (1024 + zero) for the exact q - z.
 EXL2_TC_HD constexpr std::uint32_t header_value(std::uint16_t scale_bits, std::uint32_t zero) {
   return scale_bits | ((0x6400u + zero) << 16);

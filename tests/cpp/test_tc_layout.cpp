@@ -319,8 +319,37 @@ static void check_one_group_flag(std::mt19937& rng) {
   }
 }
 
+/// codes_below_ring_end against every word the kernels read: chunk q of 4 (b bits) at units
+/// unit_offset + q b, warp w's lane l's words at w 32 b + l b + i of its chunk (chunk_lane_word).
+/// "Below the ring's end" must mean that no such word's index reaches the end (so reading it
+/// unmasked is reading it masked), and it must not hold when one does.
+static void check_codes_below_ring_end() {
+  for (const int ring_words : {8192, 16384}) {
+    for (const int b : {2, 3, 4, 5, 6, 8}) {
+      for (std::int64_t unit_offset = -300; unit_offset < 300; ++unit_offset) {
+        const std::int64_t base = (unit_offset * tc::kUnitWords) & (ring_words - 1);
+        bool any_wraps = false;
+        for (int q = 0; q < 4; ++q)
+          for (int w = 0; w < tc::kTileBlocks; ++w)
+            for (int lane = 0; lane < 32; ++lane)
+              for (int i = 0; i < b; ++i)
+                if (base + static_cast<std::int64_t>(q) * b * tc::kUnitWords + w * 32 * b + lane * b + i >= ring_words)
+                  any_wraps = true;
+        if (tc::codes_below_ring_end(unit_offset, b, 4, ring_words) == any_wraps) {
+          std::fprintf(stderr, "codes_below_ring_end: ring %d b %d unit offset %lld: %d, a word wraps: %d\n",
+                       ring_words, b, static_cast<long long>(unit_offset),
+                       tc::codes_below_ring_end(unit_offset, b, 4, ring_words) ? 1 : 0, any_wraps ? 1 : 0);
+          ++g_failures;
+          return;
+        }
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(1234);
+  check_codes_below_ring_end();
   check_header();
   check_place_units(rng);
   check_uniform_flags(rng);
