@@ -7,6 +7,9 @@
 #   mkdir -p ab/variants/base && git archive HEAD src | tar -x -C ab/variants/base
 #   scripts/ab_build.sh && python -m exl2 bench ... && PYTHONPATH=/tmp/pkg_base python -m exl2 bench ...
 #
+# scripts/ab_time.py times the same layers under each build, in alternating rounds, and says
+# whether their outputs have the same bits.
+#
 # ab/ is git-ignored: pass it to the device tool with carry ["ab"]. A variant whose files did not
 # change since its last build on a warm machine is not rebuilt. Logs: $OUT/build_*.log.
 set -u
