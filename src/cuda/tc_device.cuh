@@ -73,11 +73,9 @@ __device__ __forceinline__ int lds_s32(unsigned a) {
   asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(v) : "r"(a) : "memory");
   return v;
 }
-__device__ __forceinline__ void sts_16(unsigned a, const uint4& v) {
-  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-               : "memory");
-}
-__device__ __forceinline__ void sts_16(unsigned a, const int4& v) {
+template <class V>  // uint4 or int4
+__device__ __forceinline__ void sts_16(unsigned a, const V& v) {
+  static_assert(sizeof(V) == 16, "sts_16 stores 16 bytes");
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
 }
